@@ -1,0 +1,98 @@
+"""The token-level contracts each ChatGLM family implements, and the row that describes a family.
+
+The engine sees token ids only (it never builds prompts); the prompt code sees strings only.
+A family plugs in through three small protocols:
+
+* :class:`Tokenizer`   text <-> ids exactly as THUDM's tokenizer for that family does;
+* :class:`CausalLM`    a torch model that turns ids into next-token logits, with its own KV cache;
+* :class:`FamilySpec`  a row of data + functions: how to read the folder, build a prompt, and
+  post-process an answer the way the official ``chat()`` does.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Protocol
+
+if TYPE_CHECKING:
+    import torch
+
+    from adapters.base import Message
+    from adapters.conversation import Conversation
+
+
+class Tokenizer(Protocol):
+    """Exact THUDM ids.  ``encode`` treats its input as user text: it never yields a control id."""
+
+    #: ids ``< vocab_size`` can be decoded; the model's (padded) logits may be wider.
+    vocab_size: int
+
+    def encode(self, text: str) -> list[int]: ...
+
+    def decode(self, ids: Sequence[int]) -> str:
+        """Decode as the reference ``tokenizer.decode`` does (control ids as the reference shows them)."""
+        ...
+
+    def token_bytes(self, token_id: int) -> bytes:
+        """The UTF-8 bytes one token stands for on its own (byte-fallback tokens give one raw byte)."""
+        ...
+
+
+class KVCache(Protocol):
+    """Per-sequence state a :class:`CausalLM` keeps between calls.  Opaque to the engine."""
+
+    @property
+    def length(self) -> int:
+        """Number of positions already in the cache."""
+        ...
+
+
+class CausalLM(Protocol):
+    """A decoder in torch.  ``forward`` appends ``ids`` to ``cache`` and returns float32 logits of
+    the last position (shape ``[padded_vocab]``)."""
+
+    padded_vocab_size: int
+    context_length: int
+    device: torch.device
+    dtype: torch.dtype
+
+    def new_cache(self) -> KVCache: ...
+
+    def forward(self, ids: Sequence[int], cache: KVCache) -> torch.Tensor: ...
+
+
+class StreamPostprocessor(Protocol):
+    """Turns raw decoded text into what the official ``chat()`` returns, incrementally.
+
+    ``feed`` gets new raw text and returns new output text that can no longer change;
+    ``finish`` returns the rest.  The concatenation of everything returned equals
+    ``process(raw_text)`` of the family's official post-processing.
+    """
+
+    def feed(self, text: str) -> str: ...
+
+    def finish(self) -> str: ...
+
+
+@dataclass(frozen=True)
+class FamilySpec:
+    """A ChatGLM family as data.  Variants (int4, int8, fp16, v2/v3) differ in rows, not classes."""
+
+    name: str  # "chatglm", "chatglm2", "chatglm3"
+    description: str
+    #: ids that end a generation (the reference's ``eos_token_id`` list for chat()).
+    stop_ids: frozenset[int]
+    #: How the official chat() maps a conversation: "pairs" (query + history) or "roles" (v3).
+    conversation_style: str
+    load_tokenizer: Callable[[Path], Tokenizer]
+    load_model: Callable[..., CausalLM]  # (path, config, dtype=, device=, quantize=) -> CausalLM
+    read_config: Callable[[Path], Any]
+    build_prompt: Callable[[Tokenizer, Conversation], tuple[list[int], str]]
+    new_postprocessor: Callable[[], StreamPostprocessor]
+    #: ChatGLM3's chat() drops the last generated id, assuming it is eos
+    #: (modeling_chatglm.py: ``outputs.tolist()[0][len(inputs["input_ids"][0]):-1]``), so a
+    #: generation cut by the length limit loses its last token there; we reproduce that.
+    drop_last_token_on_length: bool = False
+

@@ -1,0 +1,47 @@
+"""Shared test helpers.
+
+Reference material (THUDM's tokenizer files, tiny checkpoints and what the reference code computed
+on them) lives in ``../shared/reference`` next to the repository; it is never copied in.  Tests
+that need it skip with a clear reason when it is absent.  ``CHATGLM_REFERENCE_DIR`` overrides.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parent.parent
+REFERENCE = Path(os.environ.get("CHATGLM_REFERENCE_DIR", REPO.parent / "shared" / "reference"))
+SKIP_REASON = (
+    f"THUDM reference material not found at {REFERENCE} "
+    "(set CHATGLM_REFERENCE_DIR to the shared/reference folder)"
+)
+
+
+def reference_available() -> bool:
+    return (REFERENCE / "oracle").is_dir() and (REFERENCE / "checkpoints").is_dir()
+
+
+requires_reference = pytest.mark.skipif(not reference_available(), reason=SKIP_REASON)
+
+
+def checkpoint_dir(name: str) -> Path:
+    if not reference_available():
+        pytest.skip(SKIP_REASON)
+    return REFERENCE / "checkpoints" / name
+
+
+def oracle(name: str) -> dict:
+    if not reference_available():
+        pytest.skip(SKIP_REASON)
+    with open(REFERENCE / "oracle" / f"{name}.json", encoding="utf-8") as f:
+        return json.load(f)
+
+
+def tokenizer_file(family_dir: str, filename: str) -> Path:
+    if not reference_available():
+        pytest.skip(SKIP_REASON)
+    return REFERENCE / "tokenizers" / family_dir / filename
