@@ -1,0 +1,87 @@
+"""Incremental, UTF-8-safe detokenization and the stop-string matcher.
+
+``IncrementalDecoder`` follows text-generation-inference's ``decode_token``: decode a short window
+twice (``ids[prefix:read]`` and ``ids[prefix:]``) and emit the difference, but only when it does not
+end in U+FFFD (an incomplete byte-fallback sequence such as the first bytes of an emoji).  SentencePiece
+drops the leading space of the first piece it decodes, which the window difference cancels out, so
+the emitted pieces concatenate to ``decode(all_ids)``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Protocol
+
+REPLACEMENT = "\ufffd"
+
+
+class _Decodes(Protocol):
+    def decode(self, ids: Sequence[int]) -> str: ...
+
+
+class IncrementalDecoder:
+    def __init__(self, tokenizer: _Decodes):
+        self._tok = tokenizer
+        self._ids: list[int] = []
+        self._prefix = 0
+        self._read = 0
+
+    def push(self, token_id: int) -> str:
+        """Add one id; return the new text that is complete so far (possibly "")."""
+        self._ids.append(token_id)
+        prefix_text = self._tok.decode(self._ids[self._prefix : self._read])
+        new_text = self._tok.decode(self._ids[self._prefix :])
+        if len(new_text) > len(prefix_text) and not new_text.endswith(REPLACEMENT):
+            self._prefix, self._read = self._read, len(self._ids)
+            return new_text[len(prefix_text) :]
+        return ""
+
+    def flush(self) -> str:
+        """Whatever is still held back (an incomplete sequence at the very end decodes as U+FFFD,
+        exactly as the reference ``tokenizer.decode`` renders it)."""
+        if self._read == len(self._ids):
+            return ""
+        prefix_text = self._tok.decode(self._ids[self._prefix : self._read])
+        new_text = self._tok.decode(self._ids[self._prefix :])
+        self._prefix, self._read = self._read, len(self._ids)
+        return new_text[len(prefix_text) :] if new_text.startswith(prefix_text) else ""
+
+
+class StopMatcher:
+    """Finds stop strings across piece boundaries.  Text that could still be the start of a stop
+    string is held back; a found stop string and everything after it is never emitted."""
+
+    def __init__(self, stops: Sequence[str]):
+        self._stops = tuple(s for s in stops if s)
+        self._buf = ""
+        self.stopped = False
+
+    def feed(self, text: str) -> str:
+        if self.stopped:
+            return ""
+        if not self._stops:
+            return text
+        self._buf += text
+        hits = [i for i in (self._buf.find(s) for s in self._stops) if i >= 0]
+        if hits:
+            self.stopped = True
+            out, self._buf = self._buf[: min(hits)], ""
+            return out
+        hold = self._held_suffix()
+        out = self._buf[: len(self._buf) - hold]
+        self._buf = self._buf[len(self._buf) - hold :]
+        return out
+
+    def flush(self) -> str:
+        out, self._buf = ("" if self.stopped else self._buf), ""
+        return out
+
+    def _held_suffix(self) -> int:
+        """Length of the longest suffix of the buffer that is a proper prefix of a stop string."""
+        best = 0
+        for s in self._stops:
+            for n in range(min(len(s) - 1, len(self._buf)), best, -1):
+                if self._buf.endswith(s[:n]):
+                    best = n
+                    break
+        return best

@@ -1,0 +1,276 @@
+"""The engine: one thread per loaded model that runs every request's generation.
+
+The engine sees token ids only.  Each step it admits waiting requests (up to ``max_running``),
+prefills one newly admitted request, then decodes one token for every running request in a single
+batched forward (continuous batching: requests join and leave between steps).  Each request keeps its
+own KV cache, sampler (seed, penalties), detokenizer, post-processor and stop matcher, so a request
+gives the same result alone or inside a batch.
+
+Results go back to the asyncio side through a callback (``deliver``) that the caller makes
+thread-safe; cancellation is a flag the engine checks at every step.  A cancelled, finished or
+failed request releases its cache in one place (``_finish``).
+"""
+
+from __future__ import annotations
+
+import collections
+import logging
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+import torch
+
+from adapters.base import (
+    Delta,
+    FinishReason,
+    Overloaded,
+    Prompt,
+    SamplingParams,
+    TokenLogprob,
+    TopLogprob,
+    Usage,
+)
+from adapters.detokenize import IncrementalDecoder, StopMatcher
+from adapters.family import CausalLM, FamilySpec, KVCache, StreamPostprocessor, Tokenizer
+from adapters.sampling import SamplerState, choose, logprob_entries
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(eq=False)
+class Sequence:
+    """One request inside the engine."""
+
+    prompt: Prompt
+    params: SamplingParams
+    deliver: Callable[[Delta], None]
+    sampler: SamplerState
+    decoder: IncrementalDecoder
+    post: StreamPostprocessor
+    stop: StopMatcher
+    cache: KVCache | None = None
+    generated: list[int] = field(default_factory=list)
+    cancelled: bool = False
+    done: bool = False
+    submitted_at: float = field(default_factory=time.monotonic)
+    first_token_at: float | None = None
+
+
+@dataclass
+class EngineStats:
+    running: int = 0
+    waiting: int = 0
+    generated_tokens: int = 0
+    finished: int = 0
+    #: recent time-to-first-token / time-per-output-token observations (seconds), for /metrics
+    ttft: collections.deque[float] = field(default_factory=lambda: collections.deque(maxlen=4096))
+    tpot: collections.deque[float] = field(default_factory=lambda: collections.deque(maxlen=4096))
+
+
+class Engine:
+    def __init__(
+        self,
+        model: CausalLM,
+        tokenizer: Tokenizer,
+        spec: FamilySpec,
+        *,
+        name: str,
+        max_running: int = 8,
+        max_waiting: int = 64,
+    ):
+        self.model = model
+        self.tokenizer = tokenizer
+        self.spec = spec
+        self.name = name
+        self.max_running = max_running
+        self.max_waiting = max_waiting
+        self.stats = EngineStats()
+        self._waiting: collections.deque[Sequence] = collections.deque()
+        self._running: list[Sequence] = []
+        self._cv = threading.Condition()
+        self._closed = False
+        self._thread = threading.Thread(target=self._run, name=f"engine-{name}", daemon=True)
+        self._thread.start()
+
+    # ------------------------------------------------------------------ called from the event loop
+
+    def check_capacity(self) -> None:
+        """Raise :class:`Overloaded` when a new request could not even wait for a slot."""
+        with self._cv:
+            if len(self._waiting) >= self.max_waiting and len(self._running) >= self.max_running:
+                raise Overloaded(
+                    f"Model '{self.name}' is at capacity ({len(self._running)} running, "
+                    f"{len(self._waiting)} waiting). Please retry shortly.",
+                    retry_after=1.0,
+                )
+
+    def submit(
+        self, prompt: Prompt, params: SamplingParams, deliver: Callable[[Delta], None]
+    ) -> Sequence:
+        self.check_capacity()
+        seq = Sequence(
+            prompt=prompt,
+            params=params,
+            deliver=deliver,
+            sampler=SamplerState(params, self.tokenizer.vocab_size, prompt.token_ids),
+            decoder=IncrementalDecoder(self.tokenizer),
+            post=self.spec.new_postprocessor(),
+            stop=StopMatcher(params.stop),
+        )
+        with self._cv:
+            if self._closed:
+                raise RuntimeError("engine is closed")
+            self._waiting.append(seq)
+            self._cv.notify()
+        return seq
+
+    def cancel(self, seq: Sequence) -> None:
+        """Ask the engine to drop ``seq`` at its next step (no-op when already finished)."""
+        if not seq.done:
+            seq.cancelled = True
+            with self._cv:
+                self._cv.notify()
+
+    def counts(self) -> dict[str, int]:
+        with self._cv:
+            return {"running": len(self._running), "waiting": len(self._waiting)}
+
+    def close(self, timeout: float = 5.0) -> None:
+        with self._cv:
+            self._closed = True
+            self._cv.notify()
+        self._thread.join(timeout)
+
+    # ------------------------------------------------------------------ the engine thread
+
+    def _run(self) -> None:
+        torch.set_grad_enabled(False)
+        while True:
+            with self._cv:
+                while not self._closed and not self._waiting and not self._running:
+                    self._cv.wait()
+                if self._closed:
+                    pending = list(self._waiting) + self._running
+                    self._waiting.clear()
+                    self._running.clear()
+                    break
+                for seq in [s for s in self._waiting if s.cancelled]:
+                    self._waiting.remove(seq)
+                    seq.done = True
+                while self._waiting and len(self._running) < self.max_running:
+                    self._running.append(self._waiting.popleft())
+                self.stats.running, self.stats.waiting = len(self._running), len(self._waiting)
+            try:
+                self._step()
+            except Exception:  # a fault in model code must not kill the thread or other clients
+                logger.exception("engine %s: step failed; failing its running requests", self.name)
+                for seq in list(self._running):
+                    self._finish(seq, "error")
+        for seq in pending:
+            self._finish(seq, "cancelled")
+
+    def _step(self) -> None:
+        for seq in [s for s in self._running if s.cancelled]:
+            self._finish(seq, "cancelled")
+        if not self._running:
+            return
+        fresh = [s for s in self._running if s.cache is None]
+        decoding = [s for s in self._running if s.cache is not None]
+        if fresh:
+            # One prefill per step keeps running streams moving while new requests arrive.
+            seq = fresh[0]
+            seq.cache = self.model.new_cache()
+            with torch.inference_mode():
+                logits = self.model.forward(list(seq.prompt.token_ids), seq.cache)
+            self._advance(seq, logits)
+        if decoding:
+            with torch.inference_mode():
+                if len(decoding) == 1 or not hasattr(self.model, "forward_batch"):
+                    rows = [self.model.forward([s.generated[-1]], s.cache) for s in decoding]
+                else:
+                    batch = self.model.forward_batch(
+                        [[s.generated[-1]] for s in decoding], [s.cache for s in decoding]
+                    )
+                    rows = list(batch)
+            for seq, row in zip(decoding, rows, strict=True):
+                self._advance(seq, row)
+
+    def _advance(self, seq: Sequence, logits: torch.Tensor) -> None:
+        """Sample the next token of ``seq`` from ``logits`` and deliver what it adds."""
+        logits = logits.float().cpu()
+        token = choose(logits, seq.sampler)
+        seq.sampler.record(token)
+        seq.generated.append(token)
+        now = time.monotonic()
+        if seq.first_token_at is None:
+            seq.first_token_at = now
+            self.stats.ttft.append(now - seq.submitted_at)
+        self.stats.generated_tokens += 1
+
+        if token in self.spec.stop_ids:
+            self._finish(seq, "stop")
+            return
+        at_limit = len(seq.generated) >= seq.prompt.max_tokens
+        if at_limit and self.spec.drop_last_token_on_length:
+            self._finish(seq, "length")
+            return
+        lps = self._logprobs(logits, token, seq.params) if seq.params.logprobs else ()
+        text = seq.stop.feed(seq.post.feed(seq.decoder.push(token)))
+        if seq.stop.stopped:
+            seq.deliver(Delta(text=text, logprobs=lps))
+            self._finish(seq, "stop")
+            return
+        if at_limit:
+            seq.deliver(Delta(text=text, logprobs=lps))
+            self._finish(seq, "length")
+            return
+        if text or lps:
+            seq.deliver(Delta(text=text, logprobs=lps))
+
+    def _finish(self, seq: Sequence, reason: FinishReason) -> None:
+        if seq.done:
+            return
+        seq.done = True
+        if seq in self._running:
+            self._running.remove(seq)
+        seq.cache = None  # frees the KV memory
+        self.stats.finished += 1
+        if seq.first_token_at is not None and len(seq.generated) > 1:
+            self.stats.tpot.append(
+                (time.monotonic() - seq.first_token_at) / (len(seq.generated) - 1)
+            )
+        if reason == "cancelled":
+            return
+        rest = ""
+        if reason != "error" and not seq.stop.stopped:
+            rest = seq.stop.feed(seq.post.feed(seq.decoder.flush()) + seq.post.finish())
+            if seq.stop.stopped:
+                reason = "stop"
+            else:
+                rest += seq.stop.flush()
+        usage = Usage(prompt_tokens=len(seq.prompt.token_ids), completion_tokens=len(seq.generated))
+        seq.deliver(Delta(text=rest, finish_reason=reason, usage=usage))
+
+    def _logprobs(
+        self, logits: torch.Tensor, token: int, params: SamplingParams
+    ) -> tuple[TokenLogprob, ...]:
+        chosen, top = logprob_entries(
+            logits, token, params.top_logprobs, self.tokenizer.vocab_size
+        )
+        text, raw = self.token_repr(token)
+        alternatives = []
+        for alt, lp in top:
+            alt_text, alt_raw = self.token_repr(alt)
+            alternatives.append(TopLogprob(token=alt_text, logprob=lp, bytes=alt_raw))
+        return (TokenLogprob(text, chosen, raw, tuple(alternatives)),)
+
+    def token_repr(self, token: int) -> tuple[str, tuple[int, ...]]:
+        """OpenAI's token string and bytes; a lone byte-fallback piece is shown as ``bytes:\\xNN``."""
+        raw = self.tokenizer.token_bytes(token)
+        try:
+            text = raw.decode("utf-8")
+        except UnicodeDecodeError:
+            text = "bytes:" + "".join(f"\\x{b:02x}" for b in raw)
+        return text, tuple(raw)
+

@@ -1,0 +1,68 @@
+"""Small deterministic stand-ins for engine tests: a byte tokenizer and a scripted causal LM."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+
+
+class ByteTokenizer:
+    """ids 0..255 are UTF-8 bytes; 256 is eos.  Decoding an incomplete sequence gives U+FFFD,
+    like SentencePiece's byte fallback."""
+
+    vocab_size = 257
+    eos = 256
+
+    def encode(self, text: str) -> list[int]:
+        return list(text.encode("utf-8"))
+
+    def decode(self, ids: Sequence[int]) -> str:
+        return bytes(i for i in ids if i < 256).decode("utf-8", errors="replace")
+
+    def token_bytes(self, token_id: int) -> bytes:
+        return bytes([token_id]) if token_id < 256 else b""
+
+
+@dataclass
+class ToyCache:
+    ids: list[int]
+
+    @property
+    def length(self) -> int:
+        return len(self.ids)
+
+
+class ScriptedLM:
+    """Logits that make greedy decoding follow ``script`` (then eos); the padded vocab is wider
+    than the tokenizer's, and the widest logit sits on an undecodable id to prove masking."""
+
+    def __init__(self, script: bytes, padded_vocab_size: int = 264, context_length: int = 512):
+        self.script = list(script)
+        self.padded_vocab_size = padded_vocab_size
+        self.context_length = context_length
+        self.device = torch.device("cpu")
+        self.dtype = torch.float32
+        self.calls = 0
+
+    def new_cache(self) -> ToyCache:
+        return ToyCache([])
+
+    def _row(self, n_generated: int) -> torch.Tensor:
+        row = torch.zeros(self.padded_vocab_size)
+        row[self.padded_vocab_size - 1] = 50.0  # undecodable: must never be chosen
+        target = self.script[n_generated] if n_generated < len(self.script) else ByteTokenizer.eos
+        row[target] = 10.0
+        return row
+
+    def forward(self, ids: Sequence[int], cache: ToyCache) -> torch.Tensor:
+        self.calls += 1
+        prompt_len = cache.length if cache.ids else len(ids)
+        cache.ids.extend(ids)
+        if not hasattr(cache, "prompt_len"):
+            cache.prompt_len = prompt_len  # type: ignore[attr-defined]
+        return self._row(cache.length - cache.prompt_len)  # type: ignore[attr-defined]
+
+    def forward_batch(self, ids_per_seq, caches) -> torch.Tensor:
+        return torch.stack([self.forward(i, c) for i, c in zip(ids_per_seq, caches, strict=True)])
