@@ -1,0 +1,151 @@
+from __future__ import annotations
+
+import threading
+import time
+
+import pytest
+
+from adapters.base import Delta, Overloaded, Prompt, SamplingParams
+from adapters.engine import Engine
+from adapters.family import FamilySpec
+from tests.toys import ByteTokenizer, ScriptedLM
+
+
+class Identity:
+    def feed(self, text: str) -> str:
+        return text
+
+    def finish(self) -> str:
+        return ""
+
+
+def spec(drop_last: bool = False) -> FamilySpec:
+    return FamilySpec(
+        name="toy", description="toy", stop_ids=frozenset({ByteTokenizer.eos}),
+        conversation_style="pairs", load_tokenizer=None, load_model=None,  # type: ignore[arg-type]
+        read_config=None, build_prompt=None, new_postprocessor=Identity,  # type: ignore[arg-type]
+        drop_last_token_on_length=drop_last,
+    )
+
+
+class Collector:
+    def __init__(self) -> None:
+        self.deltas: list[Delta] = []
+        self.done = threading.Event()
+
+    def __call__(self, d: Delta) -> None:
+        self.deltas.append(d)
+        if d.finish_reason:
+            self.done.set()
+
+    @property
+    def text(self) -> str:
+        return "".join(d.text for d in self.deltas)
+
+    @property
+    def final(self) -> Delta:
+        assert self.done.wait(10), "generation did not finish"
+        return self.deltas[-1]
+
+
+def run(engine: Engine, prompt=b"hi", **params) -> Collector:
+    c = Collector()
+    p = SamplingParams(temperature=0.0, **params)
+    engine.submit(Prompt(tuple(prompt), params.get("max_tokens") or 100), p, c)
+    return c
+
+
+@pytest.fixture
+def make_engine():
+    engines: list[Engine] = []
+
+    def make(script: str, **kw) -> Engine:
+        drop = kw.pop("drop_last", False)
+        e = Engine(ScriptedLM(script.encode()), ByteTokenizer(), spec(drop), name="toy", **kw)
+        engines.append(e)
+        return e
+
+    yield make
+    for e in engines:
+        e.close()
+
+
+def test_generates_script_then_stops_on_eos(make_engine) -> None:
+    e = make_engine("你好 😀 ok")
+    c = run(e)
+    assert c.final.finish_reason == "stop"
+    assert c.text == "你好 😀 ok"
+    assert c.final.usage.completion_tokens == len("你好 😀 ok".encode()) + 1  # + eos
+    assert c.final.usage.prompt_tokens == 2
+    assert all("\ufffd" not in d.text for d in c.deltas)
+
+
+def test_max_tokens_finishes_with_length(make_engine) -> None:
+    c = run(make_engine("abcdef"), max_tokens=3)
+    assert (c.final.finish_reason, c.text) == ("length", "abc")
+
+
+def test_drop_last_token_on_length_reproduces_chatglm3_chat(make_engine) -> None:
+    c = run(make_engine("abcdef", drop_last=True), max_tokens=3)
+    assert (c.final.finish_reason, c.text, c.final.usage.completion_tokens) == ("length", "ab", 3)
+
+
+def test_stop_string_is_cut_and_not_returned(make_engine) -> None:
+    c = run(make_engine("hello END world"), stop=("END",))
+    assert (c.final.finish_reason, c.text) == ("stop", "hello ")
+
+
+def test_logprobs_have_openai_shape(make_engine) -> None:
+    c = run(make_engine("é"), logprobs=True, top_logprobs=2)
+    c.final
+    entries = [lp for d in c.deltas for lp in d.logprobs]
+    assert len(entries) == 2  # two bytes of "é"
+    assert entries[0].token.startswith("bytes:\\x")  # a lone UTF-8 lead byte
+    assert entries[0].bytes == (0xC3,)
+    assert len(entries[0].top_logprobs) == 2
+    assert entries[0].top_logprobs[0].logprob >= entries[0].top_logprobs[1].logprob
+
+
+def test_concurrent_requests_each_get_their_answer(make_engine) -> None:
+    e = make_engine("0123456789")
+    cs = [run(e, prompt=bytes([65 + i]) * (i + 1), max_tokens=4 + i) for i in range(6)]
+    for i, c in enumerate(cs):
+        assert c.final.finish_reason == "length"
+        assert c.text == "0123456789"[: 4 + i]
+
+
+def test_cancel_stops_generation_at_next_step(make_engine) -> None:
+    e = make_engine("x" * 10_000)
+    lm: ScriptedLM = e.model  # type: ignore[assignment]
+    c = Collector()
+    seq = e.submit(Prompt((1,), 9000), SamplingParams(temperature=0.0), c)
+    while len(c.deltas) < 5:
+        time.sleep(0.001)
+    e.cancel(seq)
+    time.sleep(0.05)
+    calls = lm.calls
+    time.sleep(0.1)
+    assert lm.calls == calls, "engine kept generating for a cancelled request"
+    assert seq.cache is None
+    assert e.counts() == {"running": 0, "waiting": 0}
+
+
+def test_model_fault_fails_only_that_step_and_engine_keeps_serving(make_engine) -> None:
+    e = make_engine("abc")
+    lm: ScriptedLM = e.model  # type: ignore[assignment]
+    original = lm.forward
+    lm.forward = lambda ids, cache: (_ for _ in ()).throw(RuntimeError("boom"))  # type: ignore[method-assign]
+    c = run(e)
+    assert c.final.finish_reason == "error"
+    lm.forward = original  # type: ignore[method-assign]
+    c2 = run(e)
+    assert (c2.final.finish_reason, c2.text) == ("stop", "abc")
+
+
+def test_full_queue_is_refused_at_once(make_engine) -> None:
+    e = make_engine("x" * 100_000, max_running=1, max_waiting=1)
+    run(e, max_tokens=90_000)
+    run(e, max_tokens=90_000)
+    time.sleep(0.05)
+    with pytest.raises(Overloaded):
+        run(e)
