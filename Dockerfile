@@ -1,0 +1,18 @@
+# chatglm-gateway image. Build args:
+#   TORCH_SPEC   which torch to install first (pin it: an unpinned torch resolves to a large CUDA build)
+#   PIP_INDEX_URL / PIP_EXTRA_INDEX_URL   standard pip variables, e.g. to take a CPU-only torch wheel
+FROM python:3.11-slim
+ARG TORCH_SPEC=torch==2.13.0
+ENV PYTHONDONTWRITEBYTECODE=1 PYTHONUNBUFFERED=1 \
+    CHATGLM_GATEWAY_CACHE=/cache
+WORKDIR /app
+RUN pip install --no-cache-dir "${TORCH_SPEC}"
+COPY pyproject.toml README.md ./
+COPY adapters ./adapters
+COPY gateway ./gateway
+RUN pip install --no-cache-dir .
+RUN useradd --create-home --uid 1000 gateway && mkdir -p /cache && chown gateway /cache
+USER gateway
+EXPOSE 8000
+# Inside a container the server must listen on all interfaces to be reachable through the port map.
+ENTRYPOINT ["chatglm-gateway", "serve", "--host", "0.0.0.0", "--port", "8000"]
