@@ -235,8 +235,10 @@ def test_losing_the_race_keeps_the_winner(
     caplog.set_level(logging.DEBUG, logger="adapters.demo")
     real_write = demo._write_checkpoint
 
-    def write_while_another_caller_finishes(folder: Path, *args: object) -> None:
-        real_write(folder, *args)
+    def write_while_another_caller_finishes(
+        folder: Path, recipe: DemoRecipe, corpus: str, stamp: dict
+    ) -> None:
+        real_write(folder, recipe, corpus, stamp)
         # Another caller installs its (identical) folder before our rename.
         monkeypatch.setattr(demo, "_write_checkpoint", real_write)
         ensure_demo_checkpoint(tmp_path)
