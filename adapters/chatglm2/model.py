@@ -1,0 +1,409 @@
+"""The ChatGLM2-6B / ChatGLM3-6B decoder in plain torch (same architecture for v2 and v3).
+
+Module names follow THUDM's state dict (``transformer.encoder.layers.N.self_attention.
+query_key_value`` …) so checkpoints load by name and a quantizer can swap the four
+``nn.Linear`` of each block by name.  Tensors are batch-first ``[B, T, …]`` here; THUDM's
+``modeling_chatglm.py`` is sequence-first, which changes no arithmetic.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from adapters.chatglm2.config import ChatGLM2Config
+from adapters.checkpoint import CheckpointError, iter_tensors
+from adapters.family import KVCache
+
+logger = logging.getLogger(__name__)
+
+_SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+_INITIAL_CACHE = 64
+
+
+class PreQuantizedCheckpointError(CheckpointError, NotImplementedError):
+    """A THUDM pre-quantized folder (``quantization_bit`` 4/8): not loadable by this module."""
+
+
+# --------------------------------------------------------------------------- cache
+
+
+class ChatGLM2Cache:
+    """Keys and values of one sequence for every layer: ``[layers, 2, groups, capacity, head]``.
+
+    Capacity grows geometrically (doubling, capped at the context length) so appending a token
+    is a slice write, never a ``torch.cat`` of the whole history.
+    """
+
+    def __init__(self, layers: int, groups: int, head_dim: int, max_length: int,
+                 dtype: torch.dtype, device: torch.device):
+        self._shape = (layers, 2, groups)
+        self._head_dim = head_dim
+        self._max_length = max_length
+        self._dtype = dtype
+        self._device = device
+        self._kv = self._alloc(min(_INITIAL_CACHE, max_length))
+        self._length = 0
+
+    def _alloc(self, capacity: int) -> torch.Tensor:
+        with torch.inference_mode():
+            return torch.zeros(*self._shape, capacity, self._head_dim, dtype=self._dtype,
+                               device=self._device)
+
+    @property
+    def length(self) -> int:
+        """Number of positions already in the cache."""
+        return self._length
+
+    @property
+    def capacity(self) -> int:
+        return self._kv.shape[3]
+
+    def reserve(self, n: int) -> None:
+        """Make room for ``n`` more positions."""
+        needed = self._length + n
+        if needed > self._max_length:
+            raise ValueError(
+                f"sequence of {needed} positions exceeds the context length {self._max_length}"
+            )
+        if needed <= self.capacity:
+            return
+        grown = self._alloc(max(needed, min(2 * self.capacity, self._max_length)))
+        grown[:, :, :, : self._length] = self._kv[:, :, :, : self._length]
+        self._kv = grown
+
+    def write(self, layer: int, keys: torch.Tensor, values: torch.Tensor) -> tuple[
+            torch.Tensor, torch.Tensor]:
+        """Store ``[groups, n, head]`` keys/values after the committed positions; return views of
+        everything up to them (``[groups, length + n, head]``)."""
+        end = self._length + keys.shape[1]
+        self._kv[layer, 0, :, self._length:end] = keys
+        self._kv[layer, 1, :, self._length:end] = values
+        return self._kv[layer, 0, :, :end], self._kv[layer, 1, :, :end]
+
+    def commit(self, n: int) -> None:
+        self._length += n
+
+
+def _own(cache: KVCache) -> ChatGLM2Cache:
+    if not isinstance(cache, ChatGLM2Cache):
+        raise TypeError(f"expected a cache from ChatGLM2Model.new_cache(), got {type(cache).__name__}")
+    return cache
+
+
+# --------------------------------------------------------------------------- layers
+
+
+class RMSNorm(nn.Module):
+    """modeling_chatglm.py RMSNorm: variance in float32, scaled by the weight, back to input dtype."""
+
+    def __init__(self, dim: int, eps: float):
+        super().__init__()
+        self.weight = nn.Parameter(torch.empty(dim))
+        self.eps = eps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        variance = x.to(torch.float32).pow(2).mean(-1, keepdim=True)
+        return (self.weight * (x * torch.rsqrt(variance + self.eps))).to(x.dtype)
+
+
+def _norm(cfg: ChatGLM2Config) -> nn.Module:
+    if cfg.rmsnorm:
+        return RMSNorm(cfg.hidden_size, cfg.layernorm_epsilon)
+    return nn.LayerNorm(cfg.hidden_size, eps=cfg.layernorm_epsilon)
+
+
+def rope_table(positions: int, head_dim: int, rope_ratio: float, dtype: torch.dtype,
+               device: torch.device) -> torch.Tensor:
+    """``[positions, head_dim // 4, 2]`` (cos, sin) as modeling_chatglm.py RotaryEmbedding:
+    rotary over half the head (``dim = kv_channels // 2``), base ``10000 * rope_ratio``,
+    computed in float32 then cast to half/bf16 when the model runs in it."""
+    n_elem = head_dim // 2
+    base = 10000 * rope_ratio
+    theta = 1.0 / (base ** (torch.arange(0, n_elem, 2, dtype=torch.float, device=device) / n_elem))
+    idx_theta = torch.outer(torch.arange(positions, dtype=torch.float, device=device), theta)
+    table = torch.stack([torch.cos(idx_theta), torch.sin(idx_theta)], dim=-1)
+    return table.to(dtype) if dtype in (torch.float16, torch.bfloat16) else table
+
+
+def apply_rotary(x: torch.Tensor, rope: torch.Tensor) -> torch.Tensor:
+    """Rotate interleaved pairs ``(x[2i], x[2i+1])`` of the first half of each head.
+
+    ``x``: ``[B, T, heads, head]``; ``rope``: ``[B or 1, T, rot/2, 2]``.
+    """
+    rot = rope.shape[-2] * 2
+    x_rot, x_pass = x[..., :rot], x[..., rot:]
+    pairs = x_rot.reshape(*x_rot.shape[:-1], rot // 2, 2)
+    cos = rope[..., 0].unsqueeze(2)
+    sin = rope[..., 1].unsqueeze(2)
+    rotated = torch.stack(
+        [pairs[..., 0] * cos - pairs[..., 1] * sin, pairs[..., 1] * cos + pairs[..., 0] * sin],
+        dim=-1,
+    ).flatten(-2)
+    return torch.cat((rotated, x_pass), dim=-1)
+
+
+# How one forward pass stores new keys/values and reads the history of every sequence:
+# (layer, keys [B, T, g, hd], values [B, T, g, hd]) -> (all keys [B, g, L, hd], all values).
+KVStore = Callable[[int, torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
+
+
+class SelfAttention(nn.Module):
+    def __init__(self, cfg: ChatGLM2Config):
+        super().__init__()
+        self.heads = cfg.num_attention_heads
+        self.groups = cfg.kv_groups
+        self.head_dim = cfg.kv_channels
+        self.multi_query = cfg.multi_query_attention
+        projection = self.heads * self.head_dim
+        qkv = projection + 2 * self.groups * self.head_dim
+        self.query_key_value = nn.Linear(cfg.hidden_size, qkv,
+                                         bias=cfg.add_bias_linear or cfg.add_qkv_bias)
+        self.dense = nn.Linear(projection, cfg.hidden_size, bias=cfg.add_bias_linear)
+
+    def _split(self, mixed: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        b, t = mixed.shape[:2]
+        hd = self.head_dim
+        if self.multi_query:
+            q, k, v = mixed.split([self.heads * hd, self.groups * hd, self.groups * hd], dim=-1)
+            return (q.view(b, t, self.heads, hd), k.view(b, t, self.groups, hd),
+                    v.view(b, t, self.groups, hd))
+        # Without MQA THUDM lays q, k, v out per head: [heads, 3 * head] (split_tensor_along_last_dim).
+        q, k, v = mixed.view(b, t, self.heads, 3 * hd).split(hd, dim=-1)
+        return q, k, v
+
+    def forward(self, x: torch.Tensor, rope: torch.Tensor, store: KVStore, layer: int,
+                mask: torch.Tensor | None, is_causal: bool) -> torch.Tensor:
+        q, k, v = self._split(self.query_key_value(x))
+        q = apply_rotary(q, rope)
+        k = apply_rotary(k, rope)
+        keys, values = store(layer, k, v)
+        out = F.scaled_dot_product_attention(
+            q.transpose(1, 2), keys, values, attn_mask=mask, is_causal=is_causal,
+            enable_gqa=self.groups != self.heads,
+        )
+        b, _, t, _ = out.shape
+        return self.dense(out.transpose(1, 2).reshape(b, t, self.heads * self.head_dim))
+
+
+class MLP(nn.Module):
+    def __init__(self, cfg: ChatGLM2Config):
+        super().__init__()
+        self.dense_h_to_4h = nn.Linear(cfg.hidden_size, 2 * cfg.ffn_hidden_size,
+                                       bias=cfg.add_bias_linear)
+        self.dense_4h_to_h = nn.Linear(cfg.ffn_hidden_size, cfg.hidden_size,
+                                       bias=cfg.add_bias_linear)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        gate, up = self.dense_h_to_4h(x).chunk(2, dim=-1)  # modeling_chatglm.py swiglu
+        return self.dense_4h_to_h(F.silu(gate) * up)
+
+
+class GLMBlock(nn.Module):
+    def __init__(self, cfg: ChatGLM2Config):
+        super().__init__()
+        self.post_ln_residual = cfg.apply_residual_connection_post_layernorm
+        self.input_layernorm = _norm(cfg)
+        self.self_attention = SelfAttention(cfg)
+        self.post_attention_layernorm = _norm(cfg)
+        self.mlp = MLP(cfg)
+
+    def forward(self, x: torch.Tensor, rope: torch.Tensor, store: KVStore, layer: int,
+                mask: torch.Tensor | None, is_causal: bool) -> torch.Tensor:
+        normed = self.input_layernorm(x)
+        attn = self.self_attention(normed, rope, store, layer, mask, is_causal)
+        h = (normed if self.post_ln_residual else x) + attn
+        normed = self.post_attention_layernorm(h)
+        return (normed if self.post_ln_residual else h) + self.mlp(normed)
+
+
+class Embedding(nn.Module):
+    def __init__(self, cfg: ChatGLM2Config):
+        super().__init__()
+        self.word_embeddings = nn.Embedding(cfg.padded_vocab_size, cfg.hidden_size)
+
+
+class Encoder(nn.Module):
+    def __init__(self, cfg: ChatGLM2Config):
+        super().__init__()
+        self.layers = nn.ModuleList(GLMBlock(cfg) for _ in range(cfg.num_layers))
+        self.final_layernorm = _norm(cfg) if cfg.post_layer_norm else nn.Identity()
+
+
+class Transformer(nn.Module):
+    def __init__(self, cfg: ChatGLM2Config):
+        super().__init__()
+        self.embedding = Embedding(cfg)
+        self.encoder = Encoder(cfg)
+        self.output_layer = nn.Linear(cfg.hidden_size, cfg.padded_vocab_size, bias=False)
+
+
+# --------------------------------------------------------------------------- model
+
+
+class ChatGLM2Model(nn.Module):
+    """A :class:`adapters.family.CausalLM` for ChatGLM2/3.  Build it with :func:`load_model`."""
+
+    def __init__(self, cfg: ChatGLM2Config):
+        super().__init__()
+        self.config = cfg
+        self.transformer = Transformer(cfg)
+        self.padded_vocab_size = cfg.padded_vocab_size
+        self.context_length = cfg.seq_length
+        self.device = torch.device("cpu")
+        self.dtype = torch.float32
+        self.register_buffer("rope", torch.empty(0), persistent=False)
+
+    def finish_loading(self, dtype: torch.dtype, device: torch.device) -> None:
+        """Record where the weights live and compute the rotary table there."""
+        self.dtype = dtype
+        self.device = device
+        self.rope = rope_table(self.context_length, self.config.kv_channels,
+                               self.config.rope_ratio, dtype, device)
+        self.eval()
+        self.requires_grad_(False)
+
+    def new_cache(self) -> ChatGLM2Cache:
+        c = self.config
+        return ChatGLM2Cache(c.num_layers, c.kv_groups, c.kv_channels, self.context_length,
+                             self.dtype, self.device)
+
+    def _run(self, ids: torch.Tensor, rope: torch.Tensor, store: KVStore,
+             mask: torch.Tensor | None, is_causal: bool) -> torch.Tensor:
+        t = self.transformer
+        h = t.embedding.word_embeddings(ids)
+        for i, layer in enumerate(t.encoder.layers):
+            h = layer(h, rope, store, i, mask, is_causal)
+        h = t.encoder.final_layernorm(h[:, -1])
+        return t.output_layer(h).float()
+
+    @torch.inference_mode()
+    def forward(self, ids: Sequence[int], cache: KVCache) -> torch.Tensor:  # type: ignore[override]
+        """Append ``ids`` to ``cache``; float32 logits ``[padded_vocab]`` of the last position.
+
+        Prefill (many ids) and decode (one id) take the same path; a prefill that continues a
+        non-empty cache gets an explicit causal mask offset by the cached length.
+        """
+        cache = _own(cache)
+        n = len(ids)
+        if n == 0:
+            raise ValueError("forward needs at least one id")
+        start = cache.length
+        cache.reserve(n)
+        tokens = torch.tensor([list(ids)], dtype=torch.long, device=self.device)
+        rope = self.rope[start:start + n].unsqueeze(0)
+        mask = None
+        if start > 0 and n > 1:
+            q_pos = torch.arange(start, start + n, device=self.device).unsqueeze(1)
+            mask = torch.arange(start + n, device=self.device).unsqueeze(0) <= q_pos
+
+        def store(layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+            keys, values = cache.write(layer, k[0].transpose(0, 1), v[0].transpose(0, 1))
+            return keys.unsqueeze(0), values.unsqueeze(0)
+
+        logits = self._run(tokens, rope, store, mask, is_causal=start == 0 and n > 1)
+        cache.commit(n)
+        return logits[0]
+
+    @torch.inference_mode()
+    def forward_batch(self, ids_per_seq: Sequence[Sequence[int]],
+                      caches: Sequence[KVCache]) -> torch.Tensor:
+        """Decode one new id per sequence in one pass; float32 logits ``[B, padded_vocab]``.
+
+        Sequences may have different cached lengths: their histories are right-padded to the
+        longest and the padding is masked out, so each row equals a solo :meth:`forward`.
+        """
+        if len(ids_per_seq) != len(caches) or not caches:
+            raise ValueError("forward_batch needs one id list per cache (and at least one)")
+        if any(len(ids) != 1 for ids in ids_per_seq):
+            raise ValueError("forward_batch decodes exactly one new id per sequence")
+        own = [_own(c) for c in caches]
+        if len({id(c) for c in own}) != len(own):
+            raise ValueError("forward_batch got the same cache twice")
+        for cache in own:
+            cache.reserve(1)
+        starts = [c.length for c in own]
+        total = max(starts) + 1
+        tokens = torch.tensor([[ids[0]] for ids in ids_per_seq], dtype=torch.long,
+                              device=self.device)
+        rope = self.rope[torch.tensor(starts, device=self.device)].unsqueeze(1)
+        lengths = torch.tensor(starts, device=self.device) + 1
+        mask = (torch.arange(total, device=self.device).unsqueeze(0) < lengths.unsqueeze(1))
+        mask = mask[:, None, None, :]  # [B, 1, 1, L]: broadcast over heads and the query
+        c = self.config
+        batch = len(caches)
+
+        def store(layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+            keys = torch.zeros(batch, c.kv_groups, total, c.kv_channels, dtype=k.dtype,
+                               device=k.device)
+            values = torch.zeros_like(keys)
+            for b, cache in enumerate(own):
+                kb, vb = cache.write(layer, k[b].transpose(0, 1), v[b].transpose(0, 1))
+                keys[b, :, : kb.shape[1]] = kb
+                values[b, :, : vb.shape[1]] = vb
+            return keys, values
+
+        logits = self._run(tokens, rope, store, mask, is_causal=False)
+        for cache in own:
+            cache.commit(1)
+        return logits
+
+
+# --------------------------------------------------------------------------- loading
+
+
+def load_model(folder: Path, config: ChatGLM2Config, *, dtype: torch.dtype,
+               device: torch.device | str, quantize: str | None = None) -> ChatGLM2Model:
+    """Build the model on the ``meta`` device, then stream the checkpoint's tensors into it one
+    by one (converted to ``dtype`` on ``device``), so two copies of the weights never coexist.
+
+    ``rotary_pos_emb.inv_freq`` is ignored (recomputed); any other unknown, duplicate, missing
+    or mis-shaped tensor is a :class:`CheckpointError`.
+    """
+    device = torch.device(device)
+    if dtype not in _SUPPORTED_DTYPES:
+        raise ValueError(f"dtype must be one of {_SUPPORTED_DTYPES}, got {dtype}")
+    if config.quantization_bit:
+        raise PreQuantizedCheckpointError(
+            f"{folder} is a THUDM pre-quantized int{config.quantization_bit} checkpoint; "
+            "loading those is not supported by the ChatGLM2 model loader"
+        )
+    if quantize is not None:
+        raise PreQuantizedCheckpointError(
+            f"quantize={quantize!r}: the ChatGLM2 loader only builds unquantized models"
+        )
+    with torch.device("meta"):
+        model = ChatGLM2Model(config)
+    expected = dict(model.named_parameters())
+    loaded: set[str] = set()
+    for name, tensor in iter_tensors(Path(folder)):
+        if name.endswith("rotary_pos_emb.inv_freq"):
+            continue  # modeling_chatglm.py recomputes it; the stored copy is fp16-rounded
+        if name in loaded:
+            raise CheckpointError(f"{folder}: tensor {name} appears twice")
+        param = expected.get(name)
+        if param is None:
+            raise CheckpointError(f"{folder}: unexpected tensor {name} for this config")
+        if tuple(tensor.shape) != tuple(param.shape):
+            raise CheckpointError(
+                f"{folder}: tensor {name} has shape {tuple(tensor.shape)}, config.json implies "
+                f"{tuple(param.shape)}"
+            )
+        module_name, _, attr = name.rpartition(".")
+        value = torch.empty(param.shape, dtype=dtype, device=device)
+        value.copy_(tensor)
+        model.get_submodule(module_name)._parameters[attr] = nn.Parameter(value,
+                                                                          requires_grad=False)
+        loaded.add(name)
+        del tensor
+    missing = sorted(set(expected) - loaded)
+    if missing:
+        raise CheckpointError(f"{folder}: checkpoint lacks tensors {missing}")
+    model.finish_loading(dtype, device)
+    logger.info("loaded %s: %d tensors as %s on %s", folder, len(loaded), dtype, device)
+    return model

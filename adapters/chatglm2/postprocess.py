@@ -1,0 +1,121 @@
+"""The official chat() answer post-processing of ChatGLM2-6B and ChatGLM3-6B, one-shot and
+streaming.  The streaming classes implement :class:`adapters.family.StreamPostprocessor`: the
+concatenation of everything ``feed``/``finish`` return equals the one-shot function.
+"""
+
+from __future__ import annotations
+
+#: Both models' process_response rewrite this placeholder (modeling_chatglm.py).
+PLACEHOLDER = "[[训练时间]]"
+REPLACEMENT = "2023年"
+
+
+def process_response_v2(text: str) -> str:
+    """chatglm2-6b ``process_response``: strip, then replace the training-time placeholder."""
+    return text.strip().replace(PLACEHOLDER, REPLACEMENT)
+
+
+def split_metadata(text: str) -> tuple[str, str]:
+    """chatglm3-6b ``process_response``: the first line is metadata (a tool name) when the
+    output has a newline, else there is no metadata."""
+    if "\n" in text:
+        metadata, content = text.split("\n", 1)
+        return metadata, content
+    return "", text
+
+
+def process_response_v3(text: str) -> str:
+    """chatglm3-6b ``process_response`` reduced to text.
+
+    Blank metadata: the content is stripped and the placeholder replaced, as in v2.  Non-blank
+    metadata (a tool call, ``{name}\\n```python\\ntool_call(...)\\n```\\n``): the reference returns
+    ``{"name": metadata, ...}`` built from the *unstripped* content; here the content comes back
+    unstripped and unreplaced, and the tool name is available as the postprocessor's
+    ``metadata``.  Not reproduced: the reference also splits the text on a decoded
+    ``<|assistant|>`` and keeps only the last part.
+    """
+    metadata, content = split_metadata(text)
+    if metadata.strip():
+        return content
+    return process_response_v2(content)
+
+
+def _pattern_prefix_start(text: str) -> int:
+    """Index of the longest suffix of ``text`` that is a proper prefix of the placeholder."""
+    for k in range(min(len(PLACEHOLDER) - 1, len(text)), 0, -1):
+        if text.endswith(PLACEHOLDER[:k]):
+            return len(text) - k
+    return len(text)
+
+
+class StripReplace:
+    """Streaming ``text.strip().replace(PLACEHOLDER, REPLACEMENT)``.
+
+    Leading whitespace is dropped; trailing whitespace and a trailing partial placeholder are
+    held back until more text shows what they are.
+    """
+
+    def __init__(self) -> None:
+        self._pending = ""
+        self._started = False  # a non-whitespace character has been seen
+
+    def feed(self, text: str) -> str:
+        if not self._started:
+            text = text.lstrip()
+            if not text:
+                return ""
+            self._started = True
+        pending = self._pending + text
+        out: list[str] = []
+        while (i := pending.find(PLACEHOLDER)) >= 0:
+            out.append(pending[:i] + REPLACEMENT)
+            pending = pending[i + len(PLACEHOLDER):]
+        # str.replace scans left to right, so a match can only still start inside the held tail.
+        hold = min(len(pending.rstrip()), _pattern_prefix_start(pending))
+        out.append(pending[:hold])
+        self._pending = pending[hold:]
+        return "".join(out)
+
+    def finish(self) -> str:
+        rest = self._pending.rstrip()
+        self._pending = ""
+        return rest  # a held partial placeholder never completed: it is plain text
+
+
+class ChatGLM2Postprocessor(StripReplace):
+    """ChatGLM2-6B: :func:`process_response_v2`, streamed."""
+
+
+class ChatGLM3Postprocessor:
+    """ChatGLM3-6B: :func:`process_response_v3`, streamed.
+
+    Everything is held until the first ``"\\n"`` (or the end) decides whether the first line
+    is metadata; after a blank one the content streams through :class:`StripReplace`, after a
+    tool name it streams verbatim.
+    """
+
+    def __init__(self) -> None:
+        self._head = ""
+        self.metadata: str | None = None  # known once the first newline (or the end) is seen
+        self._content: StripReplace | None = None
+
+    def feed(self, text: str) -> str:
+        if self.metadata is None:
+            self._head += text
+            if "\n" not in self._head:
+                return ""
+            self.metadata, text = self._head.split("\n", 1)
+            self._head = ""
+            if not self.metadata.strip():
+                self._content = StripReplace()
+        if self._content is None:
+            return text
+        return self._content.feed(text)
+
+    def finish(self) -> str:
+        if self.metadata is None:
+            self.metadata = ""
+            return process_response_v2(self._head)
+        if self._content is None:
+            return ""
+        return self._content.finish()
