@@ -1,0 +1,242 @@
+"""A deterministic :class:`~adapters.base.ChatModel` for tests, shipped beside the real ones.
+
+It needs no torch and no checkpoint.  One *piece* of text is one token.  The reply is either
+scripted (``reply`` / ``pieces``) or derived from the last user message (``transform="echo"`` or
+``"reverse"``).  It honours the parts of :class:`~adapters.base.SamplingParams` a gateway must
+pass through: ``max_tokens`` (counted in pieces), ``stop`` strings (a partial match is held
+back, never emitted), ``seed``/``temperature`` (sampling with a seed rotates the pieces, so the
+same seed gives the same reply; greedy or unseeded requests get the script), and ``logprobs``.
+
+Counters (:meth:`status`) let tests prove cancellation: ``produced`` counts every piece the fake
+generated, ``cancelled`` counts generations closed before they finished.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import random
+from collections.abc import AsyncIterator, Sequence
+from dataclasses import dataclass
+from typing import Literal
+
+from adapters.base import (
+    AdapterError,
+    ContextLengthExceeded,
+    Delta,
+    FinishReason,
+    InvalidRequest,
+    Message,
+    ModelInfo,
+    ModelUnavailable,
+    Prompt,
+    SamplingParams,
+    TokenLogprob,
+    TopLogprob,
+    Usage,
+)
+
+Transform = Literal["echo", "reverse"]
+
+
+@dataclass
+class FakeCounters:
+    """What the fake has done so far (mutable on purpose: tests read it while requests run)."""
+
+    started: int = 0
+    finished: int = 0
+    cancelled: int = 0
+    active: int = 0
+    produced: int = 0
+
+
+class FakeChatModel:
+    """A scripted model.  See the module docstring for the semantics.
+
+    ``reply``/``pieces``: the scripted answer; ``pieces`` fixes the token split exactly, ``reply``
+    is split every ``piece_chars`` characters.  Without either the answer is the last user
+    message, echoed or reversed.  ``delay``: seconds awaited before each piece (an
+    ``asyncio.sleep``, like a real engine the fake never blocks the event loop).
+    ``fail_after``: end with ``finish_reason="error"`` after that many pieces.
+    ``prepare_error``: raised by every :meth:`prepare` (to exercise 4xx/429/503 paths).
+    """
+
+    def __init__(
+        self,
+        model_id: str = "fake",
+        *,
+        reply: str | None = None,
+        pieces: Sequence[str] | None = None,
+        piece_chars: int = 1,
+        transform: Transform = "echo",
+        delay: float = 0.0,
+        context_length: int = 4096,
+        fail_after: int | None = None,
+        prepare_error: AdapterError | None = None,
+        description: str = "Deterministic fake model for tests",
+    ) -> None:
+        if piece_chars < 1:
+            raise ValueError("piece_chars must be >= 1")
+        self.info = ModelInfo(
+            id=model_id, family="fake", context_length=context_length, description=description
+        )
+        self._reply = reply
+        self._pieces = tuple(pieces) if pieces is not None else None
+        self._piece_chars = piece_chars
+        self._transform = transform
+        self._delay = delay
+        self._fail_after = fail_after
+        self._prepare_error = prepare_error
+        self._closed = False
+        self._answers: dict[tuple[int, ...], str] = {}
+        self.counters = FakeCounters()
+        #: every SamplingParams passed to generate, in call order (tests check seed+i for n>1)
+        self.calls: list[SamplingParams] = []
+
+    # ------------------------------------------------------------------ ChatModel
+
+    def prepare(self, messages: Sequence[Message], params: SamplingParams) -> Prompt:
+        """Fake tokenization: one token per character of ``"role: content"`` lines."""
+        if self._closed:
+            raise ModelUnavailable(f"Model '{self.info.id}' has been closed.")
+        if self._prepare_error is not None:
+            raise self._prepare_error
+        if not messages:
+            raise InvalidRequest("'messages' must contain at least one message.", param="messages")
+        text = "\n".join(f"{m.role}: {m.content}" for m in messages)
+        token_ids = tuple(ord(c) for c in text)
+        room = self.info.context_length - len(token_ids)
+        wanted = params.max_tokens if params.max_tokens is not None else room
+        if wanted > room or room <= 0:
+            raise ContextLengthExceeded(len(token_ids), max(wanted, 1), self.info.context_length)
+        # The answer is a pure function of the messages, so a cache keyed by the prompt ids is
+        # safe and keeps Prompt free of fake-only fields.
+        self._answers[token_ids] = self._answer(messages)
+        return Prompt(token_ids=token_ids, max_tokens=wanted, text=text)
+
+    async def generate(self, prompt: Prompt, params: SamplingParams) -> AsyncIterator[Delta]:
+        """Yield one Delta per piece; the last one carries finish_reason and usage."""
+        self.calls.append(params)
+        answer = self._answers.get(prompt.token_ids, prompt.text)
+        pieces = self._sample(self._split(answer), params)
+        prompt_tokens = len(prompt.token_ids)
+        limit = min(prompt.max_tokens, params.max_tokens or prompt.max_tokens)
+        stop = _StopMatcher(params.stop)
+        self.counters.started += 1
+        self.counters.active += 1
+        produced = 0
+        finished = False
+        try:
+            finish: FinishReason = "length" if len(pieces) > limit else "stop"
+            for i, piece in enumerate(pieces[:limit]):
+                if self._fail_after is not None and i >= self._fail_after:
+                    finish = "error"
+                    break
+                if self._delay:
+                    await asyncio.sleep(self._delay)
+                produced += 1
+                self.counters.produced += 1
+                text, hit = stop.feed(piece)
+                logprobs = _logprobs(piece, i, params) if params.logprobs else ()
+                if hit:
+                    finish = "stop"
+                    if text:
+                        yield Delta(text=text, logprobs=logprobs)
+                    break
+                if text or logprobs:
+                    yield Delta(text=text, logprobs=logprobs)
+            else:
+                tail = stop.flush()
+                if tail:
+                    yield Delta(text=tail)
+            finished = True
+            yield Delta(finish_reason=finish, usage=Usage(prompt_tokens, produced))
+        finally:
+            self.counters.active -= 1
+            if finished:
+                self.counters.finished += 1
+            else:
+                self.counters.cancelled += 1
+
+    def status(self) -> dict[str, int]:
+        c = self.counters
+        return {
+            "started": c.started,
+            "finished": c.finished,
+            "cancelled": c.cancelled,
+            "active": c.active,
+            "produced": c.produced,
+        }
+
+    def close(self) -> None:
+        self._closed = True
+
+    @property
+    def closed(self) -> bool:
+        return self._closed
+
+    # ------------------------------------------------------------------ helpers
+
+    def _answer(self, messages: Sequence[Message]) -> str:
+        if self._pieces is not None:
+            return "".join(self._pieces)
+        if self._reply is not None:
+            return self._reply
+        last_user = next((m.content for m in reversed(messages) if m.role == "user"), "")
+        return last_user[::-1] if self._transform == "reverse" else last_user
+
+    def _split(self, answer: str) -> list[str]:
+        if self._pieces is not None:
+            return list(self._pieces)
+        n = self._piece_chars
+        return [answer[i : i + n] for i in range(0, len(answer), n)]
+
+    @staticmethod
+    def _sample(pieces: list[str], params: SamplingParams) -> list[str]:
+        """Sampling with a seed -> a rotation of the pieces chosen by ``Random(seed)``; greedy or
+        unseeded -> the script itself, so tests that do not care about sampling stay exact."""
+        if params.greedy or params.seed is None or len(pieces) < 2:
+            return pieces
+        shift = random.Random(params.seed).randrange(len(pieces))
+        return pieces[shift:] + pieces[:shift]
+
+
+def _logprobs(piece: str, index: int, params: SamplingParams) -> tuple[TokenLogprob, ...]:
+    """A deterministic, valid-looking logprob entry for one piece (always <= 0)."""
+    logprob = 0.0 - 0.125 * (index % 4)  # 0.0, not -0.0, for the first piece
+    top = tuple(
+        TopLogprob(
+            token=piece if k == 0 else f"<alt{k}>",
+            logprob=logprob if k == 0 else logprob - k,
+            bytes=tuple((piece if k == 0 else f"<alt{k}>").encode("utf-8")),
+        )
+        for k in range(params.top_logprobs)
+    )
+    return (
+        TokenLogprob(
+            token=piece, logprob=logprob, bytes=tuple(piece.encode("utf-8")), top_logprobs=top
+        ),
+    )
+
+
+class _StopMatcher:
+    """Cut the text at the first stop string; hold back a suffix that may start one."""
+
+    def __init__(self, stops: Sequence[str]) -> None:
+        self._stops = tuple(s for s in stops if s)
+        self._pending = ""
+
+    def feed(self, text: str) -> tuple[str, bool]:
+        """Return (text safe to emit, whether a stop string was hit)."""
+        buf = self._pending + text
+        hits = [i for i in (buf.find(s) for s in self._stops) if i >= 0]
+        if hits:
+            self._pending = ""
+            return buf[: min(hits)], True
+        keep = max((k for s in self._stops for k in range(1, len(s)) if buf.endswith(s[:k])),
+                   default=0)
+        self._pending = buf[len(buf) - keep :]
+        return buf[: len(buf) - keep], False
+
+    def flush(self) -> str:
+        out, self._pending = self._pending, ""
+        return out

@@ -1,0 +1,48 @@
+"""GET /v1/models and GET /v1/models/{id}, from each model's ModelInfo."""
+
+from __future__ import annotations
+
+from fastapi import APIRouter, Request
+
+from gateway.catalog import ModelCatalog, ServedModel
+from gateway.protocol import ModelCard, ModelList
+
+router = APIRouter()
+
+_SCALARS = (str, int, float, bool)
+
+
+def card(served: ServedModel) -> ModelCard:
+    """OpenAI's model object plus our fields; JSON scalars of ``ModelInfo.extra`` pass through."""
+    info = served.model.info
+    created = info.extra.get("created")
+    extra = {
+        k: v for k, v in info.extra.items()
+        if isinstance(v, _SCALARS) and k not in ModelCard.model_fields
+    }
+    return ModelCard.model_validate({
+        **extra,
+        "id": info.id,
+        "created": created if isinstance(created, int) else served.created,
+        "owned_by": info.owned_by,
+        "family": info.family,
+        "context_length": info.context_length,
+        "description": info.description,
+        "aliases": list(served.aliases),
+    })
+
+
+def _catalog(request: Request) -> ModelCatalog:
+    catalog: ModelCatalog = request.app.state.catalog
+    return catalog
+
+
+@router.get("/v1/models")
+async def list_models(request: Request) -> ModelList:
+    return ModelList(data=[card(served) for _, served in _catalog(request)])
+
+
+# ":path" because model ids may contain a slash ("THUDM/chatglm3-6b").
+@router.get("/v1/models/{model_id:path}")
+async def retrieve_model(model_id: str, request: Request) -> ModelCard:
+    return card(_catalog(request).resolve(model_id))

@@ -1,0 +1,195 @@
+"""Adapter Deltas -> OpenAI chat-completion chunks over SSE, or one aggregated ChatCompletion.
+
+The stream is a straight line, per OpenAI's format:
+
+1. per choice, a chunk with ``delta: {"role": "assistant", "content": ""}``;
+2. content chunks (a Delta with no text and no logprobs is skipped);
+3. per choice, a chunk with an empty delta and ``finish_reason``;
+4. with ``stream_options.include_usage``: a chunk with ``choices: []`` and ``usage``;
+5. ``data: [DONE]``.
+
+Events are ``data: <json>\\n\\n`` with LF line ends and no ``event:``/``id:`` fields.  Keep-alive
+pings are SSE comments (``: ping``), which OpenAI's SDK skips.  An error once the stream has
+started is sent as one ``data: {"error": {...}}`` event, and the stream ends without [DONE].
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+
+from sse_starlette import EventSourceResponse
+from starlette.background import BackgroundTask
+
+from adapters.base import TokenLogprob as AdapterTokenLogprob
+from adapters.base import Usage as AdapterUsage
+from gateway import protocol as p
+from gateway.choices import ChoiceStream
+from gateway.errors import InternalError, ServiceUnavailable, from_exception
+
+logger = logging.getLogger(__name__)
+
+DONE = "[DONE]"
+#: OpenAI reports masked tokens with this logprob; JSON has no -Infinity.
+MIN_LOGPROB = -9999.0
+
+
+@dataclass(frozen=True)
+class CompletionMeta:
+    """What every chunk (and the final object) of one completion repeats."""
+
+    id: str
+    created: int
+    model: str
+    system_fingerprint: str | None = None
+
+
+def event_response(
+    events: AsyncIterator[str], stream: ChoiceStream, ping_seconds: float
+) -> EventSourceResponse:
+    """The SSE response; ``stream`` is closed after it in every case (even if the body never
+    started because the client left at once)."""
+    return EventSourceResponse(
+        events,
+        sep="\n",
+        ping=ping_seconds,
+        background=BackgroundTask(stream.aclose),
+        headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
+    )
+
+
+async def sse_events(
+    stream: ChoiceStream, meta: CompletionMeta, n: int, include_usage: bool
+) -> AsyncIterator[str]:
+    """The data of each SSE event, in order (sse-starlette adds ``data: `` and the blank line)."""
+    usage = _UsageSum()
+    try:
+        for index in range(n):
+            yield _chunk(meta, p.ChunkChoice(index=index, delta=p.ChoiceDelta(
+                role="assistant", content="")))
+        async for index, delta in stream:
+            if delta.text or delta.logprobs:
+                yield _chunk(meta, p.ChunkChoice(
+                    index=index,
+                    delta=p.ChoiceDelta(content=delta.text),
+                    logprobs=_logprobs(delta.logprobs) if delta.logprobs else None,
+                ))
+            if delta.finish_reason is not None:
+                usage.add(delta.usage)
+                yield _chunk(meta, p.ChunkChoice(
+                    index=index, delta=p.ChoiceDelta(),
+                    finish_reason=_finish_reason(delta.finish_reason),
+                ))
+        if include_usage:
+            yield p.ChatCompletionChunk(
+                id=meta.id, created=meta.created, model=meta.model, choices=[],
+                usage=usage.wire(), system_fingerprint=meta.system_fingerprint,
+            ).model_dump_json()
+        yield DONE
+    except Exception as exc:  # the status is sent already: report in-band, then stop
+        error = from_exception(exc)
+        logger.warning("stream %s ended with an error: %s", meta.id, error.message)
+        yield _json(error.body())
+    finally:
+        await stream.aclose()
+
+
+async def collect(stream: ChoiceStream, meta: CompletionMeta, n: int) -> p.ChatCompletion:
+    """Aggregate every choice into one non-streamed ChatCompletion."""
+    texts = [""] * n
+    logprobs: list[list[p.TokenLogprob]] = [[] for _ in range(n)]
+    finish: list[p.FinishReason] = ["stop"] * n
+    usage = _UsageSum()
+    wants_logprobs = False
+    async for index, delta in stream:
+        texts[index] += delta.text
+        if delta.logprobs:
+            wants_logprobs = True
+            logprobs[index].extend(_token_logprob(t) for t in delta.logprobs)
+        if delta.finish_reason is not None:
+            finish[index] = _finish_reason(delta.finish_reason)
+            usage.add(delta.usage)
+    return p.ChatCompletion(
+        id=meta.id,
+        created=meta.created,
+        model=meta.model,
+        choices=[
+            p.Choice(
+                index=i,
+                message=p.AssistantMessage(content=texts[i]),
+                logprobs=p.ChoiceLogprobs(content=logprobs[i]) if wants_logprobs else None,
+                finish_reason=finish[i],
+            )
+            for i in range(n)
+        ],
+        usage=usage.wire(),
+        system_fingerprint=meta.system_fingerprint,
+    )
+
+
+# --------------------------------------------------------------------------- helpers
+
+
+def _finish_reason(reason: str) -> p.FinishReason:
+    """Adapter finish reasons -> OpenAI's; a failed or cancelled generation is an error."""
+    if reason == "stop":
+        return "stop"
+    if reason == "length":
+        return "length"
+    if reason == "cancelled":
+        raise ServiceUnavailable(
+            "The generation was cancelled by the server (it is shutting down or the model "
+            "stopped).", code="generation_cancelled")
+    raise InternalError()
+
+
+class _UsageSum:
+    """Prompt counted once (all choices share it, as OpenAI counts n>1), completions summed."""
+
+    def __init__(self) -> None:
+        self.prompt = 0
+        self.completion = 0
+
+    def add(self, usage: AdapterUsage | None) -> None:
+        if usage is None:
+            return
+        self.prompt = max(self.prompt, usage.prompt_tokens)
+        self.completion += usage.completion_tokens
+
+    def wire(self) -> p.Usage:
+        return p.Usage(prompt_tokens=self.prompt, completion_tokens=self.completion,
+                       total_tokens=self.prompt + self.completion)
+
+
+def _chunk(meta: CompletionMeta, choice: p.ChunkChoice) -> str:
+    return p.ChatCompletionChunk(
+        id=meta.id, created=meta.created, model=meta.model, choices=[choice],
+        system_fingerprint=meta.system_fingerprint,
+    ).model_dump_json()
+
+
+def _safe_logprob(value: float) -> float:
+    return value if math.isfinite(value) and value >= MIN_LOGPROB else MIN_LOGPROB
+
+
+def _token_logprob(t: AdapterTokenLogprob) -> p.TokenLogprob:
+    return p.TokenLogprob(
+        token=t.token,
+        logprob=_safe_logprob(t.logprob),
+        bytes=list(t.bytes),
+        top_logprobs=[
+            p.TopLogprob(token=a.token, logprob=_safe_logprob(a.logprob), bytes=list(a.bytes))
+            for a in t.top_logprobs
+        ],
+    )
+
+
+def _logprobs(entries: tuple[AdapterTokenLogprob, ...]) -> p.ChoiceLogprobs:
+    return p.ChoiceLogprobs(content=[_token_logprob(t) for t in entries])
+
+
+def _json(body: dict[str, object]) -> str:
+    return json.dumps(body, ensure_ascii=False, separators=(",", ":"))
