@@ -210,8 +210,6 @@ def _loc_to_param(loc: Sequence[int | str]) -> str | None:
         if isinstance(item, int):
             parts.append(f"[{item}]")
             continue
-        if item == "body":  # FastAPI prefixes body errors with "body"
-            continue
         if item in _TYPE_TAGS or not item.replace("_", "").isalnum() or item[:1].isupper():
             continue
         parts.append(item)
@@ -270,7 +268,13 @@ def _request_validation(exc: RequestValidationError) -> RequestInvalid:
     errors = list(exc.errors())
     if not errors:
         return RequestInvalid("Invalid request.")
-    first = errors[0]
+    first = dict(errors[0])
+    # FastAPI puts where the value came from first: ("path", "model_id"), ("query", ...).
+    if first["loc"][:1] and first["loc"][0] in _FASTAPI_SOURCES:
+        first["loc"] = tuple(first["loc"][1:])
     param = _param(first)
     return RequestInvalid(f"Invalid '{param}': {_message(first)}", param=param,
                           code="invalid_value")
+
+
+_FASTAPI_SOURCES = frozenset({"body", "path", "query", "header", "cookie"})

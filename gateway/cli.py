@@ -1,0 +1,131 @@
+"""``chatglm-gateway serve``: the command line (a stable contract; see ``--help``).
+
+::
+
+    chatglm-gateway serve --model ID=PATH [--model ID=PATH ...] [--dtype float32|bfloat16|float16]
+                          [--device cpu|cuda] [--host 127.0.0.1] [--port 8000] [--config PATH]
+                          [--log-level info]
+
+Flags override the environment (``CHATGLM_GATEWAY_*``), which overrides the config file.  With
+no model configured anywhere, a tiny random demo model is served so the gateway can be tried
+without a download.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+from pydantic import ValidationError
+
+from gateway.settings import ModelEntry, ServerSettings, load_settings
+
+logger = logging.getLogger("gateway.cli")
+
+DEMO_MODEL_ID = "chatglm2-demo"
+CACHE_ENV = "CHATGLM_GATEWAY_CACHE"
+LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
+
+
+def model_spec(text: str) -> tuple[str, str]:
+    """``ID=PATH`` -> ``(id, path)``."""
+    model_id, sep, path = text.partition("=")
+    if not sep or not model_id or not path:
+        raise argparse.ArgumentTypeError(f"expected ID=PATH, got '{text}'")
+    return model_id, path
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="chatglm-gateway",
+        description="An OpenAI-compatible chat completion gateway for ChatGLM models.",
+    )
+    commands = parser.add_subparsers(dest="command", required=True)
+    serve = commands.add_parser("serve", help="serve models over HTTP")
+    serve.add_argument("--model", action="append", type=model_spec, default=[],
+                       metavar="ID=PATH",
+                       help="serve the checkpoint folder PATH as model ID (repeatable); "
+                       "replaces the models of the config file")
+    serve.add_argument("--dtype", choices=["float32", "bfloat16", "float16"],
+                       help="compute dtype for every model (default: auto)")
+    serve.add_argument("--device", help="cpu, cuda or cuda:N for every model (default: auto)")
+    serve.add_argument("--host", help="bind address (default 127.0.0.1)")
+    serve.add_argument("--port", type=int, help="port (default 8000)")
+    serve.add_argument("--config", type=Path, metavar="PATH",
+                       help="a TOML or YAML settings file")
+    serve.add_argument("--log-level", choices=["critical", "error", "warning", "info", "debug"],
+                       help="log level (default info)")
+    return parser
+
+
+def settings_from_args(args: argparse.Namespace) -> ServerSettings:
+    """Merge flags over environment and config file (flags win)."""
+    overrides: dict[str, Any] = {
+        key: value for key, value in (
+            ("host", args.host), ("port", args.port), ("log_level", args.log_level)
+        ) if value is not None
+    }
+    if args.model:
+        overrides["models"] = [ModelEntry(id=i, path=Path(p)) for i, p in args.model]
+    settings = load_settings(args.config, **overrides)
+    entry_overrides = {k: v for k, v in (("dtype", args.dtype), ("device", args.device))
+                       if v is not None}
+    if entry_overrides:
+        models = tuple(
+            ModelEntry.model_validate({**m.model_dump(), **entry_overrides})
+            for m in settings.models
+        )
+        settings = settings.model_copy(update={"models": models})
+    return settings
+
+
+def with_demo_model(
+    settings: ServerSettings, environ: Mapping[str, str], dtype: str | None = None,
+    device: str | None = None,
+) -> ServerSettings:
+    """No model configured -> serve the tiny random demo checkpoint (built once, cached)."""
+    if settings.models:
+        return settings
+    from adapters.demo import ensure_demo_checkpoint  # torch: imported only when needed
+
+    cache_dir = Path(environ.get(CACHE_ENV) or Path.home() / ".cache" / "chatglm-gateway")
+    path = ensure_demo_checkpoint(cache_dir)
+    logger.warning(
+        "No model configured: serving '%s', a TINY RANDOMLY INITIALISED DEMO MODEL that "
+        "produces meaningless text. To serve a real checkpoint run "
+        "`chatglm-gateway serve --model NAME=PATH` (PATH is a ChatGLM checkpoint folder, e.g. "
+        "a download of THUDM/chatglm3-6b) or list models in a --config file.",
+        DEMO_MODEL_ID,
+    )
+    entry = ModelEntry(id=DEMO_MODEL_ID, path=path, dtype=dtype or "auto",  # type: ignore[arg-type]
+                       device=device or "auto")
+    return settings.model_copy(update={"models": (entry,)})
+
+
+def serve(settings: ServerSettings) -> None:
+    import uvicorn
+
+    from gateway.app import create_app
+
+    logger.info("serving on http://%s:%d", settings.host, settings.port)
+    uvicorn.run(create_app(settings), host=settings.host, port=settings.port,
+                log_level=settings.log_level)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        settings = settings_from_args(args)
+    except (ValidationError, ValueError, FileNotFoundError) as err:
+        print(f"chatglm-gateway: invalid settings: {err}", file=sys.stderr)
+        return 2
+    logging.basicConfig(level=settings.log_level.upper(), format=LOG_FORMAT)
+    if args.command == "serve":
+        settings = with_demo_model(settings, os.environ, args.dtype, args.device)
+        serve(settings)
+    return 0
