@@ -1,0 +1,479 @@
+"""Weight-only int8/int4 linear layers on torch's own kernels, and THUDM's quantized layout.
+
+THUDM's ``model.quantize(bits)`` (quantization.py of chatglm-6b-int4 / chatglm2-6b-int4) keeps, per
+output row r of the four linears of every layer, an fp16 ``weight_scale[r] = absmax_r / (2**(bits-1) - 1)``
+and ``q = round(w / scale)`` as int8; int4 packs two columns per byte, the EVEN column in the HIGH
+nibble.  Dequantised, ``w[r, c] = q[r, c] * scale[r]``.
+
+The layers here reproduce that dequantised weight exactly on torch's CPU kernels:
+
+* :class:`Int8Linear` runs ``aten._weight_int8pack_mm`` with a unit scale, then multiplies the fp32
+  accumulator by the fp16 row scale in fp32: the bf16 kernel only takes bf16 scales, and rounding an
+  fp16 scale to bf16 would change the weights.
+* :class:`Int4Linear` repacks the symmetric nibbles q in [-7, 7] as torch's asymmetric uint4
+  ``u = q + 8`` with ``zero = 0`` (the kernel computes ``(u - 8) * scale + zero``).  Per-row scales are
+  applied after the kernel as for int8 (kernel group scales are 1); group-wise scales are chosen
+  bf16-exact by :func:`quantize_groupwise`, so the kernel holds them without rounding.
+
+The kernels are fast only with bf16 activations (fp16/fp32 are 10-60x slower reference loops on CPU,
+measured with torch 2.13), so activations are cast to bf16 for the kernel and the result back to the
+caller's dtype.  Where a kernel is unavailable (other devices, older torch) the layers fall back to
+dequantising per call and a plain matmul in the activation dtype.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import re
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+logger = logging.getLogger(__name__)
+
+#: Group sizes ``_weight_int4pack_mm_for_cpu`` accepts (its error message in torch 2.13).
+KERNEL_INT4_GROUPS = (256, 128, 64, 32)
+#: ``_convert_weight_to_int4pack_for_cpu``: "expect N to be dividable by 16".
+_INT4_N_MULTIPLE = 16
+#: ``_weight_int8pack_mm`` on CPU reads past the row when K % 16 != 0 (garbage or a segfault with
+#: torch 2.13, found by a shape sweep), so the kernel path pads K with zero columns.
+_INT8_K_MULTIPLE = 16
+#: Rows per block when quantising / packing (a multiple of the CPU int4 packing's 64-row blocks):
+#: bounds the per-layer transient at a few tens of MB for 6B-sized linears.
+_CONVERT_ROWS = 4096
+_KERNEL_DTYPE = torch.bfloat16
+
+
+@dataclass(frozen=True)
+class QuantScheme:
+    """A quantisation mode as data: bit width and group size (``None``: one scale per output row)."""
+
+    bits: int
+    group_size: int | None
+
+
+#: ``quantize=`` modes a loader accepts.
+QUANT_SCHEMES: dict[str, QuantScheme] = {
+    "8": QuantScheme(bits=8, group_size=None),  # THUDM int8 (model.quantize(8))
+    "4": QuantScheme(bits=4, group_size=None),  # THUDM int4 (model.quantize(4))
+    "int4-g128": QuantScheme(bits=4, group_size=128),  # symmetric absmax/7 per 128 columns
+}
+
+#: Where the quantised linears of each family live: layer prefix and the four linear suffixes.
+_LAYER_PREFIX = {
+    "chatglm": "transformer.layers.",
+    "chatglm2": "transformer.encoder.layers.",
+    "chatglm3": "transformer.encoder.layers.",
+}
+QUANTIZED_SUFFIXES: dict[str, tuple[str, ...]] = {
+    "chatglm": (
+        "attention.query_key_value",
+        "attention.dense",
+        "mlp.dense_h_to_4h",
+        "mlp.dense_4h_to_h",
+    ),
+    "chatglm2": (
+        "self_attention.query_key_value",
+        "self_attention.dense",
+        "mlp.dense_h_to_4h",
+        "mlp.dense_4h_to_h",
+    ),
+}
+QUANTIZED_SUFFIXES["chatglm3"] = QUANTIZED_SUFFIXES["chatglm2"]
+
+
+@functools.cache
+def _quantized_pattern(family: str) -> re.Pattern[str]:
+    suffixes = "|".join(re.escape(s) for s in QUANTIZED_SUFFIXES[family])
+    prefix = re.escape(_LAYER_PREFIX[family])
+    return re.compile(rf"{prefix}\d+\.(?:{suffixes})(?:\.(?:weight|weight_scale|bias))?")
+
+
+def is_quantized_linear(name: str, family: str) -> bool:
+    """Whether ``name`` (a module name, or one of its ``.weight`` / ``.weight_scale`` / ``.bias``
+    tensors) is one of the four per-layer linears THUDM quantises for ``family``."""
+    if family not in QUANTIZED_SUFFIXES:
+        raise ValueError(f"unknown family {family!r}; known: {sorted(QUANTIZED_SUFFIXES)}")
+    return _quantized_pattern(family).fullmatch(name) is not None
+
+
+# --------------------------------------------------------------------------- THUDM format
+
+
+def pack_int4_thudm(q: torch.Tensor) -> torch.Tensor:
+    """int8 ``[out, in]`` with values in [-8, 7] -> int8 ``[out, in/2]`` in THUDM's byte layout:
+    ``(q[2j] << 4) | (q[2j+1] & 0xF)`` (quantization.py ``compress_int4_weight``)."""
+    if q.dtype != torch.int8 or q.dim() != 2 or q.shape[1] % 2:
+        raise ValueError(f"expected int8 [out, even in], got {q.dtype} {tuple(q.shape)}")
+    return (q[:, 0::2] << 4) | (q[:, 1::2] & 0xF)
+
+
+def unpack_int4_thudm(packed: torch.Tensor) -> torch.Tensor:
+    """int8 ``[out, in/2]`` THUDM int4 bytes -> int8 ``[out, in]``: high nibble = even column,
+    both nibbles sign-extended (``hi = b >> 4``, ``lo = (b << 4) >> 4`` on int8)."""
+    if packed.dtype != torch.int8 or packed.dim() != 2:
+        raise ValueError(f"expected int8 [out, in/2], got {packed.dtype} {tuple(packed.shape)}")
+    out = torch.empty(packed.shape[0], packed.shape[1] * 2, dtype=torch.int8, device=packed.device)
+    out[:, 0::2] = packed >> 4
+    out[:, 1::2] = (packed << 4) >> 4
+    return out
+
+
+def quantize_rowwise(w: torch.Tensor, bits: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """THUDM's ``QuantizedLinear.__init__`` bit for bit: ``(q int8 [out, in], scale fp16 [out])``.
+
+    THUDM quantises the fp16 model (``model.half().quantize(bits)``), so the arithmetic is fp16:
+    the scale is an fp16 division and ``w / scale`` is rounded to fp16 BEFORE ``torch.round``.
+    An all-zero row (scale 0) gets q = 0 where THUDM would cast NaN to int8.
+    """
+    if bits not in (4, 8):
+        raise ValueError(f"bits must be 4 or 8, got {bits}")
+    q = torch.empty(w.shape, dtype=torch.int8, device=w.device)
+    scale = torch.empty(w.shape[0], dtype=torch.float16, device=w.device)
+    for i in range(
+        0, w.shape[0], _CONVERT_ROWS
+    ):  # rows are independent: blocks bound the transient
+        block = w[i : i + _CONVERT_ROWS].to(torch.float16)
+        s = block.abs().max(dim=-1).values / ((2 ** (bits - 1)) - 1)
+        qb = torch.round(block / s[:, None])
+        q[i : i + _CONVERT_ROWS] = qb.masked_fill_(s[:, None] == 0, 0).to(torch.int8)
+        scale[i : i + _CONVERT_ROWS] = s
+    return q, scale
+
+
+def quantize_groupwise(
+    w: torch.Tensor, group_size: int, bits: int = 4
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Symmetric absmax quantisation per ``group_size`` columns (the last group may be shorter).
+
+    Returns ``(q int8 [out, in], scales float32 [out, ceil(in / group_size)])``.  Scales are rounded
+    to bf16 values first (the int4 kernel holds its group scales in bf16, so this keeps the kernel
+    lossless); q is then clamped to [-(2**(bits-1) - 1), 2**(bits-1) - 1].
+    """
+    out_f, in_f = w.shape
+    qmax = 2 ** (bits - 1) - 1
+    n_groups = -(-in_f // group_size)
+    w32 = w.to(torch.float32)
+    padded = torch.nn.functional.pad(w32, (0, n_groups * group_size - in_f))
+    absmax = padded.view(out_f, n_groups, group_size).abs().amax(dim=-1)
+    scales = (absmax / qmax).to(torch.bfloat16).to(torch.float32)
+    safe = torch.where(scales == 0, torch.ones_like(scales), scales)
+    q = torch.round(w32 / safe.repeat_interleave(group_size, dim=1)[:, :in_f])
+    return q.clamp_(-qmax, qmax).to(torch.int8), scales
+
+
+# --------------------------------------------------------------------------- kernels
+
+
+def _round_up(n: int, multiple: int) -> int:
+    return -(-n // multiple) * multiple
+
+
+def _int4_kernel_format(device_type: str) -> tuple[str, str] | None:
+    """(convert op, mm op) names of torch's int4 kernels on a device type, as data."""
+    return {
+        "cpu": ("_convert_weight_to_int4pack_for_cpu", "_weight_int4pack_mm_for_cpu"),
+        "cuda": ("_convert_weight_to_int4pack", "_weight_int4pack_mm"),
+    }.get(device_type)
+
+
+def _int4_pack_for_kernel(
+    q: torch.Tensor, k_pad: int, n_pad: int, device_type: str
+) -> torch.Tensor:
+    """Symmetric int8 ``q [N, K]`` -> the device kernel's packed uint4 ``u = q + 8`` (zero-padded
+    to ``[n_pad, k_pad]`` with u = 8, i.e. q = 0), converted in row blocks to bound the transient."""
+    names = _int4_kernel_format(device_type)
+    assert names is not None
+    convert = getattr(torch.ops.aten, names[0])
+    parts = []
+    for i in range(0, n_pad, _CONVERT_ROWS):
+        rows = min(_CONVERT_ROWS, n_pad - i)
+        block = q[i : i + rows]
+        u = nn.functional.pad(
+            block.to(torch.int32) + 8, (0, k_pad - q.shape[1], 0, rows - block.shape[0]), value=8
+        )
+        if device_type == "cpu":
+            # _convert_weight_to_int4pack_for_cpu packs 64-row blocks independently, so
+            # converting row blocks (multiples of 64) gives the bytes of the whole matrix.
+            parts.append(convert(u, 1))
+        else:
+            # CUDA takes bytes (u[2j] << 4 | u[2j+1]) and tiles of 16 columns (gpt-fast's recipe);
+            # its packing is not row-block local, so CUDA converts the whole matrix at once.
+            parts.append(((u[:, 0::2] << 4) | u[:, 1::2]).to(torch.uint8))
+    if device_type == "cpu":
+        return torch.cat(parts)
+    tiles = next(t for t in (8, 4, 2) if k_pad % (t * 16) == 0)
+    return convert(torch.cat(parts), tiles)
+
+
+def _int4_mm(x, packed, group, scales_and_zeros, device_type: str) -> torch.Tensor:
+    names = _int4_kernel_format(device_type)
+    assert names is not None
+    return getattr(torch.ops.aten, names[1])(x, packed, group, scales_and_zeros)
+
+
+@functools.cache
+def kernel_available(kind: str, device: str) -> bool:
+    """Whether torch's ``kind`` ("int8" / "int4") kernel runs correctly on ``device``.
+
+    Probed once per device with a small random layer against the dequantised reference, so an
+    unsupported device or a torch build without the op falls back instead of failing mid-request.
+    """
+    dev = torch.device(device)
+    gen = torch.Generator().manual_seed(0)
+    q = torch.randint(-7, 8, (32, 64), generator=gen, dtype=torch.int8)
+    x = torch.randn(3, 64, generator=gen)
+    scale = torch.rand(32, generator=gen).half() + 0.5
+    ref = x @ (q.float() * scale.float()[:, None]).T
+    layer: Int8Linear | Int4Linear
+    try:
+        if kind == "int8":
+            layer = Int8Linear(q.to(dev), scale.to(dev), kernel=True)
+        else:
+            layer = Int4Linear(
+                q.to(dev), scale.float()[:, None].to(dev), group_size=64, kernel=True
+            )
+        got = layer(x.to(dev)).float().cpu()
+    except (RuntimeError, NotImplementedError, AttributeError) as exc:
+        logger.warning("%s kernel unavailable on %s (%s); dequantising per call", kind, device, exc)
+        return False
+    ok = bool((got - ref).abs().max() <= 2**-6 * ref.abs().max())  # bf16 in/out: ~2^-8
+    if not ok:
+        logger.warning(
+            "%s kernel on %s disagrees with the reference; dequantising per call", kind, device
+        )
+    return ok
+
+
+# --------------------------------------------------------------------------- layers
+
+
+class Int8Linear(nn.Module):
+    """``y = x @ (q * scale[:, None]).T + bias`` with int8 ``q [out, in]`` and a per-row scale."""
+
+    weight: torch.Tensor
+    weight_scale: torch.Tensor
+    bias: torch.Tensor | None
+    _unit_scale: torch.Tensor
+    k_pad: int
+
+    def __init__(
+        self,
+        weight: torch.Tensor,
+        scale: torch.Tensor,
+        bias: torch.Tensor | None = None,
+        *,
+        kernel: bool | None = None,
+    ) -> None:
+        super().__init__()
+        if weight.dtype != torch.int8 or weight.dim() != 2 or scale.shape != weight.shape[:1]:
+            raise ValueError(
+                f"int8 [out, in] + scale [out] expected, got {weight.dtype} "
+                f"{tuple(weight.shape)} / {tuple(scale.shape)}"
+            )
+        self.out_features, self.in_features = weight.shape
+        if kernel is None:
+            kernel = kernel_available("int8", str(weight.device))
+        self.kernel = kernel
+        self.k_pad = _round_up(self.in_features, _INT8_K_MULTIPLE) if kernel else self.in_features
+        weight = nn.functional.pad(weight, (0, self.k_pad - self.in_features))
+        self.register_buffer("weight", weight.contiguous())
+        self.register_buffer("weight_scale", scale)
+        self.register_buffer("bias", bias)
+        self.register_buffer(
+            "_unit_scale",
+            torch.ones(self.out_features, dtype=_KERNEL_DTYPE, device=weight.device),
+            persistent=False,
+        )
+
+    def dequantize(self) -> torch.Tensor:
+        """The fp32 weight ``q * scale`` (exact: an int8 times an fp16 fits in fp32)."""
+        q = self.weight[:, : self.in_features]
+        return q.float() * self.weight_scale.float()[:, None]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x2 = x.reshape(-1, self.in_features)
+        if self.kernel:
+            xk = x2.to(_KERNEL_DTYPE)
+            if self.k_pad != self.in_features:
+                xk = nn.functional.pad(xk, (0, self.k_pad - self.in_features))
+            acc = torch.ops.aten._weight_int8pack_mm(xk.contiguous(), self.weight, self._unit_scale)
+            y = acc.float() * self.weight_scale.float()
+            if self.bias is not None:
+                y = y + self.bias.float()
+            y = y.to(x.dtype)
+        else:
+            w = self.dequantize().to(x.dtype)
+            y = nn.functional.linear(x2, w, None if self.bias is None else self.bias.to(x.dtype))
+        return y.reshape(*x.shape[:-1], self.out_features)
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}, kernel={self.kernel}"
+
+
+class Int4Linear(nn.Module):
+    """``y = x @ W.T + bias`` with ``W[r, c] = q[r, c] * scales[r, c // group_size]``, q in [-7, 7].
+
+    ``scales`` is ``[out, 1]`` for THUDM's per-row int4 (``group_size`` = in_features) or
+    ``[out, ceil(in / group_size)]`` group-wise.  On the kernel path the weight is stored in the
+    device kernel's packed layout only, padded with zero rows/columns to the kernel's multiples.
+    """
+
+    bias: torch.Tensor | None
+    row_scale: torch.Tensor | None
+    # fallback path
+    qweight: torch.Tensor
+    scales: torch.Tensor | None
+    # kernel path
+    packed: torch.Tensor
+    scales_and_zeros: torch.Tensor
+
+    def __init__(
+        self,
+        q: torch.Tensor,
+        scales: torch.Tensor,
+        group_size: int,
+        bias: torch.Tensor | None = None,
+        *,
+        kernel: bool | None = None,
+    ) -> None:
+        super().__init__()
+        out_f, in_f = q.shape
+        n_groups = -(-in_f // group_size)
+        if q.dtype != torch.int8 or scales.shape != (out_f, n_groups):
+            raise ValueError(
+                f"int8 q [out, in] and scales [out, {n_groups}] expected, got "
+                f"{q.dtype} {tuple(q.shape)} / {tuple(scales.shape)}"
+            )
+        self.out_features, self.in_features = out_f, in_f
+        self.group_size = group_size
+        self.per_row = n_groups == 1
+        device = q.device
+        if kernel is None:
+            kernel = _int4_kernel_format(device.type) is not None and kernel_available(
+                "int4", str(device)
+            )
+        if kernel and not self.per_row and group_size not in KERNEL_INT4_GROUPS:
+            raise ValueError(f"group size {group_size} is not one of {KERNEL_INT4_GROUPS}")
+        self.kernel = kernel
+        self.register_buffer("bias", bias)
+        # Per-row scales are applied after the kernel in fp32 (kept exact); group scales go into it.
+        self.register_buffer("row_scale", scales[:, 0].clone() if self.per_row else None)
+        if not kernel:
+            k_even = _round_up(in_f, 2)
+            self.register_buffer(
+                "qweight", pack_int4_thudm(nn.functional.pad(q, (0, k_even - in_f)))
+            )
+            self.register_buffer("scales", None if self.per_row else scales.float())
+            return
+        if self.per_row:
+            k_pad = _round_up(in_f, min(KERNEL_INT4_GROUPS))
+            self.kernel_group = next(g for g in KERNEL_INT4_GROUPS if k_pad % g == 0)
+            group_scales = torch.ones(out_f, k_pad // self.kernel_group, device=device)
+        else:
+            k_pad = n_groups * group_size
+            self.kernel_group = group_size
+            group_scales = scales.float()
+        n_pad = _round_up(out_f, _INT4_N_MULTIPLE)
+        self.k_pad = k_pad
+        self.register_buffer("packed", _int4_pack_for_kernel(q, k_pad, n_pad, device.type))
+        sz = torch.zeros(k_pad // self.kernel_group, n_pad, 2, dtype=_KERNEL_DTYPE, device=device)
+        sz[:, :out_f, 0] = group_scales.T.to(_KERNEL_DTYPE)
+        self.register_buffer("scales_and_zeros", sz)
+
+    def dequantize(self) -> torch.Tensor:
+        """The fp32 weight as stored (fallback path) or as the kernel sees it (x = identity)."""
+        if self.kernel:
+            eye = torch.eye(self.k_pad, dtype=_KERNEL_DTYPE, device=self.packed.device)
+            w = self._kernel_mm(eye)[:, : self.out_features].T[:, : self.in_features].float()
+        else:
+            q = unpack_int4_thudm(self.qweight)[:, : self.in_features].float()
+            if self.scales is not None:
+                q = q * self.scales.repeat_interleave(self.group_size, dim=1)[:, : self.in_features]
+            w = q
+        return w if self.row_scale is None else w * self.row_scale.float()[:, None]
+
+    def _kernel_mm(self, x2: torch.Tensor) -> torch.Tensor:
+        return _int4_mm(
+            x2, self.packed, self.kernel_group, self.scales_and_zeros, self.packed.device.type
+        )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x2 = x.reshape(-1, self.in_features)
+        if self.kernel:
+            xk = x2.to(_KERNEL_DTYPE)
+            if self.k_pad != self.in_features:
+                xk = nn.functional.pad(xk, (0, self.k_pad - self.in_features))
+            y = self._kernel_mm(xk.contiguous())[:, : self.out_features].float()
+            if self.row_scale is not None:
+                y = y * self.row_scale.float()
+            if self.bias is not None:
+                y = y + self.bias.float()
+            y = y.to(x.dtype)
+        else:
+            w = self.dequantize().to(x.dtype)
+            y = nn.functional.linear(x2, w, None if self.bias is None else self.bias.to(x.dtype))
+        return y.reshape(*x.shape[:-1], self.out_features)
+
+    def extra_repr(self) -> str:
+        return (
+            f"in_features={self.in_features}, out_features={self.out_features}, "
+            f"group_size={self.group_size}, kernel={self.kernel}"
+        )
+
+
+# --------------------------------------------------------------------------- builders
+
+
+def from_thudm(
+    weight: torch.Tensor,
+    weight_scale: torch.Tensor,
+    bits: int,
+    bias: torch.Tensor | None = None,
+    *,
+    device: torch.device | str | None = None,
+) -> Int8Linear | Int4Linear:
+    """A layer from a THUDM pre-quantised checkpoint's ``<linear>.weight`` / ``.weight_scale``.
+
+    Only this layer's int8 values are unpacked transiently; no fp weight is materialised.
+    """
+    device = torch.device(device) if device is not None else weight.device
+    weight, weight_scale = weight.to(device), weight_scale.to(device)
+    bias = None if bias is None else bias.to(device)
+    if bits == 8:
+        return Int8Linear(weight, weight_scale, bias)
+    if bits == 4:
+        q = unpack_int4_thudm(weight)
+        return Int4Linear(q, weight_scale[:, None], group_size=q.shape[1], bias=bias)
+    raise ValueError(f"quantization_bit must be 4 or 8, got {bits}")
+
+
+def quantize_weight(
+    weight: torch.Tensor,
+    mode: str,
+    bias: torch.Tensor | None = None,
+    *,
+    device: torch.device | str | None = None,
+) -> Int8Linear | Int4Linear:
+    """Quantise one linear's full-precision ``weight [out, in]`` with a :data:`QUANT_SCHEMES` mode."""
+    scheme = QUANT_SCHEMES.get(mode)
+    if scheme is None:
+        raise ValueError(f"unknown quantization mode {mode!r}; known: {sorted(QUANT_SCHEMES)}")
+    device = torch.device(device) if device is not None else weight.device
+    bias = None if bias is None else bias.to(device)
+    if scheme.group_size is None:
+        q, scale = quantize_rowwise(weight.to(device), scheme.bits)
+        if scheme.bits == 8:
+            return Int8Linear(q, scale, bias)
+        return Int4Linear(q, scale[:, None], group_size=q.shape[1], bias=bias)
+    q, scales = quantize_groupwise(weight.to(device), scheme.group_size, scheme.bits)
+    return Int4Linear(q, scales, group_size=scheme.group_size, bias=bias)
+
+
+def quantize_linear(linear: nn.Linear, mode: str) -> Int8Linear | Int4Linear:
+    """Replacement for ``linear`` quantised with ``mode`` ("8", "4" or "int4-g128")."""
+    with torch.no_grad():
+        bias = None if linear.bias is None else linear.bias.detach().clone()
+        return quantize_weight(linear.weight.detach(), mode, bias)
