@@ -38,33 +38,42 @@ class ChoiceStream:
         status (the response has not started yet)."""
         self._primed = await self.__anext__()
 
+    def peek(self) -> tuple[int, Delta] | None:
+        """The primed item, if :meth:`prime` ran and nothing has been read since."""
+        return self._primed
+
     async def __anext__(self) -> tuple[int, Delta]:
+        item = await self.next(timeout=None)
+        assert item is not None  # no timeout, so never idle
+        return item
+
+    async def next(self, timeout: float | None) -> tuple[int, Delta] | None:
+        """The next item, or None when ``timeout`` seconds pass without one (the pending reads
+        keep running; call again).  Raises StopAsyncIteration at the end."""
         if self._primed is not None:
             item, self._primed = self._primed, None
             return item
-        while True:
-            if self._closed:
-                raise StopAsyncIteration
-            for index in self._live - self._reads.keys():
-                self._reads[index] = asyncio.ensure_future(
-                    _next_delta(self._generations[index])
-                )
-            if not self._reads:
-                raise StopAsyncIteration
-            done, _ = await asyncio.wait(
-                self._reads.values(), return_when=asyncio.FIRST_COMPLETED
-            )
-            # Lowest index first among the finished reads: deterministic order in tests.
-            index = min(i for i, task in self._reads.items() if task in done)
-            task = self._reads.pop(index)
-            delta = task.result()
-            if delta is None:
-                # The contract says the last Delta carries finish_reason: a broken model.
-                self._live.discard(index)
-                raise RuntimeError(f"generation {index} ended without a finish_reason")
-            if delta.finish_reason is not None:
-                self._live.discard(index)
-            return index, delta
+        if self._closed:
+            raise StopAsyncIteration
+        for index in self._live - self._reads.keys():
+            self._reads[index] = asyncio.ensure_future(_next_delta(self._generations[index]))
+        if not self._reads:
+            raise StopAsyncIteration
+        done, _ = await asyncio.wait(
+            self._reads.values(), timeout=timeout, return_when=asyncio.FIRST_COMPLETED
+        )
+        if not done:
+            return None
+        # Lowest index first among the finished reads: deterministic order in tests.
+        index = min(i for i, task in self._reads.items() if task in done)
+        delta = self._reads.pop(index).result()
+        if delta is None:
+            # The contract says the last Delta carries finish_reason: a broken model.
+            self._live.discard(index)
+            raise RuntimeError(f"generation {index} ended without a finish_reason")
+        if delta.finish_reason is not None:
+            self._live.discard(index)
+        return index, delta
 
     async def aclose(self) -> None:
         """Cancel pending reads and close every generation.  Idempotent; runs to the end even

@@ -21,7 +21,7 @@ import math
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 
-from sse_starlette import EventSourceResponse
+from sse_starlette import EventSourceResponse, ServerSentEvent
 from starlette.background import BackgroundTask
 
 from adapters.base import TokenLogprob as AdapterTokenLogprob
@@ -47,30 +47,39 @@ class CompletionMeta:
     system_fingerprint: str | None = None
 
 
-def event_response(
-    events: AsyncIterator[str], stream: ChoiceStream, ping_seconds: float
-) -> EventSourceResponse:
+def event_response(events: AsyncIterator[str | ServerSentEvent],
+                   stream: ChoiceStream) -> EventSourceResponse:
     """The SSE response; ``stream`` is closed after it in every case (even if the body never
     started because the client left at once)."""
     return EventSourceResponse(
         events,
         sep="\n",
-        ping=ping_seconds,
+        ping=0,  # see the module docstring: sse_events sends the keep-alive comments
         background=BackgroundTask(stream.aclose),
         headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
     )
 
 
 async def sse_events(
-    stream: ChoiceStream, meta: CompletionMeta, n: int, include_usage: bool
-) -> AsyncIterator[str]:
-    """The data of each SSE event, in order (sse-starlette adds ``data: `` and the blank line)."""
+    stream: ChoiceStream, meta: CompletionMeta, n: int, include_usage: bool,
+    ping_seconds: float = 0.0,
+) -> AsyncIterator[str | ServerSentEvent]:
+    """The data of each SSE event, in order (sse-starlette adds ``data: `` and the blank line),
+    with a comment event after every ``ping_seconds`` without a Delta (0 = never)."""
     usage = _UsageSum()
     try:
         for index in range(n):
             yield _chunk(meta, p.ChunkChoice(index=index, delta=p.ChoiceDelta(
                 role="assistant", content="")))
-        async for index, delta in stream:
+        while True:
+            try:
+                item = await stream.next(timeout=ping_seconds or None)
+            except StopAsyncIteration:
+                break
+            if item is None:
+                yield ServerSentEvent(comment="ping", sep="\n")
+                continue
+            index, delta = item
             if delta.text or delta.logprobs:
                 yield _chunk(meta, p.ChunkChoice(
                     index=index,
@@ -81,7 +90,7 @@ async def sse_events(
                 usage.add(delta.usage)
                 yield _chunk(meta, p.ChunkChoice(
                     index=index, delta=p.ChoiceDelta(),
-                    finish_reason=_finish_reason(delta.finish_reason),
+                    finish_reason=finish_reason(delta.finish_reason),
                 ))
         if include_usage:
             yield p.ChatCompletionChunk(
@@ -110,7 +119,7 @@ async def collect(stream: ChoiceStream, meta: CompletionMeta, n: int) -> p.ChatC
             wants_logprobs = True
             logprobs[index].extend(_token_logprob(t) for t in delta.logprobs)
         if delta.finish_reason is not None:
-            finish[index] = _finish_reason(delta.finish_reason)
+            finish[index] = finish_reason(delta.finish_reason)
             usage.add(delta.usage)
     return p.ChatCompletion(
         id=meta.id,
@@ -133,8 +142,9 @@ async def collect(stream: ChoiceStream, meta: CompletionMeta, n: int) -> p.ChatC
 # --------------------------------------------------------------------------- helpers
 
 
-def _finish_reason(reason: str) -> p.FinishReason:
-    """Adapter finish reasons -> OpenAI's; a failed or cancelled generation is an error."""
+def finish_reason(reason: str) -> p.FinishReason:
+    """Adapter finish reasons -> OpenAI's; a failed or cancelled generation raises the error
+    the client gets."""
     if reason == "stop":
         return "stop"
     if reason == "length":

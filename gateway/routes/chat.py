@@ -24,7 +24,13 @@ from gateway.choices import ChoiceStream
 from gateway.errors import validated
 from gateway.protocol import ChatCompletionRequest, completion_id, now
 from gateway.settings import ServerSettings
-from gateway.streaming import CompletionMeta, collect, event_response, sse_events
+from gateway.streaming import (
+    CompletionMeta,
+    collect,
+    event_response,
+    finish_reason,
+    sse_events,
+)
 
 logger = logging.getLogger(__name__)
 router = APIRouter()
@@ -52,12 +58,16 @@ async def create_chat_completion(request: Request) -> Response:
     stream = ChoiceStream([model.generate(prompt, p) for p in choice_params(params, n)])
     try:
         await stream.prime()
+        first = stream.peek()
+        if first is not None and first[1].finish_reason is not None:
+            finish_reason(first[1].finish_reason)  # a failed first step -> a status, not a stream
     except BaseException:
         await stream.aclose()
         raise
     if body.stream:
-        events = sse_events(stream, meta, n, include_usage=body.include_usage)
-        return event_response(events, stream, settings.sse_ping_seconds)
+        events = sse_events(stream, meta, n, include_usage=body.include_usage,
+                            ping_seconds=settings.sse_ping_seconds)
+        return event_response(events, stream)
     try:
         completion = await unless_disconnected(request, collect(stream, meta, n))
     finally:
