@@ -166,3 +166,20 @@ def test_injected_models_are_not_closed_by_the_app() -> None:
     with client_for({"m": fake}) as c:
         assert c.get("/health").status_code == 200
     assert not fake.closed
+
+
+class _QueueFullOnFirstStep(FakeChatModel):
+    """An engine that refuses the request only when it is admitted (first ``__anext__``)."""
+
+    async def generate(self, prompt, params):  # type: ignore[no-untyped-def, override]
+        raise Overloaded("engine queue full", retry_after=1.5)
+        yield  # pragma: no cover - makes this an async generator
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_first_step_overload_is_429(stream: bool) -> None:
+    with client_for({"m": _QueueFullOnFirstStep("m")}) as c:
+        r = c.post("/v1/chat/completions",
+                   json={"model": "m", "messages": MESSAGES, "stream": stream})
+        assert r.status_code == 429 and r.headers["retry-after"] == "2"
+        assert c.get("/health").status_code == 200
