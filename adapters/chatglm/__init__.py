@@ -1,0 +1,43 @@
+"""ChatGLM-6B, the first generation: ``[Round n]`` prompt ending in ``[gMASK] <sop>``, GLM blocks
+with 2-D rotary, unigram ``ice_text.model`` tokenizer."""
+
+from __future__ import annotations
+
+from adapters.chatglm.config import ChatGLMConfig, read_config
+from adapters.chatglm.model import ChatGLMCache, ChatGLMModel, load_model
+from adapters.chatglm.postprocess import ChatGLMStreamPostprocessor, process_response
+from adapters.chatglm.prompt import build_prompt, prompt_text
+from adapters.chatglm.tokenizer import ChatGLMTokenizer, load_tokenizer
+from adapters.family import FamilySpec
+
+# <eop>, the eos of chatglm-6b's config.json.  chat() passes no eos_token_id of its own, so
+# generate() stops on config.eos_token_id only: "</s>" (2) is a control piece that renders as
+# nothing and does not stop the reference, so it does not stop us either.
+EOP_ID = 130005
+
+CHATGLM = FamilySpec(
+    name="chatglm",
+    description="ChatGLM-6B: [Round n] prompt ending in [gMASK] <sop>, 2-D rotary GLM blocks",
+    stop_ids=frozenset({EOP_ID}),
+    conversation_style="pairs",
+    load_tokenizer=load_tokenizer,
+    load_model=load_model,
+    read_config=read_config,
+    build_prompt=build_prompt,  # type: ignore[arg-type]
+    new_postprocessor=ChatGLMStreamPostprocessor,
+)
+
+__all__ = [
+    "CHATGLM",
+    "ChatGLMCache",
+    "ChatGLMConfig",
+    "ChatGLMModel",
+    "ChatGLMStreamPostprocessor",
+    "ChatGLMTokenizer",
+    "build_prompt",
+    "load_model",
+    "load_tokenizer",
+    "process_response",
+    "prompt_text",
+    "read_config",
+]

@@ -1,0 +1,394 @@
+"""ChatGLM-6B (v1, "GLM" blocks) in plain torch, numerically as THUDM's ``modeling_chatglm.py``.
+
+What sets v1 apart from v2/v3 (each quirk cites THUDM/chatglm-6b ``modeling_chatglm.py``):
+
+* post-LN "GLM" block: ``h = ln1(x) * alpha + attn(ln1(x))``, ``out = ln2(h) * alpha + mlp(ln2(h))``
+  with ``alpha = sqrt(2 * 28)`` whatever the depth: ``GLMBlock.forward`` uses
+  ``(2 * self.num_layers) ** 0.5`` but ``ChatGLMModel`` never passes ``num_layers``, so the
+  default 28 of ``GLMBlock.__init__`` holds (the tiny 2-layer reference checkpoints confirm it);
+* fused ``query_key_value`` laid out per head as ``[q | k | v]`` of ``head_dim`` each
+  (``split_tensor_along_last_dim`` after ``view(..., heads, 3 * head_dim)``);
+* 2-D rotary: the first half of each head turns with position row 0, the second half with row 1,
+  ``rotate_half`` within each half; ``inv_freq`` is rounded to fp16 (``RotaryEmbedding.__init__``:
+  ``inv_freq.half()``) and the checkpoint's copy is ignored;
+* prefix-LM attention: bidirectional over the context (everything before ``<sop>``), causal from
+  ``<sop>`` on; positions as ``tokenizer._pad`` builds them: row 0 is ``0..len-1`` with the
+  ``[gMASK]`` position repeated from ``<sop>`` on, row 1 is 0 over the context then 1, 2, 3, ...;
+* ``attention_fn``: q is divided by ``sqrt(head_dim) * (layer_id + 1)``, masked scores are
+  filled with -10000, the scores are multiplied back by ``layer_id + 1`` in float32 and the
+  softmax runs in float32;
+* tanh GELU (``gelu_impl``), final LayerNorm, output layer tied to the word embeddings.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from adapters.chatglm.config import ChatGLMConfig
+from adapters.checkpoint import CheckpointError, iter_tensors
+from adapters.family import KVCache
+
+logger = logging.getLogger(__name__)
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+_INITIAL_CAPACITY = 64
+_MASKED_SCORE = -10000.0  # attention_fn: attention_scores.masked_fill_(attention_mask, -10000.0)
+_ROTARY_BASE = 10000
+# GLMBlock.__init__(..., num_layers=28): ChatGLMModel.get_layer does not pass config.num_layers.
+_RESIDUAL_NUM_LAYERS = 28
+# Stored by THUDM's checkpoints but not parameters here: the tied output layer and the rotary
+# buffer (recomputed, fp16-rounded, as RotaryEmbedding does).
+_IGNORED_SUFFIXES = (".rotary_emb.inv_freq",)
+_IGNORED_NAMES = ("lm_head.weight",)
+
+# (layer, q, k, v) -> (keys, values, mask): appends k/v to the cache(s), returns what to attend.
+Attend = Callable[[int, torch.Tensor, torch.Tensor, torch.Tensor],
+                  tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]]
+
+
+class ChatGLMCache:
+    """One sequence's keys and values, ``[layers, heads, capacity, head_dim]``, grown by doubling,
+    plus the two facts its later positions depend on (context length, mask position)."""
+
+    def __init__(self, config: ChatGLMConfig, dtype: torch.dtype, device: torch.device):
+        self._config = config
+        self._dtype = dtype
+        self._device = device
+        self._keys: torch.Tensor | None = None
+        self._values: torch.Tensor | None = None
+        self._length = 0
+        #: index of <sop> in the prompt: keys before it are seen by every position.
+        self.context_length = 0
+        #: index of [MASK]/[gMASK]: rotary row 0 of every position from <sop> on.
+        self.mask_position: int | None = None
+
+    @property
+    def length(self) -> int:
+        return self._length
+
+    @property
+    def capacity(self) -> int:
+        return 0 if self._keys is None else self._keys.shape[2]
+
+    def reserve(self, n: int) -> None:
+        need = self._length + n
+        if need <= self.capacity:
+            return
+        capacity = max(_INITIAL_CAPACITY, self.capacity)
+        while capacity < need:
+            capacity *= 2
+        c = self._config
+        shape = (c.num_layers, c.num_attention_heads, capacity, c.head_dim)
+        keys = torch.empty(shape, dtype=self._dtype, device=self._device)
+        values = torch.empty(shape, dtype=self._dtype, device=self._device)
+        if self._keys is not None and self._values is not None and self._length:
+            keys[:, :, : self._length] = self._keys[:, :, : self._length]
+            values[:, :, : self._length] = self._values[:, :, : self._length]
+        self._keys, self._values = keys, values
+
+    def write(self, layer: int, start: int, k: torch.Tensor, v: torch.Tensor) -> tuple[
+            torch.Tensor, torch.Tensor]:
+        """Store ``k``/``v`` (``[heads, n, head_dim]``) at ``start``; return keys/values
+        ``[heads, start + n, head_dim]`` of this layer."""
+        assert self._keys is not None and self._values is not None, "reserve() first"
+        end = start + k.shape[1]
+        self._keys[layer, :, start:end] = k
+        self._values[layer, :, start:end] = v
+        return self._keys[layer, :, :end], self._values[layer, :, :end]
+
+    def commit(self, n: int) -> None:
+        self._length += n
+
+    def positions(self, index: int) -> tuple[int, int]:
+        """The 2-D position of the token at ``index`` (tokenizer ``_pad`` and
+        ``_update_model_kwargs_for_generation``: row 0 stays at the mask, row 1 counts on)."""
+        if index < self.context_length:
+            return index, 0
+        row0 = index if self.mask_position is None else self.mask_position
+        return row0, index - self.context_length + 1
+
+
+def _own(cache: KVCache) -> ChatGLMCache:
+    if not isinstance(cache, ChatGLMCache):
+        raise TypeError(f"expected a ChatGLMCache from ChatGLMModel.new_cache(), got {type(cache)}")
+    return cache
+
+
+def _rotate_half(x: torch.Tensor) -> torch.Tensor:
+    half = x.shape[-1] // 2
+    return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+
+
+class SelfAttention(nn.Module):
+    def __init__(self, config: ChatGLMConfig, layer: int):
+        super().__init__()
+        self.layer = layer
+        self.heads = config.num_attention_heads
+        self.head_dim = config.head_dim
+        # attention_fn: query_key_layer_scaling_coeff = float(layer_id + 1)
+        self.coeff = float(layer + 1)
+        self.query_key_value = nn.Linear(config.hidden_size, 3 * config.hidden_size)
+        self.dense = nn.Linear(config.hidden_size, config.hidden_size)
+
+    def forward(self, x: torch.Tensor, rotary: tuple[torch.Tensor, ...], attend: Attend
+                ) -> torch.Tensor:
+        batch, n, hidden = x.shape
+        mixed = self.query_key_value(x).view(batch, n, self.heads, 3 * self.head_dim)
+        q, k, v = mixed.split(self.head_dim, dim=-1)
+        cos0, sin0, cos1, sin1 = rotary
+        half = self.head_dim // 2
+        q = torch.cat((q[..., :half] * cos0 + _rotate_half(q[..., :half]) * sin0,
+                       q[..., half:] * cos1 + _rotate_half(q[..., half:]) * sin1), dim=-1)
+        k = torch.cat((k[..., :half] * cos0 + _rotate_half(k[..., :half]) * sin0,
+                       k[..., half:] * cos1 + _rotate_half(k[..., half:]) * sin1), dim=-1)
+        q, k, v = (t.transpose(1, 2) for t in (q, k, v))  # [batch, heads, n, head_dim]
+        keys, values, mask = attend(self.layer, q, k, v)
+        q = q / (math.sqrt(self.head_dim) * self.coeff)
+        scores = torch.matmul(q, keys.transpose(-1, -2))
+        if mask is not None:
+            scores = scores.masked_fill(mask, _MASKED_SCORE)
+        probs = torch.softmax(scores.float() * self.coeff, dim=-1).to(values.dtype)
+        context = torch.matmul(probs, values).transpose(1, 2).reshape(batch, n, hidden)
+        return self.dense(context)
+
+
+class GLU(nn.Module):
+    def __init__(self, config: ChatGLMConfig):
+        super().__init__()
+        self.dense_h_to_4h = nn.Linear(config.hidden_size, config.inner_hidden_size)
+        self.dense_4h_to_h = nn.Linear(config.inner_hidden_size, config.hidden_size)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # gelu_impl: 0.5 * x * (1 + tanh(0.7978845608028654 * x * (1 + 0.044715 * x * x)))
+        return self.dense_4h_to_h(F.gelu(self.dense_h_to_4h(x), approximate="tanh"))
+
+
+class GLMBlock(nn.Module):
+    def __init__(self, config: ChatGLMConfig, layer: int):
+        super().__init__()
+        self.input_layernorm = nn.LayerNorm(config.hidden_size, eps=config.layernorm_epsilon)
+        self.attention = SelfAttention(config, layer)
+        self.post_attention_layernorm = nn.LayerNorm(config.hidden_size,
+                                                     eps=config.layernorm_epsilon)
+        self.mlp = GLU(config)
+        self.alpha = (2 * _RESIDUAL_NUM_LAYERS) ** 0.5
+
+    def forward(self, x: torch.Tensor, rotary: tuple[torch.Tensor, ...], attend: Attend
+                ) -> torch.Tensor:
+        attention_input = self.input_layernorm(x)
+        x = attention_input * self.alpha + self.attention(attention_input, rotary, attend)
+        mlp_input = self.post_attention_layernorm(x)
+        return mlp_input * self.alpha + self.mlp(mlp_input)
+
+
+class Transformer(nn.Module):
+    def __init__(self, config: ChatGLMConfig):
+        super().__init__()
+        self.word_embeddings = nn.Embedding(config.vocab_size, config.hidden_size)
+        self.layers = nn.ModuleList(GLMBlock(config, i) for i in range(config.num_layers))
+        self.final_layernorm = nn.LayerNorm(config.hidden_size, eps=config.layernorm_epsilon)
+
+
+class ChatGLMModel(nn.Module):
+    """ChatGLM-6B implementing :class:`adapters.family.CausalLM`.
+
+    Parameter names equal THUDM's state dict (``transformer.layers.N.attention.query_key_value``
+    ...), so the four linears of each layer can be swapped by name (quantization).
+    """
+
+    def __init__(self, config: ChatGLMConfig):
+        super().__init__()
+        if not config.position_encoding_2d:
+            raise CheckpointError("position_encoding_2d=false is not a ChatGLM-6B model")
+        self.config = config
+        self.transformer = Transformer(config)
+        self.padded_vocab_size = config.vocab_size
+        self.context_length = config.max_sequence_length
+        self.device = torch.device("cpu")
+        self.dtype = torch.float32
+        self._inv_freq = torch.empty(0)
+
+    def finish_loading(self, dtype: torch.dtype, device: torch.device) -> None:
+        """Record where the weights live and compute the rotary frequencies there."""
+        self.dtype = dtype
+        self.device = device
+        rotary_dim = self.config.head_dim // 2  # each half of a head has its own rotary
+        exponents = torch.arange(0, rotary_dim, 2, dtype=torch.float32) / rotary_dim
+        inv_freq = 1.0 / (_ROTARY_BASE ** exponents)
+        # RotaryEmbedding.__init__: inv_freq = inv_freq.half()
+        self._inv_freq = inv_freq.half().float().to(device)
+        self.eval()
+
+    def new_cache(self) -> ChatGLMCache:
+        return ChatGLMCache(self.config, self.dtype, self.device)
+
+    def _rotary(self, positions: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        """cos/sin for rows 0 and 1 of ``positions`` ``[batch, n, 2]``, each ``[batch, n, 1, d]``.
+        Angles in float32 as the float32 reference computes them."""
+        out: list[torch.Tensor] = []
+        for row in (0, 1):
+            freqs = positions[..., row, None].float() * self._inv_freq
+            emb = torch.cat((freqs, freqs), dim=-1)[:, :, None, :]
+            out += [emb.cos().to(self.dtype), emb.sin().to(self.dtype)]
+        return tuple(out)
+
+    def _run(self, tokens: torch.Tensor, positions: torch.Tensor, attend: Attend) -> torch.Tensor:
+        x = self.transformer.word_embeddings(tokens)
+        rotary = self._rotary(positions)
+        for layer in self.transformer.layers:
+            x = layer(x, rotary, attend)
+        last = self.transformer.final_layernorm(x[:, -1])
+        # The output layer is tied to the word embeddings (lm_head.weight is the same tensor).
+        return F.linear(last, self.transformer.word_embeddings.weight).float()
+
+    @torch.inference_mode()
+    def forward(self, ids: Sequence[int], cache: KVCache) -> torch.Tensor:  # type: ignore[override]
+        """Append ``ids`` to ``cache``; float32 logits ``[padded_vocab]`` of the last position.
+
+        The first call (empty cache) is the prompt, ending with ``[gMASK] <sop>``: it fixes the
+        context (everything before ``<sop>``, seen bidirectionally) and the mask position.
+        Later calls append generated ids, causally.
+        """
+        cache = _own(cache)
+        ids = [int(i) for i in ids]
+        n = len(ids)
+        if n == 0:
+            raise ValueError("forward needs at least one id")
+        c = self.config
+        start = cache.length
+        if start == 0:
+            cache.context_length = ids.index(c.bos_token_id) if c.bos_token_id in ids else n
+            # tokenizer _pad: mask_token = MASK if MASK in input else gMASK
+            mask_token = c.mask_token_id if c.mask_token_id in ids else c.gmask_token_id
+            cache.mask_position = ids.index(mask_token) if mask_token in ids else None
+        cache.reserve(n)
+        tokens = torch.tensor([ids], dtype=torch.long, device=self.device)
+        positions = torch.tensor([[cache.positions(j) for j in range(start, start + n)]],
+                                 dtype=torch.long, device=self.device)
+        query = torch.arange(start, start + n, device=self.device)[:, None]
+        key = torch.arange(start + n, device=self.device)[None, :]
+        # get_masks: tril, plus every query sees the whole context; True = masked.
+        blocked = (key > query) & (key >= cache.context_length)
+        mask = blocked if bool(blocked.any()) else None
+
+        def attend(layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> tuple[
+                torch.Tensor, torch.Tensor, torch.Tensor | None]:
+            keys, values = cache.write(layer, start, k[0], v[0])
+            return keys[None], values[None], mask
+
+        logits = self._run(tokens, positions, attend)
+        cache.commit(n)
+        return logits[0]
+
+    @torch.inference_mode()
+    def forward_batch(self, ids_per_seq: Sequence[Sequence[int]], caches: Sequence[KVCache]
+                      ) -> torch.Tensor:
+        """Decode one new id per sequence in one pass; float32 logits ``[B, padded_vocab]``.
+
+        Sequences may have different lengths: histories are right-padded to the longest and the
+        padding is masked, so each row equals a solo :meth:`forward`.
+        """
+        if not caches or len(ids_per_seq) != len(caches):
+            raise ValueError("forward_batch needs one id list per cache (and at least one)")
+        if any(len(ids) != 1 for ids in ids_per_seq):
+            raise ValueError("forward_batch decodes exactly one new id per sequence")
+        own = [_own(cache) for cache in caches]
+        if len({id(cache) for cache in own}) != len(own):
+            raise ValueError("forward_batch got the same cache twice")
+        if any(cache.length == 0 for cache in own):
+            raise ValueError("forward_batch continues sequences; prefill each with forward()")
+        starts = [cache.length for cache in own]
+        for cache in own:
+            cache.reserve(1)
+        batch, total = len(own), max(starts) + 1
+        tokens = torch.tensor([[int(ids[0])] for ids in ids_per_seq], dtype=torch.long,
+                              device=self.device)
+        positions = torch.tensor([[cache.positions(s)] for cache, s in zip(own, starts, strict=True)],
+                                 dtype=torch.long, device=self.device)
+        lengths = torch.tensor(starts, device=self.device)[:, None] + 1
+        padding = torch.arange(total, device=self.device)[None, :] >= lengths  # [B, total]
+        mask = padding[:, None, None, :] if bool(padding.any()) else None
+        c = self.config
+
+        def attend(layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> tuple[
+                torch.Tensor, torch.Tensor, torch.Tensor | None]:
+            shape = (batch, c.num_attention_heads, total, c.head_dim)
+            keys = torch.zeros(shape, dtype=k.dtype, device=k.device)
+            values = torch.zeros(shape, dtype=v.dtype, device=v.device)
+            for b, (cache, start) in enumerate(zip(own, starts, strict=True)):
+                kb, vb = cache.write(layer, start, k[b], v[b])
+                keys[b, :, : start + 1] = kb
+                values[b, :, : start + 1] = vb
+            return keys, values, mask
+
+        logits = self._run(tokens, positions, attend)
+        for cache in own:
+            cache.commit(1)
+        return logits
+
+
+def resolve_dtype(dtype: torch.dtype | str) -> torch.dtype:
+    if isinstance(dtype, str):
+        if dtype not in DTYPES:
+            raise ValueError(f"dtype must be one of {sorted(DTYPES)}, got {dtype!r}")
+        return DTYPES[dtype]
+    if dtype not in DTYPES.values():
+        raise ValueError(f"dtype must be one of {sorted(DTYPES)}, got {dtype}")
+    return dtype
+
+
+def load_model(folder: Path, config: ChatGLMConfig, *, dtype: torch.dtype | str = torch.float32,
+               device: torch.device | str = "cpu", quantize: str | None = None) -> ChatGLMModel:
+    """Build the model on the ``meta`` device, then move the checkpoint's tensors in one at a
+    time (converted to ``dtype`` on ``device``), so two copies of the weights never coexist.
+
+    Unknown, duplicate, missing or mis-shaped tensors are a :class:`CheckpointError`, and so
+    are THUDM pre-quantized checkpoints (``quantization_bit`` 4/8) for now.
+    """
+    folder = Path(folder)
+    dtype = resolve_dtype(dtype)
+    device = torch.device(device)
+    if config.quantization_bit:
+        raise CheckpointError(
+            f"{folder} is a THUDM pre-quantized int{config.quantization_bit} ChatGLM-6B "
+            "checkpoint (quantization_bit in config.json); loading it is not supported yet"
+        )
+    if quantize is not None:
+        raise CheckpointError(f"quantize={quantize!r} is not supported for ChatGLM-6B yet")
+    with torch.device("meta"):
+        model = ChatGLMModel(config)
+    expected = dict(model.named_parameters())
+    loaded: set[str] = set()
+    for name, tensor in iter_tensors(folder):
+        if name in _IGNORED_NAMES or name.endswith(_IGNORED_SUFFIXES):
+            continue
+        if name in loaded:
+            raise CheckpointError(f"{folder}: tensor {name} appears twice")
+        param = expected.get(name)
+        if param is None:
+            raise CheckpointError(f"{folder}: unexpected tensor {name} for a ChatGLM-6B model")
+        if tuple(tensor.shape) != tuple(param.shape):
+            raise CheckpointError(
+                f"{folder}: tensor {name} has shape {tuple(tensor.shape)}, config.json implies "
+                f"{tuple(param.shape)}"
+            )
+        module_name, _, attr = name.rpartition(".")
+        value = torch.empty(param.shape, dtype=dtype, device=device)
+        value.copy_(tensor)
+        model.get_submodule(module_name)._parameters[attr] = nn.Parameter(value, requires_grad=False)
+        loaded.add(name)
+        del tensor
+    missing = sorted(set(expected) - loaded)
+    if missing:
+        raise CheckpointError(f"{folder}: checkpoint lacks tensors {missing}")
+    model.finish_loading(dtype, device)
+    logger.info("loaded ChatGLM-6B from %s: %d tensors as %s on %s", folder, len(loaded), dtype,
+                device)
+    return model
