@@ -19,6 +19,7 @@ import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+
 import torch
 
 from adapters.base import (
@@ -180,19 +181,18 @@ class Engine:
         if fresh:
             # One prefill per step keeps running streams moving while new requests arrive.
             seq = fresh[0]
-            seq.cache = self.model.new_cache()
+            cache = seq.cache = self.model.new_cache()
             with torch.inference_mode():
-                logits = self.model.forward(list(seq.prompt.token_ids), seq.cache)
+                logits = self.model.forward(list(seq.prompt.token_ids), cache)
             self._advance(seq, logits)
         if decoding:
+            caches = [s.cache for s in decoding if s.cache is not None]
+            last = [[s.generated[-1]] for s in decoding]
             with torch.inference_mode():
-                if len(decoding) == 1 or not hasattr(self.model, "forward_batch"):
-                    rows = [self.model.forward([s.generated[-1]], s.cache) for s in decoding]
+                if len(decoding) == 1:
+                    rows = [self.model.forward(last[0], caches[0])]
                 else:
-                    batch = self.model.forward_batch(
-                        [[s.generated[-1]] for s in decoding], [s.cache for s in decoding]
-                    )
-                    rows = list(batch)
+                    rows = list(self.model.forward_batch(last, caches))
             for seq, row in zip(decoding, rows, strict=True):
                 self._advance(seq, row)
 

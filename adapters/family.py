@@ -19,7 +19,6 @@ from typing import TYPE_CHECKING, Any, Protocol
 if TYPE_CHECKING:
     import torch
 
-    from adapters.base import Message
     from adapters.conversation import Conversation
 
 
@@ -61,6 +60,13 @@ class CausalLM(Protocol):
     def new_cache(self) -> KVCache: ...
 
     def forward(self, ids: Sequence[int], cache: KVCache) -> torch.Tensor: ...
+
+    def forward_batch(
+        self, ids_per_seq: Sequence[Sequence[int]], caches: Sequence[KVCache]
+    ) -> torch.Tensor:
+        """One step for several sequences at different lengths: float32 ``[B, padded_vocab]``,
+        equal row by row to ``forward`` of each sequence alone."""
+        ...
 
 
 class StreamPostprocessor(Protocol):

@@ -77,6 +77,7 @@ def load_model(entry: ModelEntry) -> ChatModel:
         device=entry.device,
         quantize=entry.quantize,
         system_policy=entry.system_policy,
+        description=entry.description,
     )
     logger.info("model %s ready (%s, context %d)", entry.id, model.info.family,
                 model.info.context_length)

@@ -91,7 +91,7 @@ def with_demo_model(
     """No model configured -> serve the tiny random demo checkpoint (built once, cached)."""
     if settings.models:
         return settings
-    from adapters.demo import ensure_demo_checkpoint  # torch: imported only when needed
+    from adapters.demo import DEMO_DESCRIPTION, ensure_demo_checkpoint  # imports torch: lazily
 
     cache_dir = Path(environ.get(CACHE_ENV) or Path.home() / ".cache" / "chatglm-gateway")
     path = ensure_demo_checkpoint(cache_dir)
@@ -103,7 +103,7 @@ def with_demo_model(
         DEMO_MODEL_ID,
     )
     entry = ModelEntry(id=DEMO_MODEL_ID, path=path, dtype=dtype or "auto",  # type: ignore[arg-type]
-                       device=device or "auto")
+                       device=device or "auto", description=DEMO_DESCRIPTION)
     return settings.model_copy(update={"models": (entry,)})
 
 

@@ -56,6 +56,8 @@ class ModelEntry(BaseModel):
         default="prepend", description="What to do with system messages for models without a "
         "system role (ChatGLM-6B, ChatGLM2-6B).")
     aliases: tuple[str, ...] = Field(default=(), description="Other names for this model.")
+    description: str = Field(default="", description="Shown in /v1/models; default: the "
+                             "family's description.")
 
     @field_validator("device")
     @classmethod

@@ -158,7 +158,8 @@ def test_lifespan_loads_through_the_registry_and_closes(monkeypatch: pytest.Monk
         assert not any(m.closed for m in loaded)
     assert all(m.closed for m in loaded)
     assert calls[0] == ("a", tmp_path, {"family": None, "dtype": "bfloat16", "device": "cpu",
-                                        "quantize": "8", "system_policy": "reject"})
+                                        "quantize": "8", "system_policy": "reject",
+                                        "description": ""})
 
 
 def test_injected_models_are_not_closed_by_the_app() -> None:

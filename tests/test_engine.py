@@ -97,7 +97,7 @@ def test_stop_string_is_cut_and_not_returned(make_engine) -> None:
 
 def test_logprobs_have_openai_shape(make_engine) -> None:
     c = run(make_engine("é"), logprobs=True, top_logprobs=2)
-    c.final
+    assert c.final.finish_reason == "stop"
     entries = [lp for d in c.deltas for lp in d.logprobs]
     assert len(entries) == 2  # two bytes of "é"
     assert entries[0].token.startswith("bytes:\\x")  # a lone UTF-8 lead byte
