@@ -5,6 +5,10 @@ twice (``ids[prefix:read]`` and ``ids[prefix:]``) and emit the difference, but o
 end in U+FFFD (an incomplete byte-fallback sequence such as the first bytes of an emoji).  SentencePiece
 drops the leading space of the first piece it decodes, which the window difference cancels out, so
 the emitted pieces concatenate to ``decode(all_ids)``.
+
+Text ending in a space is held back one more token too: ChatGLM-6B's ``decode`` applies
+transformers' ``clean_up_tokenization`` (" ." -> ".", " n't" -> "n't"), so a trailing space may
+still vanish when the next piece arrives.
 """
 
 from __future__ import annotations
@@ -31,7 +35,7 @@ class IncrementalDecoder:
         self._ids.append(token_id)
         prefix_text = self._tok.decode(self._ids[self._prefix : self._read])
         new_text = self._tok.decode(self._ids[self._prefix :])
-        if len(new_text) > len(prefix_text) and not new_text.endswith(REPLACEMENT):
+        if len(new_text) > len(prefix_text) and not new_text.endswith((REPLACEMENT, " ")):
             self._prefix, self._read = self._read, len(self._ids)
             return new_text[len(prefix_text) :]
         return ""

@@ -71,6 +71,11 @@ def choose(logits: torch.Tensor, state: SamplerState) -> int:
     """Pick the next id from float32 CPU ``logits`` (1-D, padded vocab)."""
     p = state.params
     x = logits.clone()
+    if not bool(torch.isfinite(x).any()) or bool(torch.isnan(x).any()):
+        # fp16 overflow: THUDM's InvalidScoreLogitsProcessor (modeling_chatglm.py) then forces
+        # id 5 rather than sampling from garbage; do the same so the request still ends sanely.
+        x = torch.zeros_like(x)
+        x[5] = 5e4
     x = _apply_penalties(x, state)
     if state.decodable < x.numel():
         x[state.decodable :] = float("-inf")

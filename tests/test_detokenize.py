@@ -19,6 +19,22 @@ def test_incremental_decode_never_splits_a_character(text: str) -> None:
     assert all(REPLACEMENT not in p for p in pieces)
 
 
+class CleanUpTokenizer(ByteTokenizer):
+    """Decodes like transformers' clean_up_tokenization: a space before "." disappears."""
+
+    def decode(self, ids):  # type: ignore[no-untyped-def]
+        return super().decode(ids).replace(" .", ".").replace(" ,", ",")
+
+
+def test_space_that_a_later_piece_removes_is_never_sent() -> None:
+    tok = CleanUpTokenizer()
+    for text in ["Hi . there , ok .", "a  .", "end "]:
+        dec = IncrementalDecoder(tok)
+        ids = tok.encode(text)
+        out = "".join(dec.push(i) for i in ids) + dec.flush()
+        assert out == tok.decode(ids)
+
+
 def test_flush_keeps_an_incomplete_tail_like_the_reference_decode() -> None:
     tok = ByteTokenizer()
     dec = IncrementalDecoder(tok)

@@ -21,7 +21,7 @@ from tests.server import running_server
 
 pytestmark = requires_reference
 
-MODELS = ["chatglm2-6b-tiny", "chatglm3-6b-tiny-safetensors"]
+MODELS = ["chatglm-6b-tiny", "chatglm2-6b-tiny", "chatglm3-6b-tiny-safetensors"]
 
 
 def _messages(case: dict, family: str) -> list[dict]:

@@ -69,3 +69,9 @@ def test_logprobs_are_the_model_distribution_over_the_full_row() -> None:
     lse = math.log(sum(math.exp(v) for v in [1.0, 2.0, 3.0, 0.5]))
     assert abs(chosen - (2.0 - lse)) < 1e-6
     assert [i for i, _ in top] == [2, 1]
+
+
+def test_invalid_scores_fall_back_like_the_reference() -> None:
+    logits = torch.full((8,), float("nan"))
+    assert choose(logits, _state(temperature=0.0)) == 5
+    assert choose(logits, _state(seed=3)) == 5
