@@ -26,10 +26,15 @@ from __future__ import annotations
 import functools
 import logging
 import re
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 from torch import nn
+from tqdm import tqdm
+
+from adapters.checkpoint import CheckpointError, total_size
 
 logger = logging.getLogger(__name__)
 
@@ -171,12 +176,15 @@ def _round_up(n: int, multiple: int) -> int:
     return -(-n // multiple) * multiple
 
 
-def _int4_kernel_format(device_type: str) -> tuple[str, str] | None:
-    """(convert op, mm op) names of torch's int4 kernels on a device type, as data."""
-    return {
-        "cpu": ("_convert_weight_to_int4pack_for_cpu", "_weight_int4pack_mm_for_cpu"),
-        "cuda": ("_convert_weight_to_int4pack", "_weight_int4pack_mm"),
-    }.get(device_type)
+#: (convert op, mm op) of torch's int4 kernels per device type.
+_INT4_KERNEL_OPS = {
+    "cpu": ("_convert_weight_to_int4pack_for_cpu", "_weight_int4pack_mm_for_cpu"),
+    "cuda": ("_convert_weight_to_int4pack", "_weight_int4pack_mm"),
+}
+
+
+def _int4_kernel_ops(device_type: str) -> tuple[Callable[..., torch.Tensor], ...]:
+    return tuple(getattr(torch.ops.aten, name) for name in _INT4_KERNEL_OPS[device_type])
 
 
 def _int4_pack_for_kernel(
@@ -184,9 +192,7 @@ def _int4_pack_for_kernel(
 ) -> torch.Tensor:
     """Symmetric int8 ``q [N, K]`` -> the device kernel's packed uint4 ``u = q + 8`` (zero-padded
     to ``[n_pad, k_pad]`` with u = 8, i.e. q = 0), converted in row blocks to bound the transient."""
-    names = _int4_kernel_format(device_type)
-    assert names is not None
-    convert = getattr(torch.ops.aten, names[0])
+    convert = _int4_kernel_ops(device_type)[0]
     parts = []
     for i in range(0, n_pad, _CONVERT_ROWS):
         rows = min(_CONVERT_ROWS, n_pad - i)
@@ -206,12 +212,6 @@ def _int4_pack_for_kernel(
         return torch.cat(parts)
     tiles = next(t for t in (8, 4, 2) if k_pad % (t * 16) == 0)
     return convert(torch.cat(parts), tiles)
-
-
-def _int4_mm(x, packed, group, scales_and_zeros, device_type: str) -> torch.Tensor:
-    names = _int4_kernel_format(device_type)
-    assert names is not None
-    return getattr(torch.ops.aten, names[1])(x, packed, group, scales_and_zeros)
 
 
 @functools.cache
@@ -250,14 +250,63 @@ def kernel_available(kind: str, device: str) -> bool:
 # --------------------------------------------------------------------------- layers
 
 
-class Int8Linear(nn.Module):
+class _WeightOnlyLinear(nn.Module):
+    """What the int8 and int4 layers share: the kernel/fallback dispatch and ``dequantize``.
+
+    Subclasses provide ``_kernel_matmul`` (bf16 ``[M, k_pad]`` -> fp32 ``[M, out]``, row scales
+    applied) and ``_stored_weight`` (fp32 ``[out, in]`` from the fallback representation).
+    """
+
+    in_features: int
+    out_features: int
+    k_pad: int
+    kernel: bool
+    bias: torch.Tensor | None
+
+    def _kernel_matmul(self, xk: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    def _stored_weight(self) -> torch.Tensor:
+        raise NotImplementedError
+
+    def dequantize(self) -> torch.Tensor:
+        """The fp32 weight the layer multiplies by: on the kernel path as the kernel sees it
+        (the kernel applied to the identity, row scales then applied in fp32)."""
+        if not self.kernel:
+            return self._stored_weight()
+        device = self.bias.device if self.bias is not None else next(self.buffers()).device
+        eye = torch.eye(self.k_pad, dtype=_KERNEL_DTYPE, device=device)
+        return self._kernel_matmul(eye).T[:, : self.in_features].contiguous()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x2 = x.reshape(-1, self.in_features)
+        if self.kernel:
+            xk = x2.to(_KERNEL_DTYPE)
+            if self.k_pad != self.in_features:
+                xk = nn.functional.pad(xk, (0, self.k_pad - self.in_features))
+            y = self._kernel_matmul(xk.contiguous())
+            if self.bias is not None:
+                y = y + self.bias.float()
+            y = y.to(x.dtype)
+        else:
+            w = self._stored_weight().to(x.dtype)
+            y = nn.functional.linear(x2, w, None if self.bias is None else self.bias.to(x.dtype))
+        return y.reshape(*x.shape[:-1], self.out_features)
+
+    def extra_repr(self) -> str:
+        return (
+            f"in_features={self.in_features}, out_features={self.out_features}, "
+            f"kernel={self.kernel}"
+        )
+
+
+class Int8Linear(_WeightOnlyLinear):
     """``y = x @ (q * scale[:, None]).T + bias`` with int8 ``q [out, in]`` and a per-row scale."""
 
     weight: torch.Tensor
     weight_scale: torch.Tensor
     bias: torch.Tensor | None
     _unit_scale: torch.Tensor
-    k_pad: int
 
     def __init__(
         self,
@@ -288,32 +337,16 @@ class Int8Linear(nn.Module):
             persistent=False,
         )
 
-    def dequantize(self) -> torch.Tensor:
-        """The fp32 weight ``q * scale`` (exact: an int8 times an fp16 fits in fp32)."""
-        q = self.weight[:, : self.in_features]
-        return q.float() * self.weight_scale.float()[:, None]
+    def _stored_weight(self) -> torch.Tensor:
+        # exact: an int8 times an fp16 scale fits in fp32
+        return self.weight[:, : self.in_features].float() * self.weight_scale.float()[:, None]
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x2 = x.reshape(-1, self.in_features)
-        if self.kernel:
-            xk = x2.to(_KERNEL_DTYPE)
-            if self.k_pad != self.in_features:
-                xk = nn.functional.pad(xk, (0, self.k_pad - self.in_features))
-            acc = torch.ops.aten._weight_int8pack_mm(xk.contiguous(), self.weight, self._unit_scale)
-            y = acc.float() * self.weight_scale.float()
-            if self.bias is not None:
-                y = y + self.bias.float()
-            y = y.to(x.dtype)
-        else:
-            w = self.dequantize().to(x.dtype)
-            y = nn.functional.linear(x2, w, None if self.bias is None else self.bias.to(x.dtype))
-        return y.reshape(*x.shape[:-1], self.out_features)
-
-    def extra_repr(self) -> str:
-        return f"in_features={self.in_features}, out_features={self.out_features}, kernel={self.kernel}"
+    def _kernel_matmul(self, xk: torch.Tensor) -> torch.Tensor:
+        acc = torch.ops.aten._weight_int8pack_mm(xk, self.weight, self._unit_scale)
+        return acc.float() * self.weight_scale.float()
 
 
-class Int4Linear(nn.Module):
+class Int4Linear(_WeightOnlyLinear):
     """``y = x @ W.T + bias`` with ``W[r, c] = q[r, c] * scales[r, c // group_size]``, q in [-7, 7].
 
     ``scales`` is ``[out, 1]`` for THUDM's per-row int4 (``group_size`` = in_features) or
@@ -352,9 +385,7 @@ class Int4Linear(nn.Module):
         self.per_row = n_groups == 1
         device = q.device
         if kernel is None:
-            kernel = _int4_kernel_format(device.type) is not None and kernel_available(
-                "int4", str(device)
-            )
+            kernel = device.type in _INT4_KERNEL_OPS and kernel_available("int4", str(device))
         if kernel and not self.per_row and group_size not in KERNEL_INT4_GROUPS:
             raise ValueError(f"group size {group_size} is not one of {KERNEL_INT4_GROUPS}")
         self.kernel = kernel
@@ -362,6 +393,7 @@ class Int4Linear(nn.Module):
         # Per-row scales are applied after the kernel in fp32 (kept exact); group scales go into it.
         self.register_buffer("row_scale", scales[:, 0].clone() if self.per_row else None)
         if not kernel:
+            self.k_pad = in_f
             k_even = _round_up(in_f, 2)
             self.register_buffer(
                 "qweight", pack_int4_thudm(nn.functional.pad(q, (0, k_even - in_f)))
@@ -383,45 +415,20 @@ class Int4Linear(nn.Module):
         sz[:, :out_f, 0] = group_scales.T.to(_KERNEL_DTYPE)
         self.register_buffer("scales_and_zeros", sz)
 
-    def dequantize(self) -> torch.Tensor:
-        """The fp32 weight as stored (fallback path) or as the kernel sees it (x = identity)."""
-        if self.kernel:
-            eye = torch.eye(self.k_pad, dtype=_KERNEL_DTYPE, device=self.packed.device)
-            w = self._kernel_mm(eye)[:, : self.out_features].T[:, : self.in_features].float()
-        else:
-            q = unpack_int4_thudm(self.qweight)[:, : self.in_features].float()
-            if self.scales is not None:
-                q = q * self.scales.repeat_interleave(self.group_size, dim=1)[:, : self.in_features]
-            w = q
+    def _stored_weight(self) -> torch.Tensor:
+        w = unpack_int4_thudm(self.qweight)[:, : self.in_features].float()
+        if self.scales is not None:
+            w = w * self.scales.repeat_interleave(self.group_size, dim=1)[:, : self.in_features]
         return w if self.row_scale is None else w * self.row_scale.float()[:, None]
 
-    def _kernel_mm(self, x2: torch.Tensor) -> torch.Tensor:
-        return _int4_mm(
-            x2, self.packed, self.kernel_group, self.scales_and_zeros, self.packed.device.type
-        )
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x2 = x.reshape(-1, self.in_features)
-        if self.kernel:
-            xk = x2.to(_KERNEL_DTYPE)
-            if self.k_pad != self.in_features:
-                xk = nn.functional.pad(xk, (0, self.k_pad - self.in_features))
-            y = self._kernel_mm(xk.contiguous())[:, : self.out_features].float()
-            if self.row_scale is not None:
-                y = y * self.row_scale.float()
-            if self.bias is not None:
-                y = y + self.bias.float()
-            y = y.to(x.dtype)
-        else:
-            w = self.dequantize().to(x.dtype)
-            y = nn.functional.linear(x2, w, None if self.bias is None else self.bias.to(x.dtype))
-        return y.reshape(*x.shape[:-1], self.out_features)
+    def _kernel_matmul(self, xk: torch.Tensor) -> torch.Tensor:
+        mm = _int4_kernel_ops(self.packed.device.type)[1]
+        y = mm(xk, self.packed, self.kernel_group, self.scales_and_zeros)
+        y = y[:, : self.out_features].float()
+        return y if self.row_scale is None else y * self.row_scale.float()
 
     def extra_repr(self) -> str:
-        return (
-            f"in_features={self.in_features}, out_features={self.out_features}, "
-            f"group_size={self.group_size}, kernel={self.kernel}"
-        )
+        return f"{super().extra_repr()}, group_size={self.group_size}"
 
 
 # --------------------------------------------------------------------------- builders
@@ -434,6 +441,7 @@ def from_thudm(
     bias: torch.Tensor | None = None,
     *,
     device: torch.device | str | None = None,
+    kernel: bool | None = None,
 ) -> Int8Linear | Int4Linear:
     """A layer from a THUDM pre-quantised checkpoint's ``<linear>.weight`` / ``.weight_scale``.
 
@@ -443,10 +451,10 @@ def from_thudm(
     weight, weight_scale = weight.to(device), weight_scale.to(device)
     bias = None if bias is None else bias.to(device)
     if bits == 8:
-        return Int8Linear(weight, weight_scale, bias)
+        return Int8Linear(weight, weight_scale, bias, kernel=kernel)
     if bits == 4:
         q = unpack_int4_thudm(weight)
-        return Int4Linear(q, weight_scale[:, None], group_size=q.shape[1], bias=bias)
+        return Int4Linear(q, weight_scale[:, None], group_size=q.shape[1], bias=bias, kernel=kernel)
     raise ValueError(f"quantization_bit must be 4 or 8, got {bits}")
 
 
@@ -456,6 +464,7 @@ def quantize_weight(
     bias: torch.Tensor | None = None,
     *,
     device: torch.device | str | None = None,
+    kernel: bool | None = None,
 ) -> Int8Linear | Int4Linear:
     """Quantise one linear's full-precision ``weight [out, in]`` with a :data:`QUANT_SCHEMES` mode."""
     scheme = QUANT_SCHEMES.get(mode)
@@ -466,10 +475,10 @@ def quantize_weight(
     if scheme.group_size is None:
         q, scale = quantize_rowwise(weight.to(device), scheme.bits)
         if scheme.bits == 8:
-            return Int8Linear(q, scale, bias)
-        return Int4Linear(q, scale[:, None], group_size=q.shape[1], bias=bias)
+            return Int8Linear(q, scale, bias, kernel=kernel)
+        return Int4Linear(q, scale[:, None], group_size=q.shape[1], bias=bias, kernel=kernel)
     q, scales = quantize_groupwise(weight.to(device), scheme.group_size, scheme.bits)
-    return Int4Linear(q, scales, group_size=scheme.group_size, bias=bias)
+    return Int4Linear(q, scales, group_size=scheme.group_size, bias=bias, kernel=kernel)
 
 
 def quantize_linear(linear: nn.Linear, mode: str) -> Int8Linear | Int4Linear:
@@ -477,3 +486,165 @@ def quantize_linear(linear: nn.Linear, mode: str) -> Int8Linear | Int4Linear:
     with torch.no_grad():
         bias = None if linear.bias is None else linear.bias.detach().clone()
         return quantize_weight(linear.weight.detach(), mode, bias)
+
+
+# --------------------------------------------------------------------------- loading
+
+
+@dataclass
+class _Pending:
+    linear: nn.Linear  # the meta-device placeholder: its shapes say what to expect
+    parts: dict[str, torch.Tensor]
+
+
+class QuantizedLinearLoader:
+    """Swaps the four linears of each layer for quantised ones while a checkpoint streams in.
+
+    A model loader hands every ``(name, tensor)`` to :meth:`take` first.  Tensors of a quantised
+    linear are kept only until that linear is complete (its parts are adjacent in THUDM's
+    files), then turned into an :class:`Int8Linear` / :class:`Int4Linear` on ``device`` and set
+    on the model.  With ``bits`` (a THUDM pre-quantised folder) the parts are ``weight`` (int8),
+    ``weight_scale`` and ``bias``; with ``mode`` (quantise on load) ``weight`` and ``bias`` in
+    full precision, quantised as they arrive: the full-precision model never exists.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        family: str,
+        *,
+        bits: int = 0,
+        mode: str | None = None,
+        dtype: torch.dtype,
+        device: torch.device,
+    ) -> None:
+        if bool(bits) == (mode is not None):
+            raise ValueError("give exactly one of bits (pre-quantised folder) or mode")
+        if mode is not None and mode not in QUANT_SCHEMES:
+            raise ValueError(f"unknown quantization mode {mode!r}; known: {sorted(QUANT_SCHEMES)}")
+        self.model, self.family, self.bits, self.mode = model, family, bits, mode
+        self.dtype, self.device = dtype, device
+        # A float32 model is the reference-precision mode: its layers dequantise per call in
+        # float32 (matches THUDM's fp32 logits to ~1e-4).  The bf16 kernels would round every
+        # activation to bf16, which moves logprobs as much as a bf16 model does (up to ~0.3 on
+        # the tiny reference checkpoints); bf16/fp16 models take the kernels.
+        self.kernel = False if dtype == torch.float32 else None
+        self._pending: dict[str, _Pending] = {}
+        self._done: set[str] = set()
+        self._replaced: set[str] = set()
+
+    @classmethod
+    def for_config(
+        cls,
+        model: nn.Module,
+        family: str,
+        quantization_bit: int,
+        quantize: str | None,
+        *,
+        dtype: torch.dtype,
+        device: torch.device,
+    ) -> QuantizedLinearLoader | None:
+        """The loader a checkpoint needs, or ``None`` for a plain full-precision load."""
+        if quantization_bit and quantize is not None:
+            raise ValueError(
+                f"the checkpoint is already quantised to int{quantization_bit}; "
+                f"quantize={quantize!r} cannot apply"
+            )
+        if not quantization_bit and quantize is None:
+            return None
+        return cls(model, family, bits=quantization_bit, mode=quantize, dtype=dtype, device=device)
+
+    def _required(self, linear: nn.Linear) -> set[str]:
+        parts = {"weight", "weight_scale"} if self.bits else {"weight"}
+        return parts | ({"bias"} if linear.bias is not None else set())
+
+    def _check(self, name: str, part: str, tensor: torch.Tensor, linear: nn.Linear) -> None:
+        out_f, in_f = linear.out_features, linear.in_features
+        what = f"a THUDM pre-quantized int{self.bits} checkpoint" if self.bits else "this config"
+        expected: tuple[int, ...] = (out_f,)
+        if part == "weight":
+            expected = (out_f, in_f * self.bits // 8) if self.bits else (out_f, in_f)
+            if self.bits and tensor.dtype != torch.int8:
+                raise CheckpointError(f"{name}: {what} stores int8 weights, got {tensor.dtype}")
+        if tuple(tensor.shape) != expected:
+            raise CheckpointError(
+                f"{name} has shape {tuple(tensor.shape)}, {what} implies {expected}"
+            )
+
+    def take(self, name: str, tensor: torch.Tensor) -> bool:
+        """Consume ``name`` if it belongs to a quantised linear; ``False`` leaves it to the caller.
+        A duplicate, unexpected part or wrong shape is a :class:`CheckpointError`."""
+        if not is_quantized_linear(name, self.family):
+            return False
+        module_name, _, part = name.rpartition(".")
+        if module_name in self._done:
+            raise CheckpointError(f"tensor {name} appears after its linear was complete")
+        pending = self._pending.get(module_name)
+        if pending is None:
+            linear = self.model.get_submodule(module_name)
+            assert isinstance(linear, nn.Linear), module_name
+            pending = self._pending[module_name] = _Pending(linear, {})
+        if part not in self._required(pending.linear) or part in pending.parts:
+            raise CheckpointError(f"unexpected or duplicate tensor {name}")
+        self._check(name, part, tensor, pending.linear)
+        pending.parts[part] = tensor
+        if set(pending.parts) == self._required(pending.linear):
+            self._build(module_name, self._pending.pop(module_name))
+        return True
+
+    def _build(self, module_name: str, pending: _Pending) -> None:
+        parts = pending.parts
+        bias = parts.get("bias")
+        if bias is not None:
+            bias = bias.to(device=self.device, dtype=self.dtype)
+        layer: nn.Module
+        if self.bits:
+            layer = from_thudm(
+                parts["weight"],
+                parts["weight_scale"],
+                self.bits,
+                bias,
+                device=self.device,
+                kernel=self.kernel,
+            )
+        else:
+            assert self.mode is not None
+            layer = quantize_weight(
+                parts["weight"], self.mode, bias, device=self.device, kernel=self.kernel
+            )
+        parent_name, _, child = module_name.rpartition(".")
+        setattr(self.model.get_submodule(parent_name), child, layer)
+        self._done.add(module_name)
+        self._replaced |= {f"{module_name}.{p}" for p in ("weight", "bias") if p in parts}
+
+    def finish(self) -> set[str]:
+        """Names of the placeholder parameters now replaced (for the caller's missing check);
+        raises :class:`CheckpointError` if a linear is incomplete."""
+        if self._pending:
+            raise CheckpointError(f"incomplete quantised linears: {sorted(self._pending)}")
+        return set(self._replaced)
+
+
+def loading_progress(
+    folder: Path, tensors: Iterable[tuple[str, torch.Tensor]], desc: str
+) -> Iterator[tuple[str, torch.Tensor]]:
+    """Pass ``tensors`` through with a tqdm bar over the checkpoint's bytes (hidden off a TTY)."""
+    with tqdm(total=total_size(folder), desc=desc, unit="B", unit_scale=True, disable=None) as bar:
+        for name, tensor in tensors:
+            yield name, tensor
+            bar.update(tensor.nbytes)
+
+
+def to_thudm_layout(
+    tensors: Iterable[tuple[str, torch.Tensor]], family: str, bits: int
+) -> Iterator[tuple[str, torch.Tensor]]:
+    """Rewrite a full-precision tensor stream as THUDM's pre-quantised folder holds it: each
+    quantised ``<linear>.weight`` becomes int8 (packed for int4) plus ``<linear>.weight_scale``;
+    everything else passes through.  One linear at a time: for writing int4/int8 folders."""
+    for name, tensor in tensors:
+        if is_quantized_linear(name, family) and name.endswith(".weight"):
+            q, scale = quantize_rowwise(tensor, bits)
+            yield name, q if bits == 8 else pack_int4_thudm(q)
+            yield f"{name}_scale", scale
+        else:
+            yield name, tensor
