@@ -34,6 +34,7 @@ from torch import nn
 from adapters.chatglm.config import ChatGLMConfig
 from adapters.checkpoint import CheckpointError, iter_tensors
 from adapters.family import KVCache
+from adapters.quant import QuantizedLinearLoader, loading_progress
 
 logger = logging.getLogger(__name__)
 
@@ -349,25 +350,28 @@ def load_model(folder: Path, config: ChatGLMConfig, *, dtype: torch.dtype | str 
     """Build the model on the ``meta`` device, then move the checkpoint's tensors in one at a
     time (converted to ``dtype`` on ``device``), so two copies of the weights never coexist.
 
-    Unknown, duplicate, missing or mis-shaped tensors are a :class:`CheckpointError`, and so
-    are THUDM pre-quantized checkpoints (``quantization_bit`` 4/8) for now.
+    Unknown, duplicate, missing or mis-shaped tensors are a :class:`CheckpointError`.  THUDM
+    pre-quantized folders (``quantization_bit`` 4/8) and ``quantize`` go through
+    :class:`adapters.quant.QuantizedLinearLoader`.
     """
     folder = Path(folder)
     dtype = resolve_dtype(dtype)
     device = torch.device(device)
-    if config.quantization_bit:
+    if config.quantization_embeddings:
         raise CheckpointError(
-            f"{folder} is a THUDM pre-quantized int{config.quantization_bit} ChatGLM-6B "
-            "checkpoint (quantization_bit in config.json); loading it is not supported yet"
+            f"{folder}: THUDM int4-qe checkpoints (quantization_embeddings) are not supported yet"
         )
-    if quantize is not None:
-        raise CheckpointError(f"quantize={quantize!r} is not supported for ChatGLM-6B yet")
     with torch.device("meta"):
         model = ChatGLMModel(config)
+    # The four linears of each layer: THUDM int4/int8 tensors, or quantized as they stream in.
+    quant = QuantizedLinearLoader.for_config(model, "chatglm", config.quantization_bit, quantize,
+                                             dtype=dtype, device=device)
     expected = dict(model.named_parameters())
     loaded: set[str] = set()
-    for name, tensor in iter_tensors(folder):
+    for name, tensor in loading_progress(folder, iter_tensors(folder), "loading"):
         if name in _IGNORED_NAMES or name.endswith(_IGNORED_SUFFIXES):
+            continue
+        if quant is not None and quant.take(name, tensor):
             continue
         if name in loaded:
             raise CheckpointError(f"{folder}: tensor {name} appears twice")
@@ -385,6 +389,8 @@ def load_model(folder: Path, config: ChatGLMConfig, *, dtype: torch.dtype | str 
         model.get_submodule(module_name)._parameters[attr] = nn.Parameter(value, requires_grad=False)
         loaded.add(name)
         del tensor
+    if quant is not None:
+        loaded |= quant.finish()
     missing = sorted(set(expected) - loaded)
     if missing:
         raise CheckpointError(f"{folder}: checkpoint lacks tensors {missing}")

@@ -19,6 +19,7 @@ from torch import nn
 from adapters.chatglm2.config import ChatGLM2Config
 from adapters.checkpoint import CheckpointError, iter_tensors
 from adapters.family import KVCache
+from adapters.quant import QuantizedLinearLoader, loading_progress
 
 logger = logging.getLogger(__name__)
 
@@ -368,22 +369,18 @@ def load_model(folder: Path, config: ChatGLM2Config, *, dtype: torch.dtype,
     device = torch.device(device)
     if dtype not in _SUPPORTED_DTYPES:
         raise ValueError(f"dtype must be one of {_SUPPORTED_DTYPES}, got {dtype}")
-    if config.quantization_bit:
-        raise PreQuantizedCheckpointError(
-            f"{folder} is a THUDM pre-quantized int{config.quantization_bit} checkpoint; "
-            "loading those is not supported by the ChatGLM2 model loader"
-        )
-    if quantize is not None:
-        raise PreQuantizedCheckpointError(
-            f"quantize={quantize!r}: the ChatGLM2 loader only builds unquantized models"
-        )
     with torch.device("meta"):
         model = ChatGLM2Model(config)
+    # The four linears of each layer: THUDM int4/int8 tensors, or quantized as they stream in.
+    quant = QuantizedLinearLoader.for_config(model, "chatglm2", config.quantization_bit, quantize,
+                                             dtype=dtype, device=device)
     expected = dict(model.named_parameters())
     loaded: set[str] = set()
-    for name, tensor in iter_tensors(Path(folder)):
+    for name, tensor in loading_progress(Path(folder), iter_tensors(Path(folder)), "loading"):
         if name.endswith("rotary_pos_emb.inv_freq"):
             continue  # modeling_chatglm.py recomputes it; the stored copy is fp16-rounded
+        if quant is not None and quant.take(name, tensor):
+            continue
         if name in loaded:
             raise CheckpointError(f"{folder}: tensor {name} appears twice")
         param = expected.get(name)
@@ -401,6 +398,8 @@ def load_model(folder: Path, config: ChatGLM2Config, *, dtype: torch.dtype,
                                                                           requires_grad=False)
         loaded.add(name)
         del tensor
+    if quant is not None:
+        loaded |= quant.finish()
     missing = sorted(set(expected) - loaded)
     if missing:
         raise CheckpointError(f"{folder}: checkpoint lacks tensors {missing}")
