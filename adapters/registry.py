@@ -83,18 +83,18 @@ def load_chat_model(
     name = family or detect_family(folder)
     if name not in specs:
         raise CheckpointError(f"unknown family {name!r}; choose one of {sorted(specs)}")
-    if quantize:
-        raise CheckpointError("quantize-on-load is not available in this version")
     spec = specs[name]
     dev = resolve_device(device)
     dt = resolve_dtype(dtype, dev, total_size(folder))
     started = time.monotonic()
     config = spec.read_config(folder)
     tokenizer = spec.load_tokenizer(folder)
-    model = spec.load_model(folder, config, dtype=dt, device=dev)
+    model = spec.load_model(folder, config, dtype=dt, device=dev, quantize=quantize)
+    bits = getattr(config, "quantization_bit", 0)
+    quant = quantize or (f"{bits} (THUDM pre-quantized)" if bits else "none")
     logger.info(
-        "model '%s' loaded: family=%s dtype=%s device=%s context=%d in %.1fs",
-        model_id, name, str(dt).removeprefix("torch."), dev, model.context_length,
+        "model '%s' loaded: family=%s dtype=%s device=%s quantization=%s context=%d in %.1fs",
+        model_id, name, str(dt).removeprefix("torch."), dev, quant, model.context_length,
         time.monotonic() - started,
     )
     info = ModelInfo(
@@ -102,7 +102,7 @@ def load_chat_model(
         family=name,
         context_length=model.context_length,
         description=description or spec.description,
-        extra={"dtype": str(dt).removeprefix("torch."), "device": str(dev)},
+        extra={"dtype": str(dt).removeprefix("torch."), "device": str(dev), "quantization": quant},
     )
     return TorchChatModel(
         info, spec, tokenizer, model,
