@@ -8,7 +8,10 @@ back, never emitted), ``seed``/``temperature`` (sampling with a seed rotates the
 same seed gives the same reply; greedy or unseeded requests get the script), and ``logprobs``.
 
 Counters (:meth:`status`) let tests prove cancellation: ``produced`` counts every piece the fake
-generated, ``cancelled`` counts generations closed before they finished.
+generated, ``cancelled`` counts generations closed before they finished.  ``status()`` also
+reports ``running``/``waiting`` like a real engine (every active generation runs; none waits).
+``max_running`` makes :meth:`prepare` raise :class:`~adapters.base.Overloaded` (a 429) while that
+many generations are active, like a real engine whose queue is full.
 """
 
 from __future__ import annotations
@@ -28,6 +31,7 @@ from adapters.base import (
     Message,
     ModelInfo,
     ModelUnavailable,
+    Overloaded,
     Prompt,
     SamplingParams,
     TokenLogprob,
@@ -72,6 +76,7 @@ class FakeChatModel:
         context_length: int = 4096,
         fail_after: int | None = None,
         prepare_error: AdapterError | None = None,
+        max_running: int | None = None,
         description: str = "Deterministic fake model for tests",
     ) -> None:
         if piece_chars < 1:
@@ -86,6 +91,7 @@ class FakeChatModel:
         self._delay = delay
         self._fail_after = fail_after
         self._prepare_error = prepare_error
+        self._max_running = max_running
         self._closed = False
         self._answers: dict[tuple[int, ...], str] = {}
         self.counters = FakeCounters()
@@ -100,6 +106,10 @@ class FakeChatModel:
             raise ModelUnavailable(f"Model '{self.info.id}' has been closed.")
         if self._prepare_error is not None:
             raise self._prepare_error
+        if self._max_running is not None and self.counters.active >= self._max_running:
+            raise Overloaded(f"Model '{self.info.id}' is at capacity "
+                             f"({self.counters.active} running). Please retry shortly.",
+                             retry_after=2.0)
         if not messages:
             raise InvalidRequest("'messages' must contain at least one message.", param="messages")
         text = "\n".join(f"{m.role}: {m.content}" for m in messages)
@@ -160,6 +170,8 @@ class FakeChatModel:
     def status(self) -> dict[str, int]:
         c = self.counters
         return {
+            "running": c.active,
+            "waiting": 0,
             "started": c.started,
             "finished": c.finished,
             "cancelled": c.cancelled,

@@ -1,23 +1,35 @@
 """The FastAPI application: ``create_app(settings, models=None)`` builds everything.
 
-Models either come in ready (tests pass fakes via ``models=``; the caller keeps ownership) or are
-loaded by the lifespan from ``settings.models`` and closed when the server stops.  Model code
-never runs on the event loop: ``generate`` is async and backed by the model's engine thread.
+Models either come in ready (tests pass fakes via ``models=``; the caller keeps ownership, and
+the app is ready at once) or are loaded from ``settings.models`` AFTER start-up, in a worker
+thread, by :class:`~gateway.loading.ModelLoader`: ``/health`` answers during the load, ``/ready``
+says 503 until the last model is in, and the loader closes what it loaded when the server stops.
+Model code never runs on the event loop: ``generate`` is async and backed by the model's engine
+thread.
+
+Middleware, outermost first: CORS (only with ``cors_origins``; it answers preflights before any
+key check), the request counter of ``/metrics``, API-key auth (only with keys), then the routes.
 """
 
 from __future__ import annotations
 
+import asyncio
 import logging
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import AsyncIterator, Iterable, Mapping
 from contextlib import asynccontextmanager
 
 from fastapi import FastAPI
+from starlette.middleware.cors import CORSMiddleware
 
 from adapters.base import ChatModel
+from gateway.auth import ApiKeyAuth, warn_if_open
 from gateway.catalog import ModelCatalog
 from gateway.errors import install_error_handlers
+from gateway.lifecycle import Lifecycle
+from gateway.loading import ModelLoader
+from gateway.metrics import GatewayMetrics, RequestCounter
 from gateway.routes import routers
-from gateway.settings import ModelEntry, ServerSettings
+from gateway.settings import ServerSettings
 
 logger = logging.getLogger(__name__)
 
@@ -27,27 +39,31 @@ VERSION = "0.1.0"
 def create_app(
     settings: ServerSettings | None = None, models: Mapping[str, ChatModel] | None = None
 ) -> FastAPI:
-    """The app.  ``models`` (id -> model) replaces loading ``settings.models``; aliases of a
-    settings entry with the same id still apply."""
+    """The app.  ``models`` (id -> model) replaces loading ``settings.models``; aliases and
+    defaults of a settings entry with the same id still apply."""
     settings = settings or ServerSettings()
     aliases = {entry.id: entry.aliases for entry in settings.models}
+    defaults = {entry.id: entry.defaults.given() for entry in settings.models}
+    lifecycle = Lifecycle("ready" if models is not None else "loading")
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        loaded: dict[str, ChatModel] = {}
+        warn_if_open(settings.host, settings.api_keys)
+        loader: ModelLoader | None = None
+        task: asyncio.Task[None] | None = None
+        if models is None:
+            loader = ModelLoader(app, settings, lifecycle)
+            task = asyncio.create_task(loader.run())
+            if not settings.models:
+                logger.warning("no model configured: every model request will be a 404")
         try:
-            if models is None:
-                for entry in settings.models:
-                    loaded[entry.id] = load_model(entry)
-                app.state.catalog = ModelCatalog.build(loaded, aliases)
             yield
         finally:
-            for model_id, model in loaded.items():
-                logger.info("closing model %s", model_id)
-                try:
-                    model.close()
-                except Exception:  # one model failing to close must not keep the others open
-                    logger.exception("closing model %s failed", model_id)
+            lifecycle.drain()
+            if loader is not None and task is not None:
+                loader.stop()
+                await task  # a load in progress finishes first, so that it can be closed
+                loader.close()
 
     app = FastAPI(
         title="chatglm-gateway",
@@ -56,29 +72,32 @@ def create_app(
         lifespan=lifespan,
     )
     app.state.settings = settings
-    app.state.catalog = ModelCatalog.build(models or {}, aliases)
+    app.state.lifecycle = lifecycle
+    if models is not None:
+        app.state.catalog = ModelCatalog.build(models, aliases, defaults)
+    else:
+        app.state.catalog = ModelCatalog.build(
+            {}, pending={name: e.id for e in settings.models for name in (e.id, *e.aliases)})
+
+    def served_models() -> Iterable[tuple[str, ChatModel]]:
+        catalog: ModelCatalog = app.state.catalog
+        return [(model_id, served.model) for model_id, served in catalog]
+
+    app.state.metrics = metrics = GatewayMetrics(served_models)
     install_error_handlers(app)
     for router in routers():
         app.include_router(router)
+    # add_middleware puts each new one outside the previous: add innermost first.
+    if settings.api_keys:
+        app.add_middleware(ApiKeyAuth, keys=settings.api_keys)
+    app.add_middleware(RequestCounter, metrics=metrics)
+    if settings.cors_origins:
+        app.add_middleware(
+            CORSMiddleware,
+            allow_origins=list(settings.cors_origins),
+            allow_methods=["GET", "POST", "OPTIONS"],
+            # "*": the openai SDKs send a changing set of x-stainless-* headers from browsers.
+            allow_headers=["*"],
+            max_age=600,
+        )
     return app
-
-
-def load_model(entry: ModelEntry) -> ChatModel:
-    """Load one configured model through the adapters' registry."""
-    # Imported here: the registry pulls in torch, which tests with injected models never need.
-    from adapters.registry import load_chat_model
-
-    logger.info("loading model %s from %s", entry.id, entry.path)
-    model: ChatModel = load_chat_model(
-        entry.id,
-        entry.path,
-        family=entry.family,
-        dtype=entry.dtype,
-        device=entry.device,
-        quantize=entry.quantize,
-        system_policy=entry.system_policy,
-        description=entry.description,
-    )
-    logger.info("model %s ready (%s, context %d)", entry.id, model.info.family,
-                model.info.context_length)
-    return model

@@ -3,8 +3,11 @@
 ::
 
     chatglm-gateway serve --model ID=PATH [--model ID=PATH ...] [--dtype float32|bfloat16|float16]
-                          [--device cpu|cuda] [--host 127.0.0.1] [--port 8000] [--config PATH]
-                          [--log-level info]
+                          [--device cpu|cuda] [--quantize 4|8|int4-g128] [--host 127.0.0.1]
+                          [--port 8000] [--config PATH] [--log-level info]
+                          [--api-key KEY ...] [--api-key-file PATH] [--cors-origin ORIGIN ...]
+                          [--max-running N] [--max-waiting M] [--shutdown-grace SECONDS]
+    chatglm-gateway chat [--base-url URL | --checkpoint PATH] ...   (see ``chat --help``)
 
 Flags override the environment (``CHATGLM_GATEWAY_*``), which overrides the config file.  With
 no model configured anywhere, a tiny random demo model is served so the gateway can be tried
@@ -23,6 +26,7 @@ from typing import Any
 
 from pydantic import ValidationError
 
+from gateway import terminal
 from gateway.settings import ModelEntry, ServerSettings, load_settings
 
 logger = logging.getLogger("gateway.cli")
@@ -60,6 +64,26 @@ def build_parser() -> argparse.ArgumentParser:
                        help="a TOML or YAML settings file")
     serve.add_argument("--log-level", choices=["critical", "error", "warning", "info", "debug"],
                        help="log level (default info)")
+    serve.add_argument("--quantize", choices=["4", "8", "int4-g128"],
+                       help="weight-only quantization on load for every model")
+    serve.add_argument("--api-key", action="append", default=[], metavar="KEY",
+                       help="accept this bearer key (repeatable; replaces "
+                       "CHATGLM_GATEWAY_API_KEYS and the config file's api_keys)")
+    serve.add_argument("--api-key-file", type=Path, metavar="PATH",
+                       help="accept the keys in this file (one per line, # comments)")
+    serve.add_argument("--cors-origin", action="append", default=[], metavar="ORIGIN",
+                       help="allow this browser origin (repeatable; CORS is off without one)")
+    serve.add_argument("--max-running", type=int, metavar="N",
+                       help="per model: requests decoded together (default 8)")
+    serve.add_argument("--max-waiting", type=int, metavar="M",
+                       help="per model: requests queued beyond --max-running before a 429 "
+                       "(default 64)")
+    serve.add_argument("--shutdown-grace", type=float, metavar="SECONDS",
+                       help="on SIGTERM/SIGINT, how long running requests may take to finish "
+                       "(default 30)")
+    chat = commands.add_parser("chat", help="chat in the terminal (with a running gateway or "
+                               "a local checkpoint)")
+    terminal.add_chat_arguments(chat)
     return parser
 
 
@@ -67,14 +91,19 @@ def settings_from_args(args: argparse.Namespace) -> ServerSettings:
     """Merge flags over environment and config file (flags win)."""
     overrides: dict[str, Any] = {
         key: value for key, value in (
-            ("host", args.host), ("port", args.port), ("log_level", args.log_level)
+            ("host", args.host), ("port", args.port), ("log_level", args.log_level),
+            ("api_key_file", args.api_key_file), ("max_running", args.max_running),
+            ("max_waiting", args.max_waiting), ("shutdown_grace", args.shutdown_grace),
         ) if value is not None
     }
+    for key, values in (("api_keys", args.api_key), ("cors_origins", args.cors_origin)):
+        if values:
+            overrides[key] = tuple(values)
     if args.model:
         overrides["models"] = [ModelEntry(id=i, path=Path(p)) for i, p in args.model]
     settings = load_settings(args.config, **overrides)
-    entry_overrides = {k: v for k, v in (("dtype", args.dtype), ("device", args.device))
-                       if v is not None}
+    entry_overrides = {k: v for k, v in (("dtype", args.dtype), ("device", args.device),
+                                         ("quantize", args.quantize)) if v is not None}
     if entry_overrides:
         models = tuple(
             ModelEntry.model_validate({**m.model_dump(), **entry_overrides})
@@ -107,25 +136,23 @@ def with_demo_model(
     return settings.model_copy(update={"models": (entry,)})
 
 
-def serve(settings: ServerSettings) -> None:
-    import uvicorn
-
+def serve(settings: ServerSettings) -> int:
     from gateway.app import create_app
+    from gateway.serving import run
 
     logger.info("serving on http://%s:%d", settings.host, settings.port)
-    uvicorn.run(create_app(settings), host=settings.host, port=settings.port,
-                log_level=settings.log_level)
+    return run(create_app(settings), settings)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    if args.command == "chat":
+        return terminal.run_chat(args)
     try:
         settings = settings_from_args(args)
     except (ValidationError, ValueError, FileNotFoundError) as err:
         print(f"chatglm-gateway: invalid settings: {err}", file=sys.stderr)
         return 2
     logging.basicConfig(level=settings.log_level.upper(), format=LOG_FORMAT)
-    if args.command == "serve":
-        settings = with_demo_model(settings, os.environ, args.dtype, args.device)
-        serve(settings)
-    return 0
+    settings = with_demo_model(settings, os.environ, args.dtype, args.device)
+    return serve(settings)

@@ -6,6 +6,7 @@ Gateway error tree (adapter errors, see ``adapters/base.py``, map onto it by typ
 
     GatewayError                                  status  type
      ├── RequestInvalid                           400     invalid_request_error
+     ├── Unauthorized                             401     invalid_request_error / invalid_api_key
      ├── ModelNotFound                            404     invalid_request_error / model_not_found
      ├── RouteNotFound / MethodNotAllowed         404/405 invalid_request_error
      ├── RateLimited       (adapters.Overloaded)  429     rate_limit_error (+ Retry-After)
@@ -74,6 +75,17 @@ class GatewayError(Exception):
 class RequestInvalid(GatewayError):
     status_code = 400
     error_type = INVALID_REQUEST
+
+
+class Unauthorized(GatewayError):
+    """A missing or wrong API key (OpenAI's body and code for both)."""
+
+    status_code = 401
+    error_type = INVALID_REQUEST
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message, code="invalid_api_key",
+                         headers={"WWW-Authenticate": "Bearer"})
 
 
 class ModelNotFound(GatewayError):

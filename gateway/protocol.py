@@ -19,6 +19,7 @@ from __future__ import annotations
 import re
 import time
 import uuid
+from collections.abc import Mapping
 from typing import Annotated, Any, Literal
 
 from pydantic import (
@@ -162,21 +163,13 @@ class ChatCompletionRequest(BaseModel):
 
     @field_validator("stop")
     @classmethod
-    def _check_stop(cls, v: str | list[str] | None) -> str | list[str] | None:
-        stops = [v] if isinstance(v, str) else (v or [])
-        if len(stops) > MAX_STOP:
-            raise ValueError(f"At most {MAX_STOP} stop sequences are allowed.")
-        if any(s == "" for s in stops):
-            raise ValueError("Stop sequences must be non-empty strings.")
-        return v
+    def _stop(cls, v: str | list[str] | None) -> str | list[str] | None:
+        return _check_stop(v)
 
     @field_validator("logit_bias")
     @classmethod
-    def _check_logit_bias(cls, v: dict[str, float] | None) -> dict[str, float] | None:
-        for key in v or {}:
-            if not re.fullmatch(r"[0-9]+", key):
-                raise ValueError(f"Logit bias keys must be token ids (integers); got '{key}'.")
-        return v
+    def _bias(cls, v: dict[str, float] | None) -> dict[str, float] | None:
+        return _check_logit_bias(v)
 
     @model_validator(mode="after")
     def _check_combinations(self) -> ChatCompletionRequest:
@@ -201,9 +194,10 @@ class ChatCompletionRequest(BaseModel):
     def to_messages(self) -> tuple[Message, ...]:
         return tuple(Message(role=m.role, content=m.text(), name=m.name) for m in self.messages)
 
-    def to_sampling_params(self) -> SamplingParams:
-        """The adapter's frozen params; unset fields keep the SamplingParams defaults."""
-        given: dict[str, Any] = {
+    def to_sampling_params(self, defaults: Mapping[str, Any] | None = None) -> SamplingParams:
+        """The adapter's frozen params.  A field the request leaves out takes the model's
+        configured default, else the SamplingParams default (OpenAI's semantics)."""
+        return sampling_params({
             "max_tokens": self.max_completion_tokens or self.max_tokens,
             "temperature": self.temperature,
             "top_p": self.top_p,
@@ -214,15 +208,220 @@ class ChatCompletionRequest(BaseModel):
             "repetition_penalty": self.repetition_penalty,
             "logprobs": self.logprobs,
             "top_logprobs": self.top_logprobs,
-        }
-        kwargs = {k: v for k, v in given.items() if v is not None}
-        if self.stop is not None:
-            kwargs["stop"] = (self.stop,) if isinstance(self.stop, str) else tuple(self.stop)
-        if self.logit_bias:
-            kwargs["logit_bias"] = tuple(
-                sorted((int(k), float(b)) for k, b in self.logit_bias.items())
+        }, self.stop, self.logit_bias, defaults)
+
+
+def sampling_params(
+    given: Mapping[str, Any],
+    stop: str | list[str] | None,
+    logit_bias: Mapping[str, float] | None,
+    defaults: Mapping[str, Any] | None,
+) -> SamplingParams:
+    kwargs = {**(defaults or {}), **{k: v for k, v in given.items() if v is not None}}
+    if stop is not None:
+        kwargs["stop"] = (stop,) if isinstance(stop, str) else tuple(stop)
+    if logit_bias:
+        kwargs["logit_bias"] = tuple(sorted((int(k), float(b)) for k, b in logit_bias.items()))
+    return SamplingParams(**kwargs)
+
+
+def _check_stop(v: str | list[str] | None) -> str | list[str] | None:
+    stops = [v] if isinstance(v, str) else (v or [])
+    if len(stops) > MAX_STOP:
+        raise ValueError(f"At most {MAX_STOP} stop sequences are allowed.")
+    if any(s == "" for s in stops):
+        raise ValueError("Stop sequences must be non-empty strings.")
+    return v
+
+
+def _check_logit_bias(v: dict[str, float] | None) -> dict[str, float] | None:
+    for key in v or {}:
+        if not re.fullmatch(r"[0-9]+", key):
+            raise ValueError(f"Logit bias keys must be token ids (integers); got '{key}'.")
+    return v
+
+
+# --------------------------------------------------------------------------- legacy completions
+
+#: OpenAI's default for ``max_tokens`` on /v1/completions (chat has none).
+COMPLETION_MAX_TOKENS = 16
+MAX_LEGACY_LOGPROBS = 5
+
+
+class CompletionRequest(BaseModel):
+    """POST /v1/completions (OpenAI's legacy completions).
+
+    The prompt is fed to the chat model as ONE user turn through its chat format.  Not supported
+    (400): token-id prompts, ``suffix``, ``best_of`` other than ``n``, ``echo`` together with
+    ``logprobs`` (the engine does not score prompt tokens).
+    """
+
+    model_config = _REQUEST_CONFIG
+
+    model: str
+    prompt: str | list[str]
+    best_of: int | None = Field(default=None, ge=1, le=MAX_N)
+    echo: bool | None = None
+    frequency_penalty: Probability | None = None
+    logit_bias: dict[str, Annotated[float, Field(ge=-100.0, le=100.0)]] | None = None
+    logprobs: int | None = Field(default=None, ge=0, le=MAX_LEGACY_LOGPROBS)
+    max_tokens: int | None = Field(default=None, ge=1)
+    n: int | None = Field(default=None, ge=1, le=MAX_N)
+    presence_penalty: Probability | None = None
+    seed: int | None = None
+    stop: str | list[str] | None = None
+    stream: bool | None = None
+    stream_options: StreamOptions | None = None
+    suffix: str | None = None
+    temperature: float | None = Field(default=None, ge=0.0, le=2.0)
+    top_p: float | None = Field(default=None, gt=0.0, le=1.0)
+    user: str | None = None
+    # extensions (vLLM / THUDM demo names)
+    top_k: int | None = Field(default=None, ge=0)
+    repetition_penalty: float | None = Field(default=None, gt=0.0)
+
+    @field_validator("prompt", mode="before")
+    @classmethod
+    def _text_prompt(cls, v: Any) -> Any:
+        if isinstance(v, list):
+            if not v:
+                raise ValueError("'prompt' must not be an empty list.")
+            if any(isinstance(item, int | list) for item in v):
+                raise ValueError("Token-id prompts are not supported by this server (the "
+                                 "prompt goes through the model's chat format); send text.")
+        return v
+
+    @field_validator("stop")
+    @classmethod
+    def _stop(cls, v: str | list[str] | None) -> str | list[str] | None:
+        return _check_stop(v)
+
+    @field_validator("logit_bias")
+    @classmethod
+    def _bias(cls, v: dict[str, float] | None) -> dict[str, float] | None:
+        return _check_logit_bias(v)
+
+    @model_validator(mode="after")
+    def _check_combinations(self) -> CompletionRequest:
+        if self.suffix:
+            raise FieldError("suffix", "'suffix' (insertion) is not supported by ChatGLM models.")
+        if self.best_of is not None and self.best_of != self.choices:
+            raise FieldError("best_of", "'best_of' must equal 'n' (no server-side ranking).")
+        if self.echo and self.logprobs is not None:
+            raise FieldError("logprobs", "'logprobs' together with 'echo' is not supported "
+                             "(prompt tokens are not scored).")
+        if self.stream_options is not None and not self.stream:
+            raise FieldError(
+                "stream_options", "'stream_options' is only allowed when 'stream' is true."
             )
-        return SamplingParams(**kwargs)
+        return self
+
+    @property
+    def choices(self) -> int:
+        return self.n or 1
+
+    @property
+    def prompts(self) -> list[str]:
+        return [self.prompt] if isinstance(self.prompt, str) else list(self.prompt)
+
+    @property
+    def include_usage(self) -> bool:
+        return bool(self.stream_options and self.stream_options.include_usage)
+
+    def to_sampling_params(self, defaults: Mapping[str, Any] | None = None) -> SamplingParams:
+        """As chat; ``max_tokens`` falls back to the model default, then OpenAI's 16."""
+        defaults = {"max_tokens": COMPLETION_MAX_TOKENS, **(defaults or {})}
+        return sampling_params({
+            "max_tokens": self.max_tokens,
+            "temperature": self.temperature,
+            "top_p": self.top_p,
+            "top_k": self.top_k,
+            "seed": self.seed,
+            "presence_penalty": self.presence_penalty,
+            "frequency_penalty": self.frequency_penalty,
+            "repetition_penalty": self.repetition_penalty,
+            "logprobs": True if self.logprobs is not None else None,
+            "top_logprobs": self.logprobs,
+        }, self.stop, self.logit_bias, defaults)
+
+
+class CompletionLogprobs(BaseModel):
+    """OpenAI's legacy logprobs: parallel lists, one entry per generated token."""
+
+    model_config = _RESPONSE_CONFIG
+
+    tokens: list[str]
+    token_logprobs: list[float]
+    top_logprobs: list[dict[str, float]]
+    text_offset: list[int]
+
+
+class CompletionChoice(BaseModel):
+    model_config = _RESPONSE_CONFIG
+
+    text: str
+    index: int
+    logprobs: CompletionLogprobs | None = None
+    finish_reason: FinishReason | None
+
+
+class Completion(BaseModel):
+    """A legacy completion; also each streamed chunk (OpenAI uses one shape for both)."""
+
+    model_config = _RESPONSE_CONFIG
+
+    id: str
+    object: Literal["text_completion"] = "text_completion"
+    created: int
+    model: str
+    choices: list[CompletionChoice]
+    usage: Usage | None = None
+    system_fingerprint: str | None = None
+
+    @model_serializer(mode="wrap")
+    def _drop_null_usage(self, handler: Any) -> dict[str, Any]:
+        data: dict[str, Any] = handler(self)
+        if data.get("usage") is None:
+            data.pop("usage", None)
+        return data
+
+
+def legacy_completion_id() -> str:
+    return f"cmpl-{uuid.uuid4().hex}"
+
+
+# --------------------------------------------------------------------------- ChatGLM's POST /
+
+
+class LegacyMessage(BaseModel):
+    model_config = ConfigDict(extra="allow")
+
+    role: Literal["system", "user", "assistant", "observation"]
+    content: str
+
+
+class ChatGLMRequest(BaseModel):
+    """THUDM's ``api.py`` body.  ``history`` holds ``[query, response]`` pairs (ChatGLM-6B/2) or
+    ``{"role", "content"}`` messages (ChatGLM3's ``chat()`` history).  ``model`` is ours."""
+
+    model_config = ConfigDict(allow_inf_nan=False, extra="allow")
+
+    prompt: str
+    history: list[Annotated[list[str], Field(min_length=2, max_length=2)]] | list[
+        LegacyMessage] | None = None
+    max_length: int | None = None
+    top_p: float | None = Field(default=None, ge=0.0, le=1.0)
+    temperature: float | None = Field(default=None, ge=0.0, le=2.0)
+    model: str | None = None
+
+
+class ChatGLMResponse(BaseModel):
+    model_config = _RESPONSE_CONFIG
+
+    response: str
+    history: list[Any]
+    status: int
+    time: str
 
 
 class FieldError(ValueError):

@@ -14,28 +14,71 @@ Example ``gateway.toml``::
     path = "checkpoints/chatglm3-6b"
     dtype = "bfloat16"
     aliases = ["gpt-3.5-turbo"]
+    quantize = "int4-g128"
+    defaults = { temperature = 0.8, top_p = 0.8 }
+
+Errors in the file name the key and its line (``gateway.toml:9: models.0.quantize: ...``).
 """
 
 from __future__ import annotations
 
 import re
+from collections.abc import Mapping
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 from pydantic_settings import (
     BaseSettings,
+    NoDecode,
     PydanticBaseSettingsSource,
     SettingsConfigDict,
     TomlConfigSettingsSource,
     YamlConfigSettingsSource,
 )
 
+from gateway.config_lines import key_lines, line_of
+
 ENV_PREFIX = "CHATGLM_GATEWAY_"
 
 Dtype = Literal["auto", "float32", "bfloat16", "float16"]
 LogLevel = Literal["critical", "error", "warning", "info", "debug"]
+Quantize = Literal["4", "8", "int4-g128"]
 _DEVICE = re.compile(r"auto|cpu|mps|cuda(:[0-9]+)?")
+
+
+def _comma_separated(v: Any) -> Any:
+    """Environment values are ``a,b,c`` (``CHATGLM_GATEWAY_API_KEYS=k1,k2``); files give lists."""
+    if isinstance(v, str):
+        return tuple(part.strip() for part in v.split(",") if part.strip())
+    return v
+
+
+class SamplingDefaults(BaseModel):
+    """A model's defaults for the sampling fields a request leaves out.
+
+    Without them OpenAI's semantics apply (temperature 1, top_p 1, no max_tokens on chat, 16 on
+    legacy completions).  THUDM's own ``chat()`` uses temperature 0.8 / top_p 0.8 (ChatGLM2/3) or
+    0.95 / 0.7 (ChatGLM-6B): set those here to reproduce THUDM's demos.
+    """
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    temperature: float | None = Field(default=None, ge=0.0, le=2.0)
+    top_p: float | None = Field(default=None, gt=0.0, le=1.0)
+    max_tokens: int | None = Field(default=None, ge=1)
+    top_k: int | None = Field(default=None, ge=0)
+    repetition_penalty: float | None = Field(default=None, gt=0.0)
+
+    def given(self) -> Mapping[str, Any]:
+        return {k: v for k, v in self.model_dump().items() if v is not None}
 
 
 class ModelEntry(BaseModel):
@@ -50,14 +93,23 @@ class ModelEntry(BaseModel):
                                "None = detect from config.json.")
     dtype: Dtype = Field(default="auto", description="Compute dtype; auto = float32 on CPU.")
     device: str = Field(default="auto", description="auto, cpu, cuda, cuda:N or mps.")
-    quantize: Literal["4", "8"] | None = Field(
-        default=None, description="Weight-only quantization on load: '4' or '8' bits.")
+    quantize: Quantize | None = Field(
+        default=None, description="Weight-only quantization on load: '8' or '4' (THUDM's "
+        "per-row int8/int4) or 'int4-g128' (int4 with a scale per 128 columns).")
     system_policy: Literal["prepend", "reject"] = Field(
         default="prepend", description="What to do with system messages for models without a "
         "system role (ChatGLM-6B, ChatGLM2-6B).")
     aliases: tuple[str, ...] = Field(default=(), description="Other names for this model.")
     description: str = Field(default="", description="Shown in /v1/models; default: the "
                              "family's description.")
+    defaults: SamplingDefaults = Field(
+        default_factory=SamplingDefaults,
+        description="Sampling values used when a request omits them.")
+    max_running: int | None = Field(
+        default=None, ge=1, description="Requests decoded together; default: the server's.")
+    max_waiting: int | None = Field(
+        default=None, ge=0, description="Requests queued beyond max_running before 429; "
+        "default: the server's.")
 
     @field_validator("device")
     @classmethod
@@ -84,6 +136,33 @@ class ServerSettings(BaseSettings):
     log_level: LogLevel = "info"
     sse_ping_seconds: float = Field(
         default=15.0, ge=0, description="Keep-alive comment interval on streams (0 = off).")
+    api_keys: Annotated[tuple[str, ...], NoDecode] = Field(
+        default=(), repr=False, description="Accepted bearer keys (none = no authentication); "
+        "comma-separated in the environment.")
+    api_key_file: Path | None = Field(
+        default=None, description="A file of accepted keys, one per line (# starts a comment); "
+        "added to api_keys.")
+    cors_origins: Annotated[tuple[str, ...], NoDecode] = Field(
+        default=(), description="Origins allowed by CORS (none = CORS off); '*' allows any.")
+    shutdown_grace: float = Field(
+        default=30.0, ge=0, description="Seconds running requests may take to finish on "
+        "SIGTERM/SIGINT before they are cancelled.")
+    max_running: int = Field(default=8, ge=1, description="Per model: requests decoded "
+                             "together (one batch).")
+    max_waiting: int = Field(default=64, ge=0, description="Per model: requests queued beyond "
+                             "max_running; more are answered 429.")
+
+    @field_validator("api_keys", "cors_origins", mode="before")
+    @classmethod
+    def _split(cls, v: Any) -> Any:
+        return _comma_separated(v)
+
+    @field_validator("api_keys")
+    @classmethod
+    def _no_blank_key(cls, v: tuple[str, ...]) -> tuple[str, ...]:
+        if any(not key.strip() for key in v):
+            raise ValueError("API keys must not be blank")
+        return v
 
     @field_validator("log_level", mode="before")
     @classmethod
@@ -99,6 +178,41 @@ class ServerSettings(BaseSettings):
                     raise ValueError(f"model name '{name}' is used twice")
                 seen.add(name)
         return self
+
+    @model_validator(mode="after")
+    def _read_key_file(self) -> ServerSettings:
+        if self.api_key_file is not None:
+            self.api_keys = (*self.api_keys, *read_key_file(self.api_key_file))
+            self.api_key_file = None  # read once: a copy of these settings must not add twice
+        return self
+
+    def limits(self, entry: ModelEntry) -> dict[str, int]:
+        """The scheduler limits of one model (its own, else the server's)."""
+        return {
+            "max_running": entry.max_running if entry.max_running is not None
+            else self.max_running,
+            "max_waiting": entry.max_waiting if entry.max_waiting is not None
+            else self.max_waiting,
+        }
+
+
+def read_key_file(path: Path) -> tuple[str, ...]:
+    """One key per line; blank lines and ``#`` comments are skipped."""
+    try:
+        text = Path(path).read_text(encoding="utf-8")
+    except OSError as err:
+        raise ValueError(f"cannot read the API key file {path}: {err.strerror}") from None
+    keys = tuple(
+        stripped for line in text.splitlines()
+        if (stripped := line.split("#", 1)[0].strip())
+    )
+    if not keys:
+        raise ValueError(f"the API key file {path} holds no key")
+    return keys
+
+
+class ConfigError(ValueError):
+    """Invalid settings, each problem named by its key (and line, when it is in the file)."""
 
 
 def load_settings(config_file: Path | None = None, **overrides: Any) -> ServerSettings:
@@ -129,4 +243,21 @@ def load_settings(config_file: Path | None = None, **overrides: Any) -> ServerSe
             )
             return init_settings, env_settings, file_source
 
-    return ServerSettings.model_validate(_WithFile(**overrides).model_dump())
+    try:
+        return ServerSettings.model_validate(_WithFile(**overrides).model_dump())
+    except ValidationError as err:
+        raise config_error(err, path, suffix) from None
+
+
+def config_error(err: ValidationError, path: Path, suffix: str) -> ConfigError:
+    """``path:LINE: key.path: message`` per problem; the line is found by scanning the file
+    for the key (pydantic gives the key path, never a position)."""
+    lines = key_lines(path.read_text(encoding="utf-8"), suffix)
+    problems = []
+    for error in err.errors(include_url=False):
+        loc = tuple(error["loc"])
+        key = ".".join(str(part) for part in loc) or "(settings)"
+        line = line_of(lines, loc)
+        where = f"{path}:{line}" if line is not None else f"{path}"
+        problems.append(f"{where}: {key}: {error['msg']}")
+    return ConfigError("\n".join(problems))

@@ -101,7 +101,7 @@ async def sse_events(
     except Exception as exc:  # the status is sent already: report in-band, then stop
         error = from_exception(exc)
         logger.warning("stream %s ended with an error: %s", meta.id, error.message)
-        yield _json(error.body())
+        yield json_event(error.body())
     finally:
         await stream.aclose()
 
@@ -181,17 +181,17 @@ def _chunk(meta: CompletionMeta, choice: p.ChunkChoice) -> str:
     ).model_dump_json()
 
 
-def _safe_logprob(value: float) -> float:
+def safe_logprob(value: float) -> float:
     return value if math.isfinite(value) and value >= MIN_LOGPROB else MIN_LOGPROB
 
 
 def _token_logprob(t: AdapterTokenLogprob) -> p.TokenLogprob:
     return p.TokenLogprob(
         token=t.token,
-        logprob=_safe_logprob(t.logprob),
+        logprob=safe_logprob(t.logprob),
         bytes=list(t.bytes),
         top_logprobs=[
-            p.TopLogprob(token=a.token, logprob=_safe_logprob(a.logprob), bytes=list(a.bytes))
+            p.TopLogprob(token=a.token, logprob=safe_logprob(a.logprob), bytes=list(a.bytes))
             for a in t.top_logprobs
         ],
     )
@@ -201,5 +201,5 @@ def _logprobs(entries: tuple[AdapterTokenLogprob, ...]) -> p.ChoiceLogprobs:
     return p.ChoiceLogprobs(content=[_token_logprob(t) for t in entries])
 
 
-def _json(body: dict[str, object]) -> str:
+def json_event(body: dict[str, object]) -> str:
     return json.dumps(body, ensure_ascii=False, separators=(",", ":"))

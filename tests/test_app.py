@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import sys
+import time
 import types
 from collections.abc import Iterator
 from pathlib import Path
@@ -148,10 +149,11 @@ def test_lifespan_loads_through_the_registry_and_closes(monkeypatch: pytest.Monk
     monkeypatch.setitem(sys.modules, "adapters.registry", registry)
     settings = ServerSettings(models=(
         ModelEntry(id="a", path=tmp_path, dtype="bfloat16", device="cpu", quantize="8",
-                   system_policy="reject", aliases=("alias-a",)),
+                   system_policy="reject", aliases=("alias-a",), max_running=2),
         ModelEntry(id="b", path=tmp_path),
-    ))
+    ), max_waiting=5)
     with TestClient(create_app(settings)) as c:
+        wait_until_ready(c)
         assert [m["id"] for m in c.get("/v1/models").json()["data"]] == ["a", "b"]
         r = c.post("/v1/chat/completions", json={"model": "alias-a", "messages": MESSAGES})
         assert r.json()["choices"][0]["message"]["content"] == "ok"
@@ -159,7 +161,16 @@ def test_lifespan_loads_through_the_registry_and_closes(monkeypatch: pytest.Monk
     assert all(m.closed for m in loaded)
     assert calls[0] == ("a", tmp_path, {"family": None, "dtype": "bfloat16", "device": "cpu",
                                         "quantize": "8", "system_policy": "reject",
-                                        "description": ""})
+                                        "description": "", "max_running": 2,
+                                        "max_waiting": 5})
+    assert calls[1][2]["max_running"] == 8 and calls[1][2]["max_waiting"] == 5
+
+
+def wait_until_ready(c: TestClient, timeout: float = 5.0) -> None:
+    deadline = time.monotonic() + timeout
+    while c.get("/ready").status_code != 200:
+        assert time.monotonic() < deadline, "the app did not become ready"
+        time.sleep(0.01)
 
 
 def test_injected_models_are_not_closed_by_the_app() -> None:

@@ -17,7 +17,8 @@ REPO = Path(__file__).resolve().parent.parent
 
 @pytest.fixture(autouse=True)
 def clean_env(monkeypatch: pytest.MonkeyPatch) -> None:
-    for name in ("HOST", "PORT", "MODELS", "LOG_LEVEL", "SSE_PING_SECONDS"):
+    for name in ("HOST", "PORT", "MODELS", "LOG_LEVEL", "SSE_PING_SECONDS", "API_KEYS",
+                 "API_KEY_FILE", "CORS_ORIGINS", "MAX_RUNNING", "MAX_WAITING", "SHUTDOWN_GRACE"):
         monkeypatch.delenv(f"CHATGLM_GATEWAY_{name}", raising=False)
 
 
@@ -25,7 +26,7 @@ def clean_env(monkeypatch: pytest.MonkeyPatch) -> None:
 def served(monkeypatch: pytest.MonkeyPatch) -> list[ServerSettings]:
     """Capture what ``serve`` would run instead of starting uvicorn."""
     seen: list[ServerSettings] = []
-    monkeypatch.setattr(cli, "serve", seen.append)
+    monkeypatch.setattr(cli, "serve", lambda settings: seen.append(settings) or 0)
     return seen
 
 

@@ -4,8 +4,10 @@ from __future__ import annotations
 
 from fastapi import APIRouter
 
-from gateway.routes import chat, health, models
+from gateway.routes import chat, completions, health, legacy, metrics, models, web
 
 
 def routers() -> tuple[APIRouter, ...]:
-    return (chat.router, models.router, health.router)
+    # web first: its GET / page and the legacy POST / share the path, by method.
+    return (web.router, chat.router, completions.router, legacy.router, models.router,
+            health.router, metrics.router)

@@ -1,0 +1,105 @@
+"""ChatGLM's original API, ``POST /``, as THUDM's ``api.py`` answers it.
+
+Body ``{prompt, history, max_length, top_p, temperature}`` (plus ``model``, our extension; else
+the first configured model) -> ``{response, history, status: 200, time}``.  Faithful details:
+
+* ``max_length`` is the TOTAL length, prompt included (THUDM ``model.chat`` passes it to
+  ``generate``), so the completion may have ``max_length - prompt tokens`` tokens (400 when that
+  is not positive).
+* Defaults as api.py: ``max_length if max_length else 2048``, ``top_p if top_p else 0.7``,
+  ``temperature if temperature else 0.95`` -- a value of 0 or null takes the default too.
+* ``history`` is ``[[query, response], ...]`` (ChatGLM-6B/2); the answer appends the new pair.
+  ChatGLM3's ``chat()`` keeps ``[{"role", "content"}, ...]`` instead: such a history is accepted
+  and extended the same way (a user and an assistant message, as ChatGLM3's ``chat()`` does).
+* ``time`` is the server's local time as ``%Y-%m-%d %H:%M:%S``.
+
+Errors keep OpenAI's error shape and status (api.py itself only ever failed with a 500).
+"""
+
+from __future__ import annotations
+
+import datetime
+import logging
+from dataclasses import replace
+from typing import Any
+
+from fastapi import APIRouter, Depends, Request, Response
+from fastapi.responses import JSONResponse
+
+from adapters.base import Message, SamplingParams
+from gateway.choices import ChoiceStream
+from gateway.errors import RequestInvalid, validated
+from gateway.generation import CLIENT_CLOSED, admit, resolve_model, start, unless_disconnected
+from gateway.protocol import ChatGLMRequest, ChatGLMResponse, LegacyMessage
+from gateway.streaming import finish_reason
+
+logger = logging.getLogger(__name__)
+router = APIRouter(dependencies=[Depends(admit)])
+
+# THUDM api.py's defaults.
+MAX_LENGTH = 2048
+TOP_P = 0.7
+TEMPERATURE = 0.95
+
+
+@router.post("/", response_model=None)
+async def chatglm_chat(request: Request) -> Response:
+    body = validated(ChatGLMRequest, await request.body())
+    served = resolve_model(request, body.model)
+    model = served.model
+    history = body.history or []
+    params = SamplingParams(temperature=body.temperature or TEMPERATURE, top_p=body.top_p or TOP_P)
+    prompt = model.prepare([*to_messages(history), Message("user", body.prompt)], params)
+    budget = (body.max_length or MAX_LENGTH) - len(prompt.token_ids)
+    if budget < 1:
+        raise RequestInvalid(
+            f"max_length ({body.max_length or MAX_LENGTH}) must exceed the prompt's "
+            f"{len(prompt.token_ids)} tokens (it counts the prompt and the answer).",
+            param="max_length", code="context_length_exceeded")
+    budget = min(budget, prompt.max_tokens)
+    params = replace(params, max_tokens=budget)
+    stream = await start(request, served, [(replace(prompt, max_tokens=budget), params)])
+    try:
+        answer = await unless_disconnected(request, _text(stream))
+    finally:
+        await stream.aclose()
+    if answer is None:
+        logger.info("client left before the answer to POST / finished; generation cancelled")
+        return Response(status_code=CLIENT_CLOSED)
+    reply = ChatGLMResponse(
+        response=answer,
+        history=extended(history, body.prompt, answer),
+        status=200,
+        time=datetime.datetime.now().strftime("%Y-%m-%d %H:%M:%S"),
+    )
+    return JSONResponse(reply.model_dump(mode="json"))
+
+
+def to_messages(history: list[list[str]] | list[LegacyMessage]) -> list[Message]:
+    messages: list[Message] = []
+    for item in history:
+        if isinstance(item, LegacyMessage):
+            messages.append(Message(item.role, item.content))
+        else:
+            query, response = item
+            messages += [Message("user", query), Message("assistant", response)]
+    return messages
+
+
+def extended(history: list[list[str]] | list[LegacyMessage], query: str,
+             response: str) -> list[Any]:
+    if history and isinstance(history[0], LegacyMessage):
+        # ChatGLM3 modeling_chatglm.py chat(): the user turn, then the answer with its metadata.
+        return [*(m.model_dump() for m in history if isinstance(m, LegacyMessage)),
+                {"role": "user", "content": query},
+                {"role": "assistant", "metadata": "", "content": response}]
+    return [*history, [query, response]]
+
+
+async def _text(stream: ChoiceStream) -> str:
+    text = ""
+    async for _, delta in stream:
+        text += delta.text
+        if delta.finish_reason is not None:
+            finish_reason(delta.finish_reason)  # a failed generation raises its error
+    return text
