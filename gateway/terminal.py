@@ -103,7 +103,7 @@ class RemoteBackend:
         # max_retries=0: a person is waiting; a failed turn is reported at once, not in 8 s.
         client = openai.OpenAI(base_url=base_url, api_key=api_key or NO_KEY, max_retries=0)
         try:
-            with _api_errors(base_url):
+            with _api_errors(base_url, key_given=bool(api_key)):
                 cards = {card.id: card for card in client.models.list()}
                 if model is not None and model not in cards:
                     card = client.models.retrieve(model)  # an alias, or a clear 404
@@ -142,7 +142,7 @@ class RemoteBackend:
 
 
 @contextmanager
-def _api_errors(base_url: str) -> Iterator[None]:
+def _api_errors(base_url: str, key_given: bool = True) -> Iterator[None]:
     """openai's exceptions -> :class:`ChatError` with the server's own message."""
     import openai
 
@@ -151,8 +151,11 @@ def _api_errors(base_url: str) -> Iterator[None]:
     except openai.APIStatusError as exc:
         body = exc.body if isinstance(exc.body, dict) else {}
         message = body.get("message") or exc.message
-        hint = " (pass --api-key or set CHATGLM_GATEWAY_API_KEY)" if exc.status_code == 401 else ""
-        raise ChatError(f"{exc.status_code}: {message}{hint}") from exc
+        if exc.status_code == 401:
+            # Without a key the server judged the placeholder: say what is really missing.
+            message = message if key_given else "the server needs an API key"
+            message += " (pass --api-key or set CHATGLM_GATEWAY_API_KEY)"
+        raise ChatError(f"{exc.status_code}: {message}") from exc
     except openai.APIConnectionError as exc:
         raise ChatError(f"cannot reach {base_url}: {exc.message}") from exc
     except openai.APIError as exc:  # an error event inside the stream

@@ -12,13 +12,11 @@ import select
 import subprocess
 import sys
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Generator, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
 import pytest
-from fastapi import FastAPI, Request
-from fastapi.responses import JSONResponse
 
 from adapters.base import InvalidRequest, Message, Prompt, SamplingParams
 from adapters.fake import FakeChatModel
@@ -130,20 +128,6 @@ def terminal() -> Iterator[Callable[..., Terminal]]:
             term.close()
 
 
-def require_key(app: FastAPI) -> FastAPI:
-    """A stand-in for the gateway's key check: /v1/* needs ``Bearer API_KEY``."""
-
-    @app.middleware("http")
-    async def check_key(request: Request, call_next: Callable[[Request], Any]) -> Any:
-        if request.headers.get("authorization") != f"Bearer {API_KEY}":
-            return JSONResponse(status_code=401, content={"error": {
-                "message": "Incorrect API key provided.", "type": "invalid_request_error",
-                "param": None, "code": "invalid_api_key"}})
-        return await call_next(request)
-
-    return app
-
-
 @pytest.fixture(scope="module")
 def fakes() -> dict[str, FakeChatModel]:
     return {
@@ -214,10 +198,14 @@ def test_model_flag_errors_and_end_of_input(
 
 def test_api_key_from_the_environment(terminal: Callable[..., Terminal]) -> None:
     echo = RecordingFake("echo", transform="reverse")
-    with running_server(require_key(create_app(ServerSettings(), models={"echo": echo}))) as url:
+    settings = ServerSettings(api_keys=(API_KEY,))
+    with running_server(create_app(settings, models={"echo": echo})) as url:
         refused = terminal("--base-url", f"{url}/v1")
-        refused.expect("401: Incorrect API key provided. (pass --api-key")
+        refused.expect("401: the server needs an API key (pass --api-key")
         assert refused.exit_code() == 1
+        wrong = terminal("--base-url", f"{url}/v1", "--api-key", "sk-wrong-key")
+        wrong.expect("401: Incorrect API key provided")
+        assert wrong.exit_code() == 1
 
         term = terminal("--base-url", f"{url}/v1", CHATGLM_GATEWAY_API_KEY=API_KEY)
         term.expect(PROMPT)
@@ -269,6 +257,7 @@ def test_local_backend_streams_and_cancels_when_closed_early() -> None:
     try:
         assert "".join(backend.stream([Message("user", "x")])) == "abc"  # max_tokens honoured
         stream = backend.stream([Message("user", "x")])
+        assert isinstance(stream, Generator)
         assert next(stream) == "a"
         stream.close()  # like Ctrl-C: the generation is closed, not left running
         assert fake.counters.cancelled == 1 and fake.counters.active == 0
