@@ -48,13 +48,18 @@ class CompletionMeta:
 
 
 def event_response(events: AsyncIterator[str | ServerSentEvent],
-                   stream: ChoiceStream) -> EventSourceResponse:
+                   stream: ChoiceStream, shutdown_grace: float = 0.0) -> EventSourceResponse:
     """The SSE response; ``stream`` is closed after it in every case (even if the body never
-    started because the client left at once)."""
+    started because the client left at once).
+
+    sse-starlette ends every stream as soon as uvicorn starts shutting down; with
+    ``shutdown_grace`` the stream may first run to its end for that long (the drain).
+    """
     return EventSourceResponse(
         events,
         sep="\n",
         ping=0,  # see the module docstring: sse_events sends the keep-alive comments
+        shutdown_grace_period=shutdown_grace,
         background=BackgroundTask(stream.aclose),
         headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
     )

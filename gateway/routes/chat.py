@@ -43,7 +43,7 @@ async def create_chat_completion(request: Request) -> Response:
     if body.stream:
         events = sse_events(stream, meta, n, include_usage=body.include_usage,
                             ping_seconds=settings.sse_ping_seconds)
-        return event_response(events, stream)
+        return event_response(events, stream, settings.shutdown_grace)
     try:
         completion = await unless_disconnected(request, collect(stream, meta, n))
     finally:

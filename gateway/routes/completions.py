@@ -55,7 +55,7 @@ async def create_completion(request: Request) -> Response:
     if body.stream:
         events = completions.sse_events(stream, plan, include_usage=body.include_usage,
                                         ping_seconds=settings.sse_ping_seconds)
-        return event_response(events, stream)
+        return event_response(events, stream, settings.shutdown_grace)
     try:
         completion = await unless_disconnected(request, completions.collect(stream, plan))
     finally:
