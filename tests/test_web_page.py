@@ -279,6 +279,20 @@ def test_demo_models_carry_a_visible_notice(page: Any, chat_url: str) -> None:
     assert notice.is_hidden()
 
 
+def test_controls_are_labelled_and_reachable_by_keyboard(page: Any, chat_url: str) -> None:
+    open_chat(page, chat_url, "chat")
+    for label, element_id in (("Model", "model"), ("API key", "api-key"), ("Message", "prompt")):
+        assert page.get_by_label(label, exact=True).get_attribute("id") == element_id
+    for name in ("Clear", "Send"):
+        assert page.get_by_role("button", name=name).is_visible()
+    assert page.get_by_role("log", name="Conversation").count() == 1
+    page.focus("#model")
+    page.keyboard.press("Tab")
+    assert page.evaluate("document.activeElement.id") == "api-key"
+    page.keyboard.press("Tab")
+    assert page.evaluate("document.activeElement.id") == "clear"
+
+
 def test_markdown_never_turns_model_text_into_html(page: Any, chat_url: str) -> None:
     page.goto(chat_url + "/")
     html = page.evaluate("""text => {
