@@ -18,6 +18,9 @@ _TOML_KEY = re.compile(r"""^\s*("[^"]*"|'[^']*'|[A-Za-z0-9_.-]+)\s*=""")
 
 
 def _toml_key(raw: str) -> tuple[str, ...]:
+    raw = raw.strip()
+    if len(raw) >= 2 and raw[0] in "\"'" and raw[-1] == raw[0] and raw.count(raw[0]) == 2:
+        return (raw[1:-1],)  # one quoted key may hold dots
     return tuple(part.strip().strip("\"'") for part in raw.split("."))
 
 
@@ -36,12 +39,18 @@ def toml_key_lines(text: str) -> dict[KeyPath, int]:
         header = _TOML_HEADER.match(line)
         if header:
             name = _toml_key(header.group(2))
+            # A prefix naming an array of tables means its latest element ([models.defaults]
+            # after [[models]] is the defaults of the last model), as TOML defines it.
+            table = ()
+            for depth in range(1, len(name)):
+                table = (*table, name[depth - 1])
+                if name[:depth] in counts:
+                    table = (*table, counts[name[:depth]] - 1)
+            table = (*table, name[-1])
             if header.group(1) == "[[":
                 index = counts.get(name, 0)
                 counts[name] = index + 1
-                table = (*name, index)
-            else:
-                table = name
+                table = (*table, index)
             lines.setdefault(table, number)
             continue
         key = _TOML_KEY.match(line)
