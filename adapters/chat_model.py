@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import AsyncIterator, Sequence
+from typing import Any
 
 from adapters.base import (
     ContextLengthExceeded,
@@ -38,6 +39,7 @@ class TorchChatModel:
         system_policy: SystemPolicy = "prepend",
         max_running: int = 8,
         max_waiting: int = 64,
+        **engine_options: Any,
     ):
         self.info = info
         self.spec = spec
@@ -45,7 +47,8 @@ class TorchChatModel:
         self.model = model
         self.system_policy = system_policy
         self.engine = Engine(
-            model, tokenizer, spec, name=info.id, max_running=max_running, max_waiting=max_waiting
+            model, tokenizer, spec, name=info.id, max_running=max_running,
+            max_waiting=max_waiting, **engine_options,
         )
 
     @property

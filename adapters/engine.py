@@ -1,10 +1,17 @@
 """The engine: one thread per loaded model that runs every request's generation.
 
-The engine sees token ids only.  Each step it admits waiting requests (up to ``max_running``),
-prefills one newly admitted request, then decodes one token for every running request in a single
-batched forward (continuous batching: requests join and leave between steps).  Each request keeps its
-own KV cache, sampler (seed, penalties), detokenizer, post-processor and stop matcher, so a request
-gives the same result alone or inside a batch.
+The engine sees token ids only.  Each step it admits waiting requests (up to ``max_running`` and
+within the KV-cache memory budget), prefills one chunk of one newly admitted request, then decodes
+one token for every running request in a single batched forward (continuous batching: requests join
+and leave between steps).  Each request keeps its own KV cache, sampler (seed, penalties),
+detokenizer, post-processor and stop matcher, so a request gives the same result alone or inside a
+batch.
+
+Memory: a finished request's cache is kept in the :class:`PrefixCache` for the next turn of the same
+conversation; that store is shrunk first when running requests need memory.  When the running
+caches alone outgrow the budget, the most recently admitted request is preempted: its cache is
+dropped and it waits again at the head of the queue, to be recomputed (prompt + what it generated
+so far) when memory allows — vLLM's recompute preemption.  Its output is unaffected.
 
 Results go back to the asyncio side through a callback (``deliver``) that the caller makes
 thread-safe; cancellation is a flag the engine checks at every step.  A cancelled, finished or
@@ -34,6 +41,7 @@ from adapters.base import (
 )
 from adapters.detokenize import IncrementalDecoder, StopMatcher
 from adapters.family import CausalLM, FamilySpec, KVCache, StreamPostprocessor, Tokenizer
+from adapters.prefix_cache import PrefixCache
 from adapters.sampling import SamplerState, choose, logprob_entries
 
 logger = logging.getLogger(__name__)
@@ -51,6 +59,9 @@ class Sequence:
     post: StreamPostprocessor
     stop: StopMatcher
     cache: KVCache | None = None
+    #: ids still to feed before decoding (prompt, or prompt + generated after a preemption)
+    pending: list[int] = field(default_factory=list)
+    ready: bool = False  # everything fed: the next step decodes
     generated: list[int] = field(default_factory=list)
     cancelled: bool = False
     done: bool = False
@@ -64,6 +75,7 @@ class EngineStats:
     waiting: int = 0
     generated_tokens: int = 0
     finished: int = 0
+    preempted: int = 0
     #: recent time-to-first-token / time-per-output-token observations (seconds), for /metrics
     ttft: collections.deque[float] = field(default_factory=lambda: collections.deque(maxlen=4096))
     tpot: collections.deque[float] = field(default_factory=lambda: collections.deque(maxlen=4096))
@@ -79,6 +91,9 @@ class Engine:
         name: str,
         max_running: int = 8,
         max_waiting: int = 64,
+        kv_cache_bytes: int = 4 * 1024**3,
+        prefix_cache: bool = True,
+        prefill_chunk: int = 512,
     ):
         self.model = model
         self.tokenizer = tokenizer
@@ -86,6 +101,10 @@ class Engine:
         self.name = name
         self.max_running = max_running
         self.max_waiting = max_waiting
+        self.kv_cache_bytes = kv_cache_bytes
+        # Chunking and reuse need causal attention over the prompt (not ChatGLM-6B's prefix-LM).
+        self.prefill_chunk = prefill_chunk if spec.causal_prompt else 0
+        self.prefix = PrefixCache(kv_cache_bytes if prefix_cache and spec.causal_prompt else 0)
         self.stats = EngineStats()
         self._waiting: collections.deque[Sequence] = collections.deque()
         self._running: list[Sequence] = []
@@ -147,44 +166,64 @@ class Engine:
 
     def _run(self) -> None:
         torch.set_grad_enabled(False)
-        while True:
-            with self._cv:
-                while not self._closed and not self._waiting and not self._running:
-                    self._cv.wait()
-                if self._closed:
-                    pending = list(self._waiting) + self._running
-                    self._waiting.clear()
-                    self._running.clear()
-                    break
-                for seq in [s for s in self._waiting if s.cancelled]:
-                    self._waiting.remove(seq)
-                    seq.done = True
-                while self._waiting and len(self._running) < self.max_running:
-                    self._running.append(self._waiting.popleft())
-                self.stats.running, self.stats.waiting = len(self._running), len(self._waiting)
+        while self._wait_for_work():
             try:
+                self._admit()
                 self._step()
             except Exception:  # a fault in model code must not kill the thread or other clients
                 logger.exception("engine %s: step failed; failing its running requests", self.name)
                 for seq in list(self._running):
                     self._finish(seq, "error")
+                self.prefix.clear()
+        with self._cv:
+            pending = list(self._waiting) + self._running
+            self._waiting.clear()
+            self._running.clear()
         for seq in pending:
             self._finish(seq, "cancelled")
+        self.prefix.clear()
+
+    def _wait_for_work(self) -> bool:
+        with self._cv:
+            while not self._closed and not self._waiting and not self._running:
+                self._cv.wait()
+            return not self._closed
+
+    def _admit(self) -> None:
+        with self._cv:
+            for seq in [s for s in self._waiting if s.cancelled]:
+                self._waiting.remove(seq)
+                seq.done = True
+            while self._waiting and len(self._running) < self.max_running:
+                if not self._fits(self._waiting[0]):
+                    break
+                self._running.append(self._waiting.popleft())
+            self.stats.running, self.stats.waiting = len(self._running), len(self._waiting)
+
+    def _running_bytes(self) -> int:
+        return sum(s.cache.nbytes for s in self._running if s.cache is not None)
+
+    def _fits(self, seq: Sequence) -> bool:
+        """Admit ``seq`` only if its prompt's KV fits next to the running caches (a request alone
+        is always admitted, so a long prompt can never starve); shrink the prefix store first."""
+        if not self._running:
+            return True
+        need = (len(seq.prompt.token_ids) + len(seq.generated)) * self.model.kv_bytes_per_token
+        room = self.kv_cache_bytes - self._running_bytes() - need
+        if room < 0:
+            return False
+        self.prefix.shrink_to(room)
+        return True
 
     def _step(self) -> None:
         for seq in [s for s in self._running if s.cancelled]:
             self._finish(seq, "cancelled")
         if not self._running:
             return
-        fresh = [s for s in self._running if s.cache is None]
-        decoding = [s for s in self._running if s.cache is not None]
-        if fresh:
-            # One prefill per step keeps running streams moving while new requests arrive.
-            seq = fresh[0]
-            cache = seq.cache = self.model.new_cache()
-            with torch.inference_mode():
-                logits = self.model.forward(list(seq.prompt.token_ids), cache)
-            self._advance(seq, logits)
+        filling = [s for s in self._running if not s.ready]
+        decoding = [s for s in self._running if s.ready]
+        if filling:
+            self._prefill(filling[0])
         if decoding:
             caches = [s.cache for s in decoding if s.cache is not None]
             last = [[s.generated[-1]] for s in decoding]
@@ -195,6 +234,41 @@ class Engine:
                     rows = list(self.model.forward_batch(last, caches))
             for seq, row in zip(decoding, rows, strict=True):
                 self._advance(seq, row)
+        self._enforce_budget()
+
+    def _prefill(self, seq: Sequence) -> None:
+        """Feed the next chunk of ``seq``'s pending ids; sample its first token when done."""
+        if seq.cache is None:
+            # A preempted request resumes with what it generated so far (the last id is fed by
+            # the next decode step, as it would have been).
+            target = list(seq.prompt.token_ids) + seq.generated[:-1]
+            found = self.prefix.take(target) if self.prefix.max_bytes else None
+            if found is None:
+                seq.cache, reused = self.model.new_cache(), 0
+            else:
+                seq.cache, reused = found
+            seq.pending = target[reused:]
+        n = len(seq.pending) if self.prefill_chunk <= 0 else self.prefill_chunk
+        chunk, seq.pending = seq.pending[:n], seq.pending[n:]
+        with torch.inference_mode():
+            logits = self.model.forward(chunk, seq.cache)
+        if seq.pending:
+            return
+        seq.ready = True
+        if not seq.generated:
+            self._advance(seq, logits)
+
+    def _enforce_budget(self) -> None:
+        """Running caches over the budget: preempt the newest requests (never the last one)."""
+        while len(self._running) > 1 and self._running_bytes() > self.kv_cache_bytes:
+            victim = self._running.pop()
+            victim.cache, victim.ready, victim.pending = None, False, []
+            self.stats.preempted += 1
+            logger.info("engine %s: KV budget exceeded, preempting a request (%d tokens so far)",
+                        self.name, len(victim.generated))
+            with self._cv:
+                self._waiting.appendleft(victim)
+        self.prefix.shrink_to(self.kv_cache_bytes - self._running_bytes())
 
     def _advance(self, seq: Sequence, logits: torch.Tensor) -> None:
         """Sample the next token of ``seq`` from ``logits`` and deliver what it adds."""
@@ -234,7 +308,10 @@ class Engine:
         seq.done = True
         if seq in self._running:
             self._running.remove(seq)
-        seq.cache = None  # frees the KV memory
+        if seq.cache is not None and seq.ready and reason != "error":
+            # The cache holds the prompt and every generated id but the last (never fed).
+            self.prefix.put(list(seq.prompt.token_ids) + seq.generated[:-1], seq.cache)
+        seq.cache = None  # the request's reference goes; the memory too unless kept for reuse
         self.stats.finished += 1
         if seq.first_token_at is not None and len(seq.generated) > 1:
             self.stats.tpot.append(

@@ -47,6 +47,15 @@ class KVCache(Protocol):
         """Number of positions already in the cache."""
         ...
 
+    @property
+    def nbytes(self) -> int:
+        """Bytes of memory the cache holds."""
+        ...
+
+    def truncate(self, n: int) -> None:
+        """Keep only the first ``n`` positions (families with ``prefix_reuse`` only)."""
+        ...
+
 
 class CausalLM(Protocol):
     """A decoder in torch.  ``forward`` appends ``ids`` to ``cache`` and returns float32 logits of
@@ -56,6 +65,9 @@ class CausalLM(Protocol):
     context_length: int
     device: torch.device
     dtype: torch.dtype
+
+    @property
+    def kv_bytes_per_token(self) -> int: ...
 
     def new_cache(self) -> KVCache: ...
 
@@ -101,4 +113,8 @@ class FamilySpec:
     #: (modeling_chatglm.py: ``outputs.tolist()[0][len(inputs["input_ids"][0]):-1]``), so a
     #: generation cut by the length limit loses its last token there; we reproduce that.
     drop_last_token_on_length: bool = False
+    #: Causal attention over the whole prompt: the KV of a prompt prefix does not depend on what
+    #: follows it, so a cached prefix can be reused and a long prompt prefilled in chunks.
+    #: ChatGLM-6B attends bidirectionally over its context (prefix-LM), so neither holds there.
+    causal_prompt: bool = True
 

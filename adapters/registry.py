@@ -8,6 +8,7 @@ their recorded name), overridable per model with ``family=``.
 from __future__ import annotations
 
 import logging
+import os
 import time
 from pathlib import Path
 
@@ -73,9 +74,16 @@ def load_chat_model(
     system_policy: SystemPolicy = "prepend",
     max_running: int = 8,
     max_waiting: int = 64,
+    kv_cache_bytes: int | None = None,
+    prefix_cache: bool = True,
+    prefill_chunk: int = 512,
     description: str = "",
 ) -> TorchChatModel:
-    """Load the checkpoint folder ``path`` and start its engine thread."""
+    """Load the checkpoint folder ``path`` and start its engine thread.
+
+    ``kv_cache_bytes`` bounds the KV memory of running requests plus the prefix-reuse store
+    (default: a quarter of the machine's RAM on CPU, capped at 8 GiB).
+    """
     folder = Path(path).expanduser()
     if not folder.is_dir():
         raise CheckpointError(f"model '{model_id}': {folder} is not a folder")
@@ -107,4 +115,17 @@ def load_chat_model(
     return TorchChatModel(
         info, spec, tokenizer, model,
         system_policy=system_policy, max_running=max_running, max_waiting=max_waiting,
+        kv_cache_bytes=kv_cache_bytes if kv_cache_bytes is not None else default_kv_bytes(dev),
+        prefix_cache=prefix_cache, prefill_chunk=prefill_chunk,
     )
+
+
+def default_kv_bytes(device: torch.device) -> int:
+    if device.type == "cuda":
+        free, _ = torch.cuda.mem_get_info(device)
+        return int(free * 0.5)
+    try:
+        total = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (ValueError, OSError):  # not every platform reports it
+        return 4 * 1024**3
+    return min(total // 4, 8 * 1024**3)

@@ -149,3 +149,66 @@ def test_full_queue_is_refused_at_once(make_engine) -> None:
     time.sleep(0.05)
     with pytest.raises(Overloaded):
         run(e)
+
+
+def _hash_engine(**kw) -> Engine:
+    from tests.toys import HashLM
+
+    return Engine(HashLM(), ByteTokenizer(), spec(), name="hash", **kw)
+
+
+def _conversation_turns(engine: Engine, turns: int = 5) -> list[str]:
+    """Each turn's prompt = previous prompt + previous answer + a new question, like a chat
+    client resending its history."""
+    history, answers = b"", []
+    for t in range(turns):
+        prompt = history + f"Q{t}: tell me more about item {t}?".encode()
+        c = run(engine, prompt=prompt, max_tokens=12)
+        assert c.final.finish_reason == "length"
+        answers.append(c.text)
+        history = prompt + c.text.encode()
+    return answers
+
+
+def test_prefix_reuse_gives_the_same_answers_and_skips_the_shared_history() -> None:
+    cold, warm = _hash_engine(prefix_cache=False), _hash_engine(prefix_cache=True)
+    try:
+        assert _conversation_turns(warm) == _conversation_turns(cold)
+        assert warm.prefix.hits == 4
+        assert warm.model.fed < cold.model.fed / 2  # type: ignore[attr-defined]
+    finally:
+        cold.close()
+        warm.close()
+
+
+def test_chunked_prefill_equals_one_shot() -> None:
+    one, chunked = _hash_engine(prefix_cache=False), _hash_engine(prefix_cache=False,
+                                                                   prefill_chunk=7)
+    try:
+        prompt = b"a long prompt that is fed seven ids at a time " * 3
+        a, b = run(one, prompt=prompt, max_tokens=10), run(chunked, prompt=prompt, max_tokens=10)
+        assert a.final.finish_reason == b.final.finish_reason == "length"
+        assert a.text == b.text
+        assert chunked.model.calls > one.model.calls  # type: ignore[attr-defined]
+    finally:
+        one.close()
+        chunked.close()
+
+
+def test_kv_budget_preempts_and_recomputes_without_changing_answers() -> None:
+    free, tight = _hash_engine(prefix_cache=False), _hash_engine(
+        prefix_cache=False, kv_cache_bytes=100 * 60)  # room for ~60 ids in all
+    try:
+        prompts = [f"request number {i} asks".encode() for i in range(4)]
+        expected = []
+        for p in prompts:
+            c = run(free, prompt=p, max_tokens=30)
+            assert c.final.finish_reason == "length"
+            expected.append(c.text)
+        cs = [run(tight, prompt=p, max_tokens=30) for p in prompts]
+        assert [c.final.finish_reason for c in cs] == ["length"] * 4
+        assert [c.text for c in cs] == expected
+        assert tight.stats.preempted > 0
+    finally:
+        free.close()
+        tight.close()

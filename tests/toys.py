@@ -28,10 +28,18 @@ class ByteTokenizer:
 @dataclass
 class ToyCache:
     ids: list[int]
+    prompt_len: int = -1
 
     @property
     def length(self) -> int:
         return len(self.ids)
+
+    @property
+    def nbytes(self) -> int:
+        return 100 * len(self.ids)
+
+    def truncate(self, n: int) -> None:
+        del self.ids[n:]
 
 
 class ScriptedLM:
@@ -46,6 +54,8 @@ class ScriptedLM:
         self.dtype = torch.float32
         self.calls = 0
 
+    kv_bytes_per_token = 100
+
     def new_cache(self) -> ToyCache:
         return ToyCache([])
 
@@ -58,11 +68,27 @@ class ScriptedLM:
 
     def forward(self, ids: Sequence[int], cache: ToyCache) -> torch.Tensor:
         self.calls += 1
-        prompt_len = cache.length if cache.ids else len(ids)
+        if cache.prompt_len < 0:
+            cache.prompt_len = len(ids)
         cache.ids.extend(ids)
-        if not hasattr(cache, "prompt_len"):
-            cache.prompt_len = prompt_len  # type: ignore[attr-defined]
-        return self._row(cache.length - cache.prompt_len)  # type: ignore[attr-defined]
+        return self._row(cache.length - cache.prompt_len)
 
     def forward_batch(self, ids_per_seq, caches) -> torch.Tensor:
         return torch.stack([self.forward(i, c) for i, c in zip(ids_per_seq, caches, strict=True)])
+
+
+class HashLM(ScriptedLM):
+    """Next byte = a hash of every id in the cache: any mistake in reusing or truncating a
+    cache changes the output, so reuse can be checked against generation from scratch."""
+
+    def __init__(self) -> None:
+        super().__init__(b"")
+        self.fed = 0  # ids fed in total (what prefix reuse saves)
+
+    def forward(self, ids: Sequence[int], cache: ToyCache) -> torch.Tensor:
+        self.calls += 1
+        self.fed += len(ids)
+        cache.ids.extend(ids)
+        row = torch.zeros(self.padded_vocab_size)
+        row[97 + hash(tuple(cache.ids)) % 26] = 10.0
+        return row

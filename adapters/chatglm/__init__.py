@@ -25,6 +25,7 @@ CHATGLM = FamilySpec(
     read_config=read_config,
     build_prompt=build_prompt,  # type: ignore[arg-type]
     new_postprocessor=ChatGLMStreamPostprocessor,
+    causal_prompt=False,  # prefix-LM: bidirectional attention over the whole context
 )
 
 __all__ = [

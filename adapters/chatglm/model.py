@@ -107,6 +107,13 @@ class ChatGLMCache:
     def commit(self, n: int) -> None:
         self._length += n
 
+    @property
+    def nbytes(self) -> int:
+        """Memory held by this cache (its allocated capacity, not just the used length)."""
+        if self._keys is None or self._values is None:
+            return 0
+        return 2 * self._keys.numel() * self._keys.element_size()
+
     def positions(self, index: int) -> tuple[int, int]:
         """The 2-D position of the token at ``index`` (tokenizer ``_pad`` and
         ``_update_model_kwargs_for_generation``: row 0 stays at the mask, row 1 counts on)."""
@@ -226,6 +233,12 @@ class ChatGLMModel(nn.Module):
         # RotaryEmbedding.__init__: inv_freq = inv_freq.half()
         self._inv_freq = inv_freq.half().float().to(device)
         self.eval()
+
+    @property
+    def kv_bytes_per_token(self) -> int:
+        """KV-cache memory one position takes (keys + values, every layer)."""
+        c = self.config
+        return c.num_layers * 2 * c.hidden_size * self.dtype.itemsize
 
     def new_cache(self) -> ChatGLMCache:
         return ChatGLMCache(self.config, self.dtype, self.device)

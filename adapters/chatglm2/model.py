@@ -90,6 +90,16 @@ class ChatGLM2Cache:
     def commit(self, n: int) -> None:
         self._length += n
 
+    def truncate(self, n: int) -> None:
+        """Forget every position from ``n`` on (prefix reuse: keep the shared prefix only).
+        Causal attention makes the first ``n`` positions independent of what followed them."""
+        self._length = min(self._length, max(n, 0))
+
+    @property
+    def nbytes(self) -> int:
+        """Memory held by this cache (its allocated capacity, not just the used length)."""
+        return self._kv.numel() * self._kv.element_size()
+
 
 def _own(cache: KVCache) -> ChatGLM2Cache:
     if not isinstance(cache, ChatGLM2Cache):
@@ -268,6 +278,12 @@ class ChatGLM2Model(nn.Module):
                                self.config.rope_ratio, dtype, device)
         self.eval()
         self.requires_grad_(False)
+
+    @property
+    def kv_bytes_per_token(self) -> int:
+        """KV-cache memory one position takes (keys + values, every layer)."""
+        c = self.config
+        return c.num_layers * 2 * c.kv_groups * c.kv_channels * self.dtype.itemsize
 
     def new_cache(self) -> ChatGLM2Cache:
         c = self.config
