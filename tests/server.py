@@ -13,14 +13,20 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any
 
+import httpx
 import uvicorn
 
 STARTUP_TIMEOUT = 10.0
 
 
 @contextmanager
-def running_server(app: Any, *, timeout: float = STARTUP_TIMEOUT) -> Iterator[str]:
-    """Serve ``app`` until the block ends; yields the base URL (``http://127.0.0.1:PORT``)."""
+def running_server(app: Any, *, timeout: float = STARTUP_TIMEOUT,
+                   wait_ready: bool = False) -> Iterator[str]:
+    """Serve ``app`` until the block ends; yields the base URL (``http://127.0.0.1:PORT``).
+
+    ``wait_ready``: also wait (within ``timeout``) until ``GET /ready`` says 200, i.e. the
+    models the app loads in the background after start-up are in.
+    """
     sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     sock.bind(("127.0.0.1", 0))
@@ -41,7 +47,12 @@ def running_server(app: Any, *, timeout: float = STARTUP_TIMEOUT) -> Iterator[st
             if time.monotonic() > deadline:
                 raise TimeoutError(f"the test server did not start within {timeout} s")
             time.sleep(0.01)
-        yield f"http://127.0.0.1:{port}"
+        url = f"http://127.0.0.1:{port}"
+        while wait_ready and httpx.get(f"{url}/ready", timeout=5).status_code != 200:
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"the test server was not ready within {timeout} s")
+            time.sleep(0.05)
+        yield url
     finally:
         server.should_exit = True
         thread.join(timeout=10)
