@@ -1,0 +1,141 @@
+"""Decode tokens/s at several batch sizes and 512-token prefill tokens/s, per weight format.
+
+    python -m bench.decode [--modes int4,int8,bf16] [--batches 1,4,8,16] [--layers N] [--preset 6b]
+
+Each mode's model is built in memory (bench/common.py), measured, then freed before the next.
+Decoding goes through the engine's own calls: ``model.forward`` for one sequence and
+``model.forward_batch`` for several.  Every sequence's KV cache is first filled with ``--context``
+random positions (written straight into the cache: prefilling 16 x 512 tokens would take longer
+than the measurement and change nothing about a decode step).  Warm-up steps are excluded; each
+figure is repeated and the best and median are printed, because other processes share the cores.
+Prints a Markdown table; asserts nothing.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import logging
+import time
+
+import torch
+
+from adapters.chatglm2.model import ChatGLM2Cache, ChatGLM2Model
+from bench.common import (
+    ModelShape,
+    Timing,
+    add_model_arguments,
+    build_model,
+    machine_summary,
+    markdown_table,
+    memory_bandwidth,
+    model_bytes,
+    shape_from_args,
+    timed,
+    weight_bytes_per_token,
+)
+
+logger = logging.getLogger("bench.decode")
+
+
+@torch.inference_mode()
+def filled_cache(model: ChatGLM2Model, context: int, gen: torch.Generator) -> ChatGLM2Cache:
+    """A cache holding ``context`` random positions in every layer."""
+    cache = model.new_cache()
+    if context == 0:
+        return cache
+    c = model.config
+    cache.reserve(context)
+    for layer in range(c.num_layers):
+        kv = torch.randn(2, c.kv_groups, context, c.kv_channels, generator=gen).to(model.dtype)
+        cache.write(layer, kv[0], kv[1])
+    cache.commit(context)
+    return cache
+
+
+def decode_timing(model: ChatGLM2Model, batch: int, context: int, steps: int, repeats: int,
+                  gen: torch.Generator) -> Timing:
+    """Seconds per decode step of ``batch`` sequences (``steps`` steps per run)."""
+    caches = [filled_cache(model, context, gen) for _ in range(batch)]
+    vocab = model.config.padded_vocab_size
+    ids = [[int(i)] for i in torch.randint(3, vocab, (batch,), generator=gen)]
+
+    def run() -> None:
+        for _ in range(steps):
+            if batch == 1:  # the engine decodes a lone sequence through forward
+                model.forward(ids[0], caches[0])
+            else:
+                model.forward_batch(ids, caches)
+
+    # Each run appends ``steps`` positions: the context grows by a few percent, no more.
+    t = timed(run, repeats, warmup=1)
+    return Timing(tuple(r / steps for r in t.runs))
+
+
+def prefill_timing(model: ChatGLM2Model, length: int, repeats: int,
+                   gen: torch.Generator) -> Timing:
+    ids = torch.randint(3, model.config.padded_vocab_size, (length,), generator=gen).tolist()
+    model.forward(ids[:16], model.new_cache())  # warm-up: first-call allocations, thread pool
+    runs = []
+    for _ in range(repeats):
+        cache = model.new_cache()
+        start = time.perf_counter()
+        model.forward(ids, cache)
+        runs.append(time.perf_counter() - start)
+    return Timing(tuple(runs))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    add_model_arguments(parser)
+    parser.add_argument("--modes", default="int4,int8,bf16")
+    parser.add_argument("--batches", default="1,4,8,16")
+    parser.add_argument("--context", type=int, default=256,
+                        help="positions already in each sequence's cache when decoding")
+    parser.add_argument("--steps", type=int, default=8, help="decode steps per timed run")
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--prefill", type=int, default=512, help="prompt length (0: skip)")
+    parser.add_argument("--prefill-repeats", type=int, default=2)
+    args = parser.parse_args()
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
+    shape: ModelShape = shape_from_args(args)
+    batches = [int(b) for b in args.batches.split(",")]
+    logger.info("%s; %s", shape.describe(), machine_summary())
+    bandwidth = memory_bandwidth()
+    logger.info("memory bandwidth (torch.sum over 1 GiB fp32, best of 7): %.1f GB/s", bandwidth)
+
+    rows = []
+    for mode in args.modes.split(","):
+        gen = torch.Generator().manual_seed(0)
+        start = time.perf_counter()
+        model = build_model(shape, mode)
+        per_token = weight_bytes_per_token(model)
+        bound = bandwidth * 1e9 / per_token
+        logger.info("%s: built in %.0f s, %.2f GB in memory, %.2f GB read per token, bound %.2f "
+                    "tok/s", mode, time.perf_counter() - start, model_bytes(model) / 1e9,
+                    per_token / 1e9, bound)
+        for batch in batches:
+            t = decode_timing(model, batch, args.context, args.steps, args.repeats, gen)
+            best, median = batch / t.best, batch / t.median
+            logger.info("%s decode batch %d: %.2f tok/s best, %.2f median", mode, batch, best,
+                        median)
+            rows.append([mode, f"decode b={batch}", f"{best:.2f}", f"{median:.2f}",
+                         f"{bound:.2f}" if batch == 1 else "", f"{best / bound:.0%}"
+                         if batch == 1 else f"{best / bound:.2f}x bound"])
+        if args.prefill:
+            t = prefill_timing(model, args.prefill, args.prefill_repeats, gen)
+            logger.info("%s prefill %d: %.1f tok/s best", mode, args.prefill,
+                        args.prefill / t.best)
+            rows.append([mode, f"prefill {args.prefill}", f"{args.prefill / t.best:.1f}",
+                         f"{args.prefill / t.median:.1f}", "", ""])
+        del model
+        gc.collect()
+
+    print(f"\n{shape.describe()}; {machine_summary()}; bandwidth {bandwidth:.1f} GB/s; "
+          f"decode context {args.context}, {args.steps} steps x {args.repeats} runs\n")
+    print(markdown_table(["weights", "phase", "tok/s best", "tok/s median",
+                          "bandwidth bound tok/s", "best / bound"], rows))
+
+
+if __name__ == "__main__":
+    main()
