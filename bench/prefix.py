@@ -1,0 +1,112 @@
+"""Time to first token across the turns of one conversation, with and without prefix reuse.
+
+    python -m bench.prefix [--preset mid] [--mode int4] [--turns 10] [--user-tokens 150]
+
+A chat client resends the whole history every turn, so without reuse turn n prefills every earlier
+turn again.  The engine's prefix cache (``prefix_cache=`` of ``load_chat_model`` / ``Engine``)
+keeps the finished request's KV cache and prefills only what is new.  This script runs the same
+conversation (user turns of ``--user-tokens`` tokens of corpus text, answers of ``--answer-tokens``
+greedy tokens with eos banned, each answer appended to the history as the client would) through a
+random in-memory model served by the real engine, once per setting, and prints each turn's prompt
+length and time to first token.  Asserts nothing.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from adapters.base import Message, SamplingParams
+from adapters.chat_model import TorchChatModel
+from bench.common import (
+    MODES,
+    add_model_arguments,
+    build_model,
+    machine_summary,
+    markdown_table,
+    shape_from_args,
+)
+from bench.workload import NO_EOS, load_tokenizer, served, user_text
+
+logger = logging.getLogger("bench.prefix")
+
+
+@dataclass(frozen=True)
+class Turn:
+    prompt_tokens: int
+    ttft: float
+    answer: str
+
+
+async def one_turn(chat: TorchChatModel, messages: list[Message], max_tokens: int) -> Turn:
+    params = SamplingParams(max_tokens=max_tokens, temperature=0.0, logit_bias=NO_EOS)
+    start = time.perf_counter()
+    prompt = chat.prepare(messages, params)
+    ttft = None
+    parts = []
+    async for delta in chat.generate(prompt, params):
+        if delta.text and ttft is None:
+            ttft = time.perf_counter() - start
+        parts.append(delta.text)
+    return Turn(len(prompt.token_ids), ttft if ttft is not None else time.perf_counter() - start,
+                "".join(parts))
+
+
+def conversation(chat: TorchChatModel, user_turns: list[str], max_tokens: int) -> list[Turn]:
+    messages: list[Message] = []
+    turns = []
+    for text in user_turns:
+        messages.append(Message(role="user", content=text))
+        turn = asyncio.run(one_turn(chat, messages, max_tokens))
+        messages.append(Message(role="assistant", content=turn.answer))
+        turns.append(turn)
+        logger.info("turn %d: %d prompt tokens, TTFT %.2f s", len(turns), turn.prompt_tokens,
+                    turn.ttft)
+    return turns
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    add_model_arguments(parser, default_preset="mid")
+    parser.add_argument("--mode", choices=sorted(MODES), default="int4")
+    parser.add_argument("--turns", type=int, default=10)
+    parser.add_argument("--user-tokens", type=int, default=150)
+    parser.add_argument("--answer-tokens", type=int, default=32)
+    parser.add_argument("--cache-dir", type=Path,
+                        default=Path(tempfile.gettempdir()) / "chatglm-gateway-bench")
+    args = parser.parse_args()
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
+    logging.getLogger("httpx").setLevel(logging.WARNING)  # one line per request otherwise
+    shape = shape_from_args(args)
+    tokenizer = load_tokenizer(args.cache_dir)
+    model = build_model(shape, args.mode)
+    user_turns = [user_text(tokenizer, args.user_tokens, 11 * i) for i in range(args.turns)]
+    results: dict[bool, list[Turn]] = {}
+    for reuse in (False, True):
+        chat = served(model, tokenizer, prefix_cache=reuse, max_running=1)
+        try:
+            asyncio.run(one_turn(chat, [Message(role="user", content="warm up")], 2))
+            logger.info("prefix_cache=%s", reuse)
+            results[reuse] = conversation(chat, user_turns, args.answer_tokens)
+        finally:
+            chat.close()
+
+    rows = []
+    for i, (off, on) in enumerate(zip(results[False], results[True], strict=True), start=1):
+        rows.append([str(i), str(on.prompt_tokens), f"{off.ttft:.2f}", f"{on.ttft:.2f}"])
+    print(f"\n{shape.describe()}; weights {args.mode}; {machine_summary()}; user turns of "
+          f"~{args.user_tokens} tokens, answers of {args.answer_tokens} tokens\n")
+    print(markdown_table(["turn", "prompt tokens", "TTFT s, no reuse", "TTFT s, prefix reuse"],
+                         rows))
+    for reuse, label in ((False, "no reuse"), (True, "prefix reuse")):
+        turns = results[reuse]
+        print(f"\n{label}: TTFT turn {len(turns)} / turn 1 = {turns[-1].ttft / turns[0].ttft:.2f}")
+
+
+if __name__ == "__main__":
+    main()
