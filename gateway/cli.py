@@ -78,6 +78,11 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--max-waiting", type=int, metavar="M",
                        help="per model: requests queued beyond --max-running before a 429 "
                        "(default 64)")
+    serve.add_argument("--kv-cache-memory", type=float, metavar="GIB",
+                       help="per model: GiB of KV cache for running requests and prefix reuse "
+                       "(default: a quarter of RAM up to 8 GiB on CPU)")
+    serve.add_argument("--no-prefix-cache", dest="prefix_cache", action="store_false",
+                       default=None, help="do not reuse the KV cache of earlier turns")
     serve.add_argument("--shutdown-grace", type=float, metavar="SECONDS",
                        help="on SIGTERM/SIGINT, how long running requests may take to finish "
                        "(default 30)")
@@ -94,6 +99,7 @@ def settings_from_args(args: argparse.Namespace) -> ServerSettings:
             ("host", args.host), ("port", args.port), ("log_level", args.log_level),
             ("api_key_file", args.api_key_file), ("max_running", args.max_running),
             ("max_waiting", args.max_waiting), ("shutdown_grace", args.shutdown_grace),
+            ("kv_cache_memory", args.kv_cache_memory), ("prefix_cache", args.prefix_cache),
         ) if value is not None
     }
     for key, values in (("api_keys", args.api_key), ("cors_origins", args.cors_origin)):

@@ -10,8 +10,9 @@ from __future__ import annotations
 import logging
 import os
 import sys
+from collections.abc import Mapping
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import anyio
 
@@ -26,7 +27,7 @@ if TYPE_CHECKING:
 logger = logging.getLogger(__name__)
 
 
-def load_model(entry: ModelEntry, max_running: int, max_waiting: int) -> ChatModel:
+def load_model(entry: ModelEntry, limits: Mapping[str, Any]) -> ChatModel:
     """Load one configured model through the adapters' registry (blocking: run it in a thread)."""
     # Imported here: the registry pulls in torch, which tests with injected models never need.
     from adapters.registry import load_chat_model
@@ -40,15 +41,15 @@ def load_model(entry: ModelEntry, max_running: int, max_waiting: int) -> ChatMod
         quantize=entry.quantize,
         system_policy=entry.system_policy,
         description=entry.description,
-        max_running=max_running,
-        max_waiting=max_waiting,
+        **limits,
     )
     info = model.info
     logger.info(
         "model '%s' ready: family=%s dtype=%s device=%s quantization=%s context=%d "
-        "max_running=%d max_waiting=%d; process resident memory %s",
+        "max_running=%d max_waiting=%d prefix_cache=%s; process resident memory %s",
         info.id, info.family, info.extra.get("dtype", "?"), info.extra.get("device", "?"),
-        entry.quantize or "none", info.context_length, max_running, max_waiting,
+        info.extra.get("quantization", "none"), info.context_length, limits["max_running"],
+        limits["max_waiting"], limits["prefix_cache"],
         resident_memory(),
     )
     return model
@@ -91,8 +92,7 @@ class ModelLoader:
                         entry.path)
             try:
                 limits = self._settings.limits(entry)
-                model = await anyio.to_thread.run_sync(
-                    load_model, entry, limits["max_running"], limits["max_waiting"])
+                model = await anyio.to_thread.run_sync(load_model, entry, limits)
             except Exception as exc:  # the app keeps answering /health; /ready says why
                 logger.exception("loading model '%s' failed", entry.id)
                 self._lifecycle.fail(f"'{entry.id}': {exc}")

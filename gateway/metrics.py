@@ -130,16 +130,23 @@ class RequestCounter:
         if endpoint is None:
             await self.app(scope, receive, send)
             return
-        status = 500  # an exception before any response start is a 500 to the client
+        started = False
+
+        def record(status: int) -> None:
+            model = str(scope.get("state", {}).get("model", ""))
+            self.metrics.requests.labels(model, endpoint, str(status)).inc()
 
         async def send_and_record(message: Any) -> None:
-            nonlocal status
+            nonlocal started
             if message["type"] == "http.response.start":
-                status = message["status"]
+                # Counted when the status is sent, not when the app returns: a client that
+                # read the whole body may scrape before the app's call has unwound.
+                started = True
+                record(message["status"])
             await send(message)
 
         try:
             await self.app(scope, receive, send_and_record)
         finally:
-            model = str(scope.get("state", {}).get("model", ""))
-            self.metrics.requests.labels(model, endpoint, str(status)).inc()
+            if not started:
+                record(500)  # an exception before any response start is a 500 to the client

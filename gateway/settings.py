@@ -110,6 +110,11 @@ class ModelEntry(BaseModel):
     max_waiting: int | None = Field(
         default=None, ge=0, description="Requests queued beyond max_running before 429; "
         "default: the server's.")
+    kv_cache_memory: float | None = Field(
+        default=None, gt=0, description="GiB of KV cache (running requests + prefix reuse); "
+        "default: the server's.")
+    prefix_cache: bool | None = Field(
+        default=None, description="Reuse the KV cache of earlier turns; default: the server's.")
 
     @field_validator("device")
     @classmethod
@@ -151,6 +156,12 @@ class ServerSettings(BaseSettings):
                              "together (one batch).")
     max_waiting: int = Field(default=64, ge=0, description="Per model: requests queued beyond "
                              "max_running; more are answered 429.")
+    kv_cache_memory: float | None = Field(
+        default=None, gt=0, description="Per model: GiB of KV cache for running requests and "
+        "the prefix-reuse store (default: a quarter of RAM up to 8 GiB on CPU, half the free "
+        "memory on CUDA).")
+    prefix_cache: bool = Field(default=True, description="Per model: keep recent "
+                               "conversations' KV cache and reuse the longest shared prefix.")
 
     @field_validator("api_keys", "cors_origins", mode="before")
     @classmethod
@@ -186,13 +197,18 @@ class ServerSettings(BaseSettings):
             self.api_key_file = None  # read once: a copy of these settings must not add twice
         return self
 
-    def limits(self, entry: ModelEntry) -> dict[str, int]:
-        """The scheduler limits of one model (its own, else the server's)."""
+    def limits(self, entry: ModelEntry) -> dict[str, Any]:
+        """The scheduler limits of one model (its own, else the server's), as keyword
+        arguments of ``adapters.registry.load_chat_model``."""
+        gib = entry.kv_cache_memory if entry.kv_cache_memory is not None else self.kv_cache_memory
         return {
             "max_running": entry.max_running if entry.max_running is not None
             else self.max_running,
             "max_waiting": entry.max_waiting if entry.max_waiting is not None
             else self.max_waiting,
+            "kv_cache_bytes": None if gib is None else int(gib * 1024**3),
+            "prefix_cache": entry.prefix_cache if entry.prefix_cache is not None
+            else self.prefix_cache,
         }
 
 

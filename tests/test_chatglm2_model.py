@@ -15,7 +15,7 @@ from torch import nn
 
 from adapters.chatglm2 import CHATGLM2
 from adapters.chatglm2.config import ChatGLM2Config, detect_version, read_config
-from adapters.chatglm2.model import ChatGLM2Model, PreQuantizedCheckpointError, load_model
+from adapters.chatglm2.model import ChatGLM2Model, load_model
 from adapters.checkpoint import CheckpointError
 from tests.conftest import checkpoint_dir, oracle
 
@@ -247,13 +247,11 @@ def test_loading_errors_name_the_tensor(tmp_path: Path) -> None:
         load(write_checkpoint(tmp_path / "wrong", BASE_CONFIG, wrong, "bin"))
 
 
-def test_prequantized_folder_is_a_clear_not_implemented(tmp_path: Path) -> None:
+def test_quantization_bit_with_full_precision_weights_is_a_clear_error(tmp_path: Path) -> None:
     cfg = BASE_CONFIG | {"quantization_bit": 4}
     folder = write_checkpoint(tmp_path, cfg, random_state_dict(BASE_CONFIG), "bin")
-    with pytest.raises(PreQuantizedCheckpointError, match="int4") as info:
+    with pytest.raises(CheckpointError, match="int4"):
         load(folder)
-    assert isinstance(info.value, NotImplementedError)
-    assert isinstance(info.value, CheckpointError)
 
 
 def test_the_four_linears_can_be_swapped_by_name(base_folder: Path) -> None:
@@ -288,7 +286,7 @@ def test_family_row_loads_the_model(base_folder: Path) -> None:
     cfg = CHATGLM2.read_config(base_folder)
     model = CHATGLM2.load_model(base_folder, cfg, dtype=torch.float32, device="cpu")
     assert model.padded_vocab_size == 96 and model.context_length == 160
-    with pytest.raises(NotImplementedError):
+    with pytest.raises(ValueError, match="quantization"):
         CHATGLM2.load_model(base_folder, cfg, dtype=torch.float32, device="cpu", quantize="int8")
 
 
@@ -439,7 +437,11 @@ def test_reference_logits_and_greedy(reference: tuple[ChatGLM2Model, dict]) -> N
         assert generated == case["greedy_new_ids"], label
 
 
-def test_reference_prequantized_folder_is_refused() -> None:
-    folder = checkpoint_dir("chatglm2-6b-int8-tiny")
-    with pytest.raises(PreQuantizedCheckpointError, match="int8"):
-        load(folder)
+def test_reference_prequantized_folder_loads_weight_only_int8_layers() -> None:
+    from adapters.quant import Int8Linear
+
+    model = load(checkpoint_dir("chatglm2-6b-int8-tiny"))
+    layer = model.transformer.encoder.layers[0]
+    assert isinstance(layer.self_attention.query_key_value, Int8Linear)
+    assert isinstance(layer.mlp.dense_4h_to_h, Int8Linear)
+    assert torch.isfinite(model.forward([64790, 64792, 100], model.new_cache())).all()

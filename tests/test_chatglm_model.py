@@ -222,9 +222,12 @@ def test_reference_smallvocab_full_logits() -> None:
         assert generated == raw["greedy_new_ids"]
 
 
-def test_reference_int4_is_refused_clearly() -> None:
+def test_reference_int4_loads_weight_only_int4_layers() -> None:
+    from adapters.quant import Int4Linear
+
     folder = checkpoint_dir("chatglm-6b-int4-tiny")
     config = read_config(folder)
     assert config.quantization_bit == 4
-    with pytest.raises(CheckpointError, match="pre-quantized int4"):
-        load_model(folder, config, dtype=torch.float32, device="cpu")
+    model = load_model(folder, config, dtype=torch.bfloat16, device="cpu")
+    assert isinstance(model.transformer.layers[0].attention.query_key_value, Int4Linear)
+    assert torch.isfinite(model.forward([5, 6, 130001, 130004], model.new_cache())).all()

@@ -58,14 +58,27 @@ def write(tmp_path: Path, name: str, text: str) -> Path:
     return path
 
 
+DEFAULT_MEMORY = {"kv_cache_bytes": None, "prefix_cache": True}
+
+
+def test_kv_cache_memory_and_prefix_cache_flags(tmp_path: Path) -> None:
+    path = write(tmp_path, "gateway.toml", TOML)
+    args = cli.build_parser().parse_args([
+        "serve", "--config", str(path), "--kv-cache-memory", "1.5", "--no-prefix-cache"])
+    settings = cli.settings_from_args(args)
+    limits = settings.limits(settings.models[0])
+    assert limits["kv_cache_bytes"] == int(1.5 * 1024**3)
+    assert limits["prefix_cache"] is False
+
+
 def test_toml_defaults_quantize_and_limits(tmp_path: Path) -> None:
     settings = load_settings(write(tmp_path, "gateway.toml", TOML))
     first, second = settings.models
     assert first.quantize == "int4-g128" and second.quantize == "8"
     assert dict(first.defaults.given()) == {"temperature": 0.8, "top_p": 0.8}
     assert dict(second.defaults.given()) == {"max_tokens": 512}
-    assert settings.limits(first) == {"max_running": 4, "max_waiting": 2}
-    assert settings.limits(second) == {"max_running": 4, "max_waiting": 64}
+    assert settings.limits(first) == {"max_running": 4, "max_waiting": 2, **DEFAULT_MEMORY}
+    assert settings.limits(second) == {"max_running": 4, "max_waiting": 64, **DEFAULT_MEMORY}
     assert settings.cors_origins == ("https://a.example",)
 
 
@@ -75,7 +88,7 @@ def test_yaml_defaults_quantize_and_limits(tmp_path: Path) -> None:
     assert first.quantize == "4"
     assert dict(first.defaults.given()) == {"temperature": 0.95, "top_p": 0.7}
     assert dict(second.defaults.given()) == {}
-    assert settings.limits(second) == {"max_running": 1, "max_waiting": 10}
+    assert settings.limits(second) == {"max_running": 1, "max_waiting": 10, **DEFAULT_MEMORY}
 
 
 def test_cli_flags_override_limits_and_quantize(tmp_path: Path) -> None:
@@ -87,7 +100,8 @@ def test_cli_flags_override_limits_and_quantize(tmp_path: Path) -> None:
     settings = cli.settings_from_args(args)
     assert (settings.max_running, settings.max_waiting, settings.shutdown_grace) == (2, 9, 5.0)
     assert [m.quantize for m in settings.models] == ["4", "4"]
-    assert settings.limits(settings.models[0]) == {"max_running": 2, "max_waiting": 2}
+    assert settings.limits(settings.models[0]) == {"max_running": 2, "max_waiting": 2,
+                                                   **DEFAULT_MEMORY}
     assert settings.cors_origins == ("https://b.example",)
     assert settings.api_keys == ("k1", "k2")
 

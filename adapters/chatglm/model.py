@@ -114,6 +114,13 @@ class ChatGLMCache:
             return 0
         return 2 * self._keys.numel() * self._keys.element_size()
 
+    def truncate(self, n: int) -> None:
+        """Forget generated positions from ``n`` on.  The context itself cannot be cut: it is
+        attended bidirectionally, so its keys depend on all of it."""
+        if n < self.context_length:
+            raise ValueError("a ChatGLM-6B cache cannot be cut inside its context")
+        self._length = min(self._length, n)
+
     def positions(self, index: int) -> tuple[int, int]:
         """The 2-D position of the token at ``index`` (tokenizer ``_pad`` and
         ``_update_model_kwargs_for_generation``: row 0 stays at the mask, row 1 counts on)."""
@@ -270,35 +277,35 @@ class ChatGLMModel(nn.Module):
         context (everything before ``<sop>``, seen bidirectionally) and the mask position.
         Later calls append generated ids, causally.
         """
-        cache = _own(cache)
+        kv = _own(cache)
         ids = [int(i) for i in ids]
         n = len(ids)
         if n == 0:
             raise ValueError("forward needs at least one id")
         c = self.config
-        start = cache.length
+        start = kv.length
         if start == 0:
-            cache.context_length = ids.index(c.bos_token_id) if c.bos_token_id in ids else n
+            kv.context_length = ids.index(c.bos_token_id) if c.bos_token_id in ids else n
             # tokenizer _pad: mask_token = MASK if MASK in input else gMASK
             mask_token = c.mask_token_id if c.mask_token_id in ids else c.gmask_token_id
-            cache.mask_position = ids.index(mask_token) if mask_token in ids else None
-        cache.reserve(n)
+            kv.mask_position = ids.index(mask_token) if mask_token in ids else None
+        kv.reserve(n)
         tokens = torch.tensor([ids], dtype=torch.long, device=self.device)
-        positions = torch.tensor([[cache.positions(j) for j in range(start, start + n)]],
+        positions = torch.tensor([[kv.positions(j) for j in range(start, start + n)]],
                                  dtype=torch.long, device=self.device)
         query = torch.arange(start, start + n, device=self.device)[:, None]
         key = torch.arange(start + n, device=self.device)[None, :]
         # get_masks: tril, plus every query sees the whole context; True = masked.
-        blocked = (key > query) & (key >= cache.context_length)
+        blocked = (key > query) & (key >= kv.context_length)
         mask = blocked if bool(blocked.any()) else None
 
         def attend(layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> tuple[
                 torch.Tensor, torch.Tensor, torch.Tensor | None]:
-            keys, values = cache.write(layer, start, k[0], v[0])
+            keys, values = kv.write(layer, start, k[0], v[0])
             return keys[None], values[None], mask
 
         logits = self._run(tokens, positions, attend)
-        cache.commit(n)
+        kv.commit(n)
         return logits[0]
 
     @torch.inference_mode()

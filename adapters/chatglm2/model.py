@@ -27,10 +27,6 @@ _SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 _INITIAL_CACHE = 64
 
 
-class PreQuantizedCheckpointError(CheckpointError, NotImplementedError):
-    """A THUDM pre-quantized folder (``quantization_bit`` 4/8): not loadable by this module."""
-
-
 # --------------------------------------------------------------------------- cache
 
 
