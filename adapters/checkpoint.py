@@ -7,20 +7,35 @@ Supported layouts (as published on the hub):
 * ``model.safetensors`` or ``model-0000N-of-0000M.safetensors`` + ``model.safetensors.index.json``
 
 ``.bin`` files are read with ``torch.load(weights_only=True, mmap=True)`` (no code from the
-pickle runs) and safetensors with mmap, one shard at a time, so a loader that copies each tensor
-into its module and drops the reference never holds two copies of the weights.
+pickle runs); safetensors files are read tensor by tensor with plain reads (their header says where
+each tensor lies).  A loader that copies each tensor into its module and drops the reference never
+holds two copies of the weights.
+
+Resident memory: pages of a memory-mapped file count in the process's RSS for as long as the
+mapping lives, so a 4 GB ``pytorch_model.bin`` would add 4 GB to the peak while it loads.  After each
+``.bin`` tensor has been consumed its pages are handed back with ``madvise(MADV_DONTNEED)`` (safe on
+the read-only private mapping torch makes: a later access re-reads the file), and safetensors are
+not mapped at all.
 """
 
 from __future__ import annotations
 
+import ctypes
 import json
 import logging
+import mmap
+import struct
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 
 import torch
 
 logger = logging.getLogger(__name__)
+
+_MADV_DONTNEED = 4
+_PAGE = mmap.PAGESIZE
+_LIBC = ctypes.CDLL(None) if sys.platform.startswith("linux") else None
 
 
 class CheckpointError(Exception):
@@ -65,23 +80,72 @@ def shard_files(folder: Path) -> list[Path]:
     )
 
 
-def _iter_file(path: Path) -> Iterator[tuple[str, torch.Tensor]]:
-    if path.suffix == ".safetensors":
-        from safetensors import safe_open
+_SAFETENSORS_DTYPES = {
+    "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+    "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8,
+    "U8": torch.uint8, "BOOL": torch.bool,
+}
 
-        with safe_open(str(path), framework="pt", device="cpu") as f:
-            for name in f.keys():  # noqa: SIM118 - safe_open is not a dict
-                yield name, f.get_tensor(name)
+
+def _iter_safetensors(path: Path) -> Iterator[tuple[str, torch.Tensor]]:
+    """The safetensors format: an 8-byte little-endian header size, a JSON header of
+    ``{name: {dtype, shape, data_offsets}}``, then the raw little-endian data."""
+    with open(path, "rb") as f:
+        (size,) = struct.unpack("<Q", f.read(8))
+        try:
+            header = json.loads(f.read(size))
+        except json.JSONDecodeError as exc:
+            raise CheckpointError(f"{path}: unreadable safetensors header: {exc}") from exc
+        base = 8 + size
+        header.pop("__metadata__", None)
+        for name, info in sorted(header.items(), key=lambda kv: kv[1]["data_offsets"][0]):
+            dtype = _SAFETENSORS_DTYPES.get(info.get("dtype"))
+            if dtype is None:
+                raise CheckpointError(f"{path}: tensor {name} has unsupported dtype {info.get('dtype')}")
+            start, end = info["data_offsets"]
+            tensor = torch.empty(info["shape"], dtype=dtype)
+            if tensor.nbytes != end - start:
+                raise CheckpointError(f"{path}: tensor {name} has {end - start} bytes for shape "
+                                      f"{info['shape']}")
+            f.seek(base + start)
+            buffer = memoryview(tensor.view(-1).view(torch.uint8).numpy())
+            if tensor.nbytes and f.readinto(buffer) != end - start:
+                raise CheckpointError(f"{path}: file ends inside tensor {name}")
+            yield name, tensor
+
+
+def _release_pages(tensor: torch.Tensor) -> None:
+    """Give the pages of a memory-mapped tensor back to the kernel (Linux; no-op elsewhere)."""
+    if _LIBC is None or tensor.nbytes < _PAGE:
         return
+    start = tensor.untyped_storage().data_ptr()
+    end = start + tensor.untyped_storage().nbytes()
+    first = (start + _PAGE - 1) // _PAGE * _PAGE  # whole pages inside this storage only
+    last = end // _PAGE * _PAGE
+    if last > first:
+        _LIBC.madvise(ctypes.c_void_p(first), ctypes.c_size_t(last - first), _MADV_DONTNEED)
+
+
+def _iter_bin(path: Path) -> Iterator[tuple[str, torch.Tensor]]:
+    mapped = True
     try:
         state = torch.load(str(path), map_location="cpu", weights_only=True, mmap=True)
     except RuntimeError:
         # Files written with the legacy (non-zip) serializer cannot be memory-mapped.
-        state = torch.load(str(path), map_location="cpu", weights_only=True)
+        state, mapped = torch.load(str(path), map_location="cpu", weights_only=True), False
     if not isinstance(state, dict):
         raise CheckpointError(f"{path} does not hold a state dict")
     for name in list(state.keys()):
-        yield name, state.pop(name)
+        tensor = state.pop(name)
+        yield name, tensor
+        if mapped:
+            _release_pages(tensor)
+
+
+def _iter_file(path: Path) -> Iterator[tuple[str, torch.Tensor]]:
+    if path.suffix == ".safetensors":
+        return _iter_safetensors(path)
+    return _iter_bin(path)
 
 
 def iter_tensors(folder: Path) -> Iterator[tuple[str, torch.Tensor]]:
