@@ -103,14 +103,19 @@ def _iter_safetensors(path: Path) -> Iterator[tuple[str, torch.Tensor]]:
             if dtype is None:
                 raise CheckpointError(f"{path}: tensor {name} has unsupported dtype {info.get('dtype')}")
             start, end = info["data_offsets"]
-            tensor = torch.empty(info["shape"], dtype=dtype)
-            if tensor.nbytes != end - start:
+            shape = info["shape"]
+            expected = dtype.itemsize * int(torch.Size(shape).numel())
+            if end - start != expected:
                 raise CheckpointError(f"{path}: tensor {name} has {end - start} bytes for shape "
-                                      f"{info['shape']}")
-            f.seek(base + start)
-            buffer = memoryview(tensor.view(-1).view(torch.uint8).numpy())
-            if tensor.nbytes and f.readinto(buffer) != end - start:
-                raise CheckpointError(f"{path}: file ends inside tensor {name}")
+                                      f"{shape}")
+            if expected == 0:
+                tensor = torch.empty(shape, dtype=dtype)
+            else:
+                buffer = bytearray(expected)  # the tensor below shares this memory: no copy
+                f.seek(base + start)
+                if f.readinto(buffer) != expected:
+                    raise CheckpointError(f"{path}: file ends inside tensor {name}")
+                tensor = torch.frombuffer(buffer, dtype=torch.uint8).view(dtype).reshape(shape)
             yield name, tensor
 
 
