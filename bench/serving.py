@@ -1,7 +1,7 @@
 """Streaming throughput and time to first token through the HTTP gateway, against the same model
 and requests run straight through the engine in-process: the gateway's overhead per token.
 
-    python -m bench.http [--preset mid] [--quantize 4] [--concurrency 1,4,8,16] [--max-tokens 32]
+    python -m bench.serving [--preset mid] [--quantize 4] [--concurrency 1,4,8,16] [--max-tokens 32]
 
 1. Writes (once, reused) a random mid-size checkpoint folder in THUDM's layout (safetensors) with
    the demo tokenizer, under ``--cache-dir``.
@@ -46,7 +46,7 @@ from bench.workload import (
     write_checkpoint,
 )
 
-logger = logging.getLogger("bench.http")
+logger = logging.getLogger("bench.serving")
 MODEL_ID = "bench"
 STARTUP_TIMEOUT = 600.0
 
