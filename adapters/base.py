@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 from typing import Literal, Protocol, runtime_checkable
 
 Role = Literal["system", "developer", "user", "assistant", "observation", "tool"]
-FinishReason = Literal["stop", "length", "cancelled", "error"]
+FinishReason = Literal["stop", "length", "tool_calls", "cancelled", "error"]
 
 
 # --------------------------------------------------------------------------- errors
@@ -72,12 +72,32 @@ class ModelUnavailable(AdapterError):
 
 
 @dataclass(frozen=True)
+class ToolCall:
+    """A function call the model made (or made earlier in the conversation).
+    ``arguments`` is a JSON object as text, as in OpenAI's API."""
+
+    name: str
+    arguments: str
+    id: str = ""
+
+
+@dataclass(frozen=True)
+class Tool:
+    """A function the model may call: OpenAI's ``tools[].function``."""
+
+    name: str
+    description: str = ""
+    parameters: dict[str, object] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
 class Message:
     """One chat message. ``content`` is plain text (the gateway joins text parts)."""
 
     role: Role
     content: str
     name: str | None = None
+    tool_calls: tuple[ToolCall, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -114,6 +134,8 @@ class Prompt:
     token_ids: tuple[int, ...]
     max_tokens: int
     text: str = ""  # the prompt as a string, for logs and debugging only
+    #: the request offered tools and the model can call them: answers may be tool calls
+    tools: bool = False
 
 
 @dataclass(frozen=True)
@@ -155,6 +177,7 @@ class Delta:
     logprobs: tuple[TokenLogprob, ...] = ()
     finish_reason: FinishReason | None = None
     usage: Usage | None = None
+    tool_calls: tuple[ToolCall, ...] = ()  # only on the last Delta, with finish "tool_calls"
 
 
 @dataclass(frozen=True)
@@ -183,7 +206,11 @@ class ChatModel(Protocol):
 
     info: ModelInfo
 
-    def prepare(self, messages: Sequence[Message], params: SamplingParams) -> Prompt: ...
+    def prepare(
+        self, messages: Sequence[Message], params: SamplingParams, *, tools: Sequence[Tool] = ()
+    ) -> Prompt:
+        """``tools``: functions the model may call; ignored by models without a tool format."""
+        ...
 
     def generate(self, prompt: Prompt, params: SamplingParams) -> AsyncIterator[Delta]: ...
 

@@ -20,6 +20,7 @@ from adapters.base import (
     ModelInfo,
     Prompt,
     SamplingParams,
+    Tool,
 )
 from adapters.conversation import SystemPolicy, to_pairs, to_turns
 from adapters.engine import Engine
@@ -55,11 +56,14 @@ class TorchChatModel:
     def context_length(self) -> int:
         return self.model.context_length
 
-    def prepare(self, messages: Sequence[Message], params: SamplingParams) -> Prompt:
+    def prepare(
+        self, messages: Sequence[Message], params: SamplingParams, *, tools: Sequence[Tool] = ()
+    ) -> Prompt:
+        tools = tools if self.spec.supports_tools else ()  # no tool format: offered tools unused
         if self.spec.conversation_style == "pairs":
             conv = to_pairs(messages, self.system_policy)
         else:
-            conv = to_turns(messages)
+            conv = to_turns(messages, tools)
         ids, text = self.spec.build_prompt(self.tokenizer, conv)
         for token_id, _ in params.logit_bias:
             if not 0 <= token_id < self.tokenizer.vocab_size:
@@ -73,7 +77,7 @@ class TorchChatModel:
         if max_new < 1 or len(ids) + max_new > ctx:
             raise ContextLengthExceeded(len(ids), max(max_new, 1), ctx)
         self.engine.check_capacity()
-        return Prompt(token_ids=tuple(ids), max_tokens=max_new, text=text)
+        return Prompt(token_ids=tuple(ids), max_tokens=max_new, text=text, tools=bool(tools))
 
     async def generate(self, prompt: Prompt, params: SamplingParams) -> AsyncIterator[Delta]:
         loop = asyncio.get_running_loop()

@@ -135,7 +135,7 @@ class Engine:
             deliver=deliver,
             sampler=SamplerState(params, self.tokenizer.vocab_size, prompt.token_ids),
             decoder=IncrementalDecoder(self.tokenizer),
-            post=self.spec.new_postprocessor(),
+            post=self.spec.new_postprocessor(prompt.tools),
             stop=StopMatcher(params.stop),
         )
         with self._cv:
@@ -327,7 +327,10 @@ class Engine:
             else:
                 rest += seq.stop.flush()
         usage = Usage(prompt_tokens=len(seq.prompt.token_ids), completion_tokens=len(seq.generated))
-        seq.deliver(Delta(text=rest, finish_reason=reason, usage=usage))
+        calls = seq.post.tool_calls if reason != "error" else ()
+        if calls:
+            reason = "tool_calls"
+        seq.deliver(Delta(text=rest, finish_reason=reason, usage=usage, tool_calls=calls))
 
     def _logprobs(
         self, logits: torch.Tensor, token: int, params: SamplingParams

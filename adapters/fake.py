@@ -35,6 +35,8 @@ from adapters.base import (
     Prompt,
     SamplingParams,
     TokenLogprob,
+    Tool,
+    ToolCall,
     TopLogprob,
     Usage,
 )
@@ -78,6 +80,7 @@ class FakeChatModel:
         prepare_error: AdapterError | None = None,
         max_running: int | None = None,
         description: str = "Deterministic fake model for tests",
+        tool_call: ToolCall | None = None,
     ) -> None:
         if piece_chars < 1:
             raise ValueError("piece_chars must be >= 1")
@@ -92,6 +95,10 @@ class FakeChatModel:
         self._fail_after = fail_after
         self._prepare_error = prepare_error
         self._max_running = max_running
+        self._tool_call = tool_call  # answer with this call when a request offers tools
+        #: the tools offered and the (role, content) conversation of each prepare() call
+        self.tools_seen: list[tuple[Tool, ...]] = []
+        self.conversations: list[list[tuple[str, str]]] = []
         self._closed = False
         self._answers: dict[tuple[int, ...], str] = {}
         self.counters = FakeCounters()
@@ -100,8 +107,12 @@ class FakeChatModel:
 
     # ------------------------------------------------------------------ ChatModel
 
-    def prepare(self, messages: Sequence[Message], params: SamplingParams) -> Prompt:
+    def prepare(
+        self, messages: Sequence[Message], params: SamplingParams, *, tools: Sequence[Tool] = ()
+    ) -> Prompt:
         """Fake tokenization: one token per character of ``"role: content"`` lines."""
+        self.tools_seen.append(tuple(tools))
+        self.conversations.append([(m.role, m.content) for m in messages])
         if self._closed:
             raise ModelUnavailable(f"Model '{self.info.id}' has been closed.")
         if self._prepare_error is not None:
@@ -121,11 +132,15 @@ class FakeChatModel:
         # The answer is a pure function of the messages, so a cache keyed by the prompt ids is
         # safe and keeps Prompt free of fake-only fields.
         self._answers[token_ids] = self._answer(messages)
-        return Prompt(token_ids=token_ids, max_tokens=wanted, text=text)
+        return Prompt(token_ids=token_ids, max_tokens=wanted, text=text, tools=bool(tools))
 
     async def generate(self, prompt: Prompt, params: SamplingParams) -> AsyncIterator[Delta]:
         """Yield one Delta per piece; the last one carries finish_reason and usage."""
         self.calls.append(params)
+        if prompt.tools and self._tool_call is not None:
+            yield Delta(finish_reason="tool_calls", tool_calls=(self._tool_call,),
+                        usage=Usage(len(prompt.token_ids), 1))
+            return
         answer = self._answers.get(prompt.token_ids, prompt.text)
         pieces = self._sample(self._split(answer), params)
         prompt_tokens = len(prompt.token_ids)

@@ -19,6 +19,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 if TYPE_CHECKING:
     import torch
 
+    from adapters.base import ToolCall
     from adapters.conversation import Conversation
 
 
@@ -89,6 +90,9 @@ class StreamPostprocessor(Protocol):
     ``process(raw_text)`` of the family's official post-processing.
     """
 
+    #: set by ``finish`` when the answer was a tool call (only if created with ``tools=True``)
+    tool_calls: tuple[ToolCall, ...]
+
     def feed(self, text: str) -> str: ...
 
     def finish(self) -> str: ...
@@ -108,7 +112,7 @@ class FamilySpec:
     load_model: Callable[..., CausalLM]  # (path, config, dtype=, device=, quantize=) -> CausalLM
     read_config: Callable[[Path], Any]
     build_prompt: Callable[[Tokenizer, Conversation], tuple[list[int], str]]
-    new_postprocessor: Callable[[], StreamPostprocessor]
+    new_postprocessor: Callable[[bool], StreamPostprocessor]  # (tools offered) -> processor
     #: ChatGLM3's chat() drops the last generated id, assuming it is eos
     #: (modeling_chatglm.py: ``outputs.tolist()[0][len(inputs["input_ids"][0]):-1]``), so a
     #: generation cut by the length limit loses its last token there; we reproduce that.
@@ -117,4 +121,7 @@ class FamilySpec:
     #: follows it, so a cached prefix can be reused and a long prompt prefilled in chunks.
     #: ChatGLM-6B attends bidirectionally over its context (prefix-LM), so neither holds there.
     causal_prompt: bool = True
+    #: The model has a tool-call format (ChatGLM3): offered tools reach the prompt and answers
+    #: may come back as tool calls.
+    supports_tools: bool = False
 

@@ -49,6 +49,13 @@ _INT8_K_MULTIPLE = 16
 #: bounds the per-layer transient at a few tens of MB for 6B-sized linears.
 _CONVERT_ROWS = 4096
 _KERNEL_DTYPE = torch.bfloat16
+#: From this many activation rows (tokens in one call: a prefill) on, a kernel-path layer
+#: dequantises its whole weight to bf16 once and runs one bf16 GEMM (oneDNN/MKL) instead of the
+#: fused kernels: ``_weight_int4pack_mm_for_cpu`` re-dequantises the weight for every block of 4
+#: rows (int4mm_kernel.cpp ``BLOCK_M = 4``) and ``_weight_int8pack_mm`` scales the same way, so
+#: their cost grows linearly with the rows while a GEMM's barely does.  Crossover measured with
+#: ``python -m bench.kernels`` on a 2-core AVX-512 CPU (torch 2.13): see bench/README.md.
+DEQUANT_MIN_ROWS = 64
 
 
 @dataclass(frozen=True)
@@ -247,6 +254,44 @@ def kernel_available(kind: str, device: str) -> bool:
     return ok
 
 
+def unpack_int4_cpu(packed: torch.Tensor, n: int, k: int, block: int) -> torch.Tensor:
+    """``_convert_weight_to_int4pack_for_cpu``'s bytes -> bf16 ``[k, n]`` (the weight TRANSPOSED)
+    holding ``u - 8``, for ``n`` a multiple of ``block``.
+
+    int4mm_kernel.cpp ``weight_to_int4pack_kernel``: rows are packed in blocks of ``block`` (64 with
+    AVX-512, 32 with AVX2) as ``[n / block, k, block / 2]`` bytes whose LOW nibble is row ``j`` and
+    HIGH nibble row ``j + block / 2`` of the block.  Writing ``[k, n]`` keeps both the reads and the
+    writes in contiguous runs of ``block / 2`` (the ``[n, k]`` order is ~1.5x slower), and
+    ``x @ wt`` takes the transposed operand as is.
+    """
+    half = block // 2
+    pb = packed.view(torch.uint8).view(n // block, k, half)
+    wt = torch.empty(k, n // block, block, dtype=_KERNEL_DTYPE, device=packed.device)
+    wt[:, :, :half] = (pb & 0xF).permute(1, 0, 2)
+    wt[:, :, half:] = (pb >> 4).permute(1, 0, 2)
+    return wt.view(k, n).sub_(8)
+
+
+@functools.cache
+def int4_cpu_block() -> int | None:
+    """The row block of torch's CPU int4 packing on this machine (64 or 32), found by packing a
+    probe matrix and unpacking it with :func:`unpack_int4_cpu`; ``None`` when neither layout
+    matches (a future torch): the layers then keep the fused kernel for every call."""
+    gen = torch.Generator().manual_seed(0)
+    u = torch.randint(0, 16, (128, 64), generator=gen, dtype=torch.int32)
+    try:
+        packed = _int4_kernel_ops("cpu")[0](u, 1)
+    except (RuntimeError, NotImplementedError, AttributeError):
+        return None
+    for block in (64, 32):
+        if packed.numel() * 2 == u.numel() and torch.equal(
+            unpack_int4_cpu(packed, 128, 64, block).T.to(torch.int32) + 8, u
+        ):
+            return block
+    logger.warning("unknown CPU int4 packing layout: int4 prefill keeps the fused kernel")
+    return None
+
+
 # --------------------------------------------------------------------------- layers
 
 
@@ -266,6 +311,11 @@ class _WeightOnlyLinear(nn.Module):
     def _kernel_matmul(self, xk: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError
 
+    def _dequant_matmul(self, xk: torch.Tensor) -> torch.Tensor | None:
+        """``_kernel_matmul``'s result through a bf16 copy of the weight and one GEMM (for many
+        rows), or ``None`` where that path does not exist."""
+        return None
+
     def _stored_weight(self) -> torch.Tensor:
         raise NotImplementedError
 
@@ -284,7 +334,10 @@ class _WeightOnlyLinear(nn.Module):
             xk = x2.to(_KERNEL_DTYPE)
             if self.k_pad != self.in_features:
                 xk = nn.functional.pad(xk, (0, self.k_pad - self.in_features))
-            y = self._kernel_matmul(xk.contiguous())
+            xk = xk.contiguous()
+            y = self._dequant_matmul(xk) if xk.shape[0] >= DEQUANT_MIN_ROWS else None
+            if y is None:
+                y = self._kernel_matmul(xk)
             if self.bias is not None:
                 y = y + self.bias.float()
             y = y.to(x.dtype)
@@ -343,6 +396,12 @@ class Int8Linear(_WeightOnlyLinear):
 
     def _kernel_matmul(self, xk: torch.Tensor) -> torch.Tensor:
         acc = torch.ops.aten._weight_int8pack_mm(xk, self.weight, self._unit_scale)
+        return acc.float() * self.weight_scale.float()
+
+    def _dequant_matmul(self, xk: torch.Tensor) -> torch.Tensor | None:
+        # int8 values are exact in bf16: the same bf16 product of x and q as the kernel's, then
+        # the same fp32 row scaling.
+        acc = nn.functional.linear(xk, self.weight.to(_KERNEL_DTYPE))
         return acc.float() * self.weight_scale.float()
 
 
@@ -420,6 +479,18 @@ class Int4Linear(_WeightOnlyLinear):
         if self.scales is not None:
             w = w * self.scales.repeat_interleave(self.group_size, dim=1)[:, : self.in_features]
         return w if self.row_scale is None else w * self.row_scale.float()[:, None]
+
+    def _dequant_matmul(self, xk: torch.Tensor) -> torch.Tensor | None:
+        # Per-row scales only: the unpacked q (integers in [-8, 7]) is exact in bf16 and the row
+        # scale is applied in fp32 as on the kernel path.  Group scales would have to be folded
+        # into the bf16 weight, rounding it, so group-wise layers keep the kernel.
+        n_pad = self.packed.shape[0]
+        block = int4_cpu_block() if self.packed.device.type == "cpu" else None
+        if not self.per_row or block is None or n_pad % block:
+            return None
+        wt = unpack_int4_cpu(self.packed, n_pad, self.k_pad, block)
+        y = (xk @ wt[:, : self.out_features]).float()
+        return y if self.row_scale is None else y * self.row_scale.float()
 
     def _kernel_matmul(self, xk: torch.Tensor) -> torch.Tensor:
         mm = _int4_kernel_ops(self.packed.device.type)[1]

@@ -31,12 +31,10 @@ from pydantic import (
     model_validator,
 )
 
-from adapters.base import Message, SamplingParams
+from adapters.base import Message, SamplingParams, Tool, ToolCall
 
 #: OpenAI request fields this gateway accepts and ignores (documented in the README).
 IGNORED_FIELDS: tuple[str, ...] = (
-    "tools",
-    "tool_choice",
     "response_format",
     "parallel_tool_calls",
     "service_tier",
@@ -84,6 +82,39 @@ class TextContentPart(BaseModel):
         return self
 
 
+class FunctionCall(BaseModel):
+    model_config = _REQUEST_CONFIG
+
+    name: str = Field(min_length=1)
+    arguments: str = ""
+
+
+class ToolCallParam(BaseModel):
+    """An earlier tool call in an assistant message."""
+
+    model_config = _REQUEST_CONFIG
+
+    id: str | None = None
+    type: Literal["function"] = "function"
+    function: FunctionCall
+
+
+class FunctionDefinition(BaseModel):
+    model_config = _REQUEST_CONFIG
+
+    name: str = Field(min_length=1, max_length=64)
+    description: str | None = None
+    parameters: dict[str, Any] | None = None
+    strict: bool | None = None  # accepted, not enforced
+
+
+class ToolDefinition(BaseModel):
+    model_config = _REQUEST_CONFIG
+
+    type: Literal["function"]
+    function: FunctionDefinition
+
+
 class ChatMessage(BaseModel):
     """One input message.  ``content`` may be null only for assistant messages."""
 
@@ -92,7 +123,7 @@ class ChatMessage(BaseModel):
     role: Literal["system", "developer", "user", "assistant", "tool"]
     content: str | list[TextContentPart] | None = None
     name: str | None = None
-    tool_calls: list[Any] | None = None  # accepted (assistant history), ignored
+    tool_calls: list[ToolCallParam] | None = None
     tool_call_id: str | None = None
 
     @model_validator(mode="after")
@@ -151,7 +182,7 @@ class ChatCompletionRequest(BaseModel):
     stream_options: StreamOptions | None = None
     temperature: float | None = Field(default=None, ge=0.0, le=2.0)
     tool_choice: Any | None = None
-    tools: Any | None = None
+    tools: list[ToolDefinition] | None = None
     top_logprobs: int | None = Field(default=None, ge=0, le=MAX_TOP_LOGPROBS)
     top_p: float | None = Field(default=None, gt=0.0, le=1.0)
     user: str | None = None
@@ -192,7 +223,23 @@ class ChatCompletionRequest(BaseModel):
         return bool(self.stream_options and self.stream_options.include_usage)
 
     def to_messages(self) -> tuple[Message, ...]:
-        return tuple(Message(role=m.role, content=m.text(), name=m.name) for m in self.messages)
+        return tuple(
+            Message(role=m.role, content=m.text(), name=m.name, tool_calls=tuple(
+                ToolCall(name=c.function.name, arguments=c.function.arguments, id=c.id or "")
+                for c in m.tool_calls or ()))
+            for m in self.messages
+        )
+
+    def to_tools(self) -> tuple[Tool, ...]:
+        """Offered tools; none when ``tool_choice`` is ``"none"``.  ChatGLM3 cannot be forced
+        to call a tool, so ``"required"`` or a named tool act like ``"auto"``."""
+        if not self.tools or self.tool_choice == "none":
+            return ()
+        return tuple(
+            Tool(name=t.function.name, description=t.function.description or "",
+                 parameters=t.function.parameters or {})
+            for t in self.tools
+        )
 
     def to_sampling_params(self, defaults: Mapping[str, Any] | None = None) -> SamplingParams:
         """The adapter's frozen params.  A field the request leaves out takes the model's
@@ -476,12 +523,43 @@ class Usage(BaseModel):
     total_tokens: int
 
 
+class ResponseFunction(BaseModel):
+    model_config = _RESPONSE_CONFIG
+
+    name: str
+    arguments: str
+
+
+class ResponseToolCall(BaseModel):
+    model_config = _RESPONSE_CONFIG
+
+    id: str
+    type: Literal["function"] = "function"
+    function: ResponseFunction
+
+
+class ChunkToolCall(ResponseToolCall):
+    index: int
+
+
+def tool_call_id() -> str:
+    return f"call_{uuid.uuid4().hex[:24]}"
+
+
 class AssistantMessage(BaseModel):
     model_config = _RESPONSE_CONFIG
 
     role: Literal["assistant"] = "assistant"
     content: str | None
     refusal: str | None = None
+    tool_calls: list[ResponseToolCall] | None = None
+
+    @model_serializer(mode="wrap")
+    def _drop_unset_tool_calls(self, handler: Any) -> dict[str, Any]:
+        data: dict[str, Any] = handler(self)
+        if data.get("tool_calls") is None:
+            data.pop("tool_calls", None)
+        return data
 
 
 FinishReason = Literal["stop", "length", "tool_calls", "content_filter", "function_call"]
@@ -515,6 +593,7 @@ class ChoiceDelta(BaseModel):
 
     role: Literal["assistant"] | None = None
     content: str | None = None
+    tool_calls: list[ChunkToolCall] | None = None
 
     @model_serializer(mode="wrap")
     def _drop_none(self, handler: Any) -> dict[str, Any]:

@@ -3,7 +3,7 @@
 The stream is a straight line, per OpenAI's format:
 
 1. per choice, a chunk with ``delta: {"role": "assistant", "content": ""}``;
-2. content chunks (a Delta with no text and no logprobs is skipped);
+2. content chunks (a Delta with no text and no logprobs is skipped), or a tool-call chunk;
 3. per choice, a chunk with an empty delta and ``finish_reason``;
 4. with ``stream_options.include_usage``: a chunk with ``choices: []`` and ``usage``;
 5. ``data: [DONE]``.
@@ -24,6 +24,7 @@ from dataclasses import dataclass
 from sse_starlette import EventSourceResponse, ServerSentEvent
 from starlette.background import BackgroundTask
 
+from adapters.base import Delta
 from adapters.base import TokenLogprob as AdapterTokenLogprob
 from adapters.base import Usage as AdapterUsage
 from gateway import protocol as p
@@ -91,6 +92,11 @@ async def sse_events(
                     delta=p.ChoiceDelta(content=delta.text),
                     logprobs=_logprobs(delta.logprobs) if delta.logprobs else None,
                 ))
+            if delta.tool_calls:
+                yield _chunk(meta, p.ChunkChoice(index=index, delta=p.ChoiceDelta(tool_calls=[
+                    p.ChunkToolCall(index=i, **call.model_dump())
+                    for i, call in enumerate(_tool_calls(delta))
+                ])))
             if delta.finish_reason is not None:
                 usage.add(delta.usage)
                 yield _chunk(meta, p.ChunkChoice(
@@ -114,12 +120,14 @@ async def sse_events(
 async def collect(stream: ChoiceStream, meta: CompletionMeta, n: int) -> p.ChatCompletion:
     """Aggregate every choice into one non-streamed ChatCompletion."""
     texts = [""] * n
+    calls: list[list[p.ResponseToolCall]] = [[] for _ in range(n)]
     logprobs: list[list[p.TokenLogprob]] = [[] for _ in range(n)]
     finish: list[p.FinishReason] = ["stop"] * n
     usage = _UsageSum()
     wants_logprobs = False
     async for index, delta in stream:
         texts[index] += delta.text
+        calls[index].extend(_tool_calls(delta))
         if delta.logprobs:
             wants_logprobs = True
             logprobs[index].extend(_token_logprob(t) for t in delta.logprobs)
@@ -133,7 +141,11 @@ async def collect(stream: ChoiceStream, meta: CompletionMeta, n: int) -> p.ChatC
         choices=[
             p.Choice(
                 index=i,
-                message=p.AssistantMessage(content=texts[i]),
+                message=p.AssistantMessage(
+                    # OpenAI: content is null on a message that only calls tools
+                    content=texts[i] if texts[i] or not calls[i] else None,
+                    tool_calls=calls[i] or None,
+                ),
                 logprobs=p.ChoiceLogprobs(content=logprobs[i]) if wants_logprobs else None,
                 finish_reason=finish[i],
             )
@@ -154,6 +166,8 @@ def finish_reason(reason: str) -> p.FinishReason:
         return "stop"
     if reason == "length":
         return "length"
+    if reason == "tool_calls":
+        return "tool_calls"
     if reason == "cancelled":
         raise ServiceUnavailable(
             "The generation was cancelled by the server (it is shutting down or the model "
@@ -177,6 +191,14 @@ class _UsageSum:
     def wire(self) -> p.Usage:
         return p.Usage(prompt_tokens=self.prompt, completion_tokens=self.completion,
                        total_tokens=self.prompt + self.completion)
+
+
+def _tool_calls(delta: Delta) -> list[p.ResponseToolCall]:
+    return [
+        p.ResponseToolCall(id=call.id or p.tool_call_id(),
+                           function=p.ResponseFunction(name=call.name, arguments=call.arguments))
+        for call in delta.tool_calls
+    ]
 
 
 def _chunk(meta: CompletionMeta, choice: p.ChunkChoice) -> str:

@@ -16,6 +16,7 @@ import httpx
 import openai
 import pytest
 
+from adapters.chatglm2.tools import TOOLS_PROMPT, parse_call
 from gateway.app import create_app
 from gateway.settings import ModelEntry, ServerSettings
 from tests.conftest import checkpoint_dir, oracle, requires_reference
@@ -26,19 +27,31 @@ pytestmark = requires_reference
 MODELS = ["chatglm-6b-tiny", "chatglm2-6b-tiny", "chatglm3-6b-tiny-safetensors"]
 
 
-def _messages(case: dict, family: str) -> list[dict]:
-    """The OpenAI message list equivalent to the oracle's (query, history)."""
+def _messages(case: dict, family: str) -> tuple[list[dict], list[dict] | None]:
+    """The OpenAI messages (and tools) equivalent to the oracle's (query, history)."""
     msgs: list[dict] = []
+    tools = None
     if family == "v3":
         for turn in case["history"]:
-            msgs.append({"role": "tool" if turn["role"] == "observation" else turn["role"],
-                         "content": turn["content"]})
+            if "tools" in turn:
+                # ChatGLM3's tool system message is what the gateway writes for `tools`
+                assert turn["content"] == TOOLS_PROMPT
+                tools = [{"type": "function", "function": t} for t in turn["tools"]]
+            elif turn.get("metadata"):
+                call = parse_call(turn["metadata"], turn["content"])
+                assert call is not None
+                msgs.append({"role": "assistant", "content": None, "tool_calls": [
+                    {"id": "call_1", "type": "function",
+                     "function": {"name": call.name, "arguments": call.arguments}}]})
+            else:
+                msgs.append({"role": "tool" if turn["role"] == "observation" else turn["role"],
+                             "content": turn["content"]})
         msgs.append({"role": "tool" if case["role"] == "observation" else "user",
-                     "content": case["query"]})
-        return msgs
+                     "content": case["query"], "tool_call_id": "call_1"})
+        return msgs, tools
     for q, a in case["history"]:
         msgs += [{"role": "user", "content": q}, {"role": "assistant", "content": a}]
-    return msgs + [{"role": "user", "content": case["query"]}]
+    return msgs + [{"role": "user", "content": case["query"]}], None
 
 
 def _cases() -> list[tuple[str, str]]:
@@ -49,11 +62,6 @@ def _cases() -> list[tuple[str, str]]:
         except pytest.skip.Exception:
             return [("none", "none")]
         for case in data["cases"]:
-            # ChatGLM3 tool definitions and tool-call turns (metadata) have no plain-message
-            # equivalent in the OpenAI API; tool calling is not served yet.
-            turns = [t for t in case.get("history", []) if isinstance(t, dict)]
-            if any("tools" in t or t.get("metadata") for t in turns):
-                continue
             out.append((name, case["case"]))
     return out
 
@@ -83,10 +91,11 @@ def test_answer_usage_and_logprobs_match_reference(client: openai.OpenAI, name: 
                                                    case_name: str) -> None:
     data = oracle(name)
     case = next(c for c in data["cases"] if c["case"] == case_name)
-    messages = _messages(case, data["family"])
+    messages, tools = _messages(case, data["family"])
+    extra = {"tools": tools} if tools else {}
     r = client.chat.completions.create(
         model=name, messages=messages, temperature=0, max_tokens=16, logprobs=True,
-        top_logprobs=5,
+        top_logprobs=5, **extra,
     )
     choice = r.choices[0]
     assert choice.message.content == case["chat_response"]
@@ -104,7 +113,7 @@ def test_answer_usage_and_logprobs_match_reference(client: openai.OpenAI, name: 
 
     stream = client.chat.completions.create(
         model=name, messages=messages, temperature=0, max_tokens=16, stream=True,
-        stream_options={"include_usage": True},
+        stream_options={"include_usage": True}, **extra,
     )
     pieces, usage = [], None
     for chunk in stream:

@@ -12,6 +12,9 @@ from tests.toys import ByteTokenizer, ScriptedLM
 
 
 class Identity:
+    def __init__(self, tools: bool = False) -> None:
+        self.tool_calls = ()
+
     def feed(self, text: str) -> str:
         return text
 

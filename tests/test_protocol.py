@@ -8,7 +8,7 @@ from typing import Any
 
 import pytest
 
-from adapters.base import Message, SamplingParams
+from adapters.base import Message, SamplingParams, Tool, ToolCall
 from gateway import protocol as p
 from gateway.errors import RequestInvalid, validated
 
@@ -60,13 +60,16 @@ def test_content_parts_and_null_assistant_content() -> None:
         {"role": "system", "content": [{"type": "text", "text": "be brief"}]},
         {"role": "developer", "content": "dev"},
         {"role": "user", "content": [{"type": "text", "text": "a"}, {"type": "text", "text": "b"}]},
-        {"role": "assistant", "content": None, "tool_calls": [{"id": "x"}]},
+        {"role": "assistant", "content": None, "tool_calls": [
+            {"id": "x", "type": "function",
+             "function": {"name": "f", "arguments": "{\"a\": 1}"}}]},
         {"role": "tool", "content": "42", "tool_call_id": "x"},
         {"role": "user", "content": "你好", "name": "li"},
     ])
     assert request.to_messages() == (
         Message("system", "be brief"), Message("developer", "dev"), Message("user", "a\nb"),
-        Message("assistant", ""), Message("tool", "42"), Message("user", "你好", name="li"),
+        Message("assistant", "", tool_calls=(ToolCall("f", '{"a": 1}', "x"),)),
+        Message("tool", "42"), Message("user", "你好", name="li"),
     )
 
 
@@ -173,3 +176,23 @@ def test_chunk_serialization_matches_openai() -> None:
 def test_completion_id_shape() -> None:
     first, second = p.completion_id(), p.completion_id()
     assert first.startswith("chatcmpl-") and first != second
+
+
+def test_tools_are_offered_unless_tool_choice_is_none() -> None:
+    tools = [{"type": "function", "function": {"name": "get_weather", "description": "天气",
+              "parameters": {"type": "object", "properties": {"city": {"type": "string"}}}}}]
+    request = parse(messages=[{"role": "user", "content": "hi"}], tools=tools)
+    assert request.to_tools() == (Tool("get_weather", "天气", tools[0]["function"]["parameters"]),)
+    assert parse(messages=[{"role": "user", "content": "hi"}], tools=tools,
+                 tool_choice="none").to_tools() == ()
+
+
+@pytest.mark.parametrize("tools", [
+    [{"type": "function"}],
+    [{"type": "retrieval", "function": {"name": "x"}}],
+    [{"type": "function", "function": {"name": ""}}],
+    "not a list",
+])
+def test_malformed_tools_are_400(tools) -> None:  # type: ignore[no-untyped-def]
+    with pytest.raises(RequestInvalid):
+        parse(messages=[{"role": "user", "content": "hi"}], tools=tools)

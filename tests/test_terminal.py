@@ -14,11 +14,10 @@ import sys
 import time
 from collections.abc import Callable, Generator, Iterator, Sequence
 from pathlib import Path
-from typing import Any
 
 import pytest
 
-from adapters.base import InvalidRequest, Message, Prompt, SamplingParams
+from adapters.base import InvalidRequest, Message
 from adapters.fake import FakeChatModel
 from gateway.app import create_app
 from gateway.settings import ServerSettings
@@ -40,16 +39,8 @@ PROMPT = "用户："
 API_KEY = "sk-terminal"
 
 
-class RecordingFake(FakeChatModel):
-    """A FakeChatModel that remembers every conversation it was asked to prepare."""
-
-    def __init__(self, *args: Any, **kwargs: Any) -> None:
-        super().__init__(*args, **kwargs)
-        self.conversations: list[list[tuple[str, str]]] = []
-
-    def prepare(self, messages: Sequence[Message], params: SamplingParams) -> Prompt:
-        self.conversations.append([(m.role, m.content) for m in messages])
-        return super().prepare(messages, params)
+# FakeChatModel records every conversation it prepares (``.conversations``).
+RecordingFake = FakeChatModel
 
 
 class Terminal:

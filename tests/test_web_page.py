@@ -10,7 +10,7 @@ from __future__ import annotations
 import logging
 import re
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -18,7 +18,7 @@ import httpx
 import pytest
 from fastapi import FastAPI
 
-from adapters.base import InvalidRequest, Message, Prompt, SamplingParams
+from adapters.base import InvalidRequest
 from adapters.demo import DEMO_DESCRIPTION
 from adapters.fake import FakeChatModel
 from gateway.app import create_app
@@ -41,16 +41,8 @@ PIECE_DELAY = 0.08
 API_KEY = "sk-test-key"
 
 
-class RecordingFake(FakeChatModel):
-    """A FakeChatModel that remembers every conversation it was asked to prepare."""
-
-    def __init__(self, *args: Any, **kwargs: Any) -> None:
-        super().__init__(*args, **kwargs)
-        self.conversations: list[list[tuple[str, str]]] = []
-
-    def prepare(self, messages: Sequence[Message], params: SamplingParams) -> Prompt:
-        self.conversations.append([(m.role, m.content) for m in messages])
-        return super().prepare(messages, params)
+# FakeChatModel records every conversation it prepares (``.conversations``).
+RecordingFake = FakeChatModel
 
 
 def build_app(models: dict[str, FakeChatModel], **settings: Any) -> FastAPI:

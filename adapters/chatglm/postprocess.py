@@ -13,6 +13,8 @@ from __future__ import annotations
 
 import re
 
+from adapters.base import ToolCall
+
 TRAINING_TIME = "[[训练时间]]"
 TRAINING_TIME_VALUE = "2023年"
 # (ASCII regex, full width), in the reference order.
@@ -51,10 +53,11 @@ class ChatGLMStreamPostprocessor:
     ASCII mark whose width depends on the next character.  Text once returned is final.
     """
 
-    def __init__(self) -> None:
+    def __init__(self, tools: bool = False) -> None:  # ChatGLM-6B has no tool format
         self._pending = ""  # raw text not yet returned
         self._last: str | None = None  # last character returned (after rewriting)
         self._started = False  # something non-blank has been returned (the strip() start)
+        self.tool_calls: tuple[ToolCall, ...] = ()
 
     def feed(self, text: str) -> str:
         self._pending += text

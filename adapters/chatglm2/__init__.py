@@ -47,6 +47,7 @@ CHATGLM3 = FamilySpec(
     build_prompt=build_prompt_v3,  # type: ignore[arg-type]
     new_postprocessor=ChatGLM3Postprocessor,
     drop_last_token_on_length=True,
+    supports_tools=True,
 )
 
 __all__ = [

@@ -5,6 +5,9 @@ concatenation of everything ``feed``/``finish`` return equals the one-shot funct
 
 from __future__ import annotations
 
+from adapters.base import ToolCall
+from adapters.chatglm2.tools import parse_call
+
 #: Both models' process_response rewrite this placeholder (modeling_chatglm.py).
 PLACEHOLDER = "[[训练时间]]"
 REPLACEMENT = "2023年"
@@ -55,9 +58,10 @@ class StripReplace:
     held back until more text shows what they are.
     """
 
-    def __init__(self) -> None:
+    def __init__(self, tools: bool = False) -> None:  # no tool format: ``tools`` is unused
         self._pending = ""
         self._started = False  # a non-whitespace character has been seen
+        self.tool_calls: tuple[ToolCall, ...] = ()
 
     def feed(self, text: str) -> str:
         if not self._started:
@@ -89,15 +93,19 @@ class ChatGLM2Postprocessor(StripReplace):
 class ChatGLM3Postprocessor:
     """ChatGLM3-6B: :func:`process_response_v3`, streamed.
 
-    Everything is held until the first ``"\\n"`` (or the end) decides whether the first line
+    Everything is held until the first ``"\n"`` (or the end) decides whether the first line
     is metadata; after a blank one the content streams through :class:`StripReplace`, after a
-    tool name it streams verbatim.
+    tool name it streams verbatim — unless the request offered tools (``tools=True``): then the
+    whole call is held and, if it parses, comes out as ``tool_calls`` instead of text.
     """
 
-    def __init__(self) -> None:
+    def __init__(self, tools: bool = False) -> None:
+        self._tools = tools
         self._head = ""
         self.metadata: str | None = None  # known once the first newline (or the end) is seen
         self._content: StripReplace | None = None
+        self._call = ""  # a tool call's content, held until the end
+        self.tool_calls: tuple[ToolCall, ...] = ()
 
     def feed(self, text: str) -> str:
         if self.metadata is None:
@@ -108,14 +116,23 @@ class ChatGLM3Postprocessor:
             self._head = ""
             if not self.metadata.strip():
                 self._content = StripReplace()
-        if self._content is None:
-            return text
-        return self._content.feed(text)
+        if self._content is not None:
+            return self._content.feed(text)
+        if self._tools:
+            self._call += text
+            return ""
+        return text
 
     def finish(self) -> str:
         if self.metadata is None:
             self.metadata = ""
             return process_response_v2(self._head)
-        if self._content is None:
+        if self._content is not None:
+            return self._content.finish()
+        if not self._tools:
             return ""
-        return self._content.finish()
+        call = parse_call(self.metadata, self._call)
+        if call is None:  # not a well-formed call: the text as the model wrote it
+            return self._call
+        self.tool_calls = (call,)
+        return ""

@@ -32,7 +32,7 @@ async def create_chat_completion(request: Request) -> Response:
     served = resolve_model(request, body.model)
     model = served.model
     params = body.to_sampling_params(served.defaults)
-    prompt = model.prepare(body.to_messages(), params)
+    prompt = model.prepare(body.to_messages(), params, tools=body.to_tools())
 
     n = body.choices
     meta = CompletionMeta(
