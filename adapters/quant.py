@@ -49,13 +49,14 @@ _INT8_K_MULTIPLE = 16
 #: bounds the per-layer transient at a few tens of MB for 6B-sized linears.
 _CONVERT_ROWS = 4096
 _KERNEL_DTYPE = torch.bfloat16
-#: From this many activation rows (tokens in one call: a prefill) on, a kernel-path layer
-#: dequantises its whole weight to bf16 once and runs one bf16 GEMM (oneDNN/MKL) instead of the
-#: fused kernels: ``_weight_int4pack_mm_for_cpu`` re-dequantises the weight for every block of 4
-#: rows (int4mm_kernel.cpp ``BLOCK_M = 4``) and ``_weight_int8pack_mm`` scales the same way, so
-#: their cost grows linearly with the rows while a GEMM's barely does.  Crossover measured with
-#: ``python -m bench.kernels`` on a 2-core AVX-512 CPU (torch 2.13): see bench/README.md.
-DEQUANT_MIN_ROWS = 64
+#: From this many activation rows (tokens in one call: a prefill chunk) on, a kernel-path layer
+#: dequantises its whole weight to bf16 and runs one bf16 GEMM (oneDNN/MKL) instead of the fused
+#: kernel: ``_weight_int4pack_mm_for_cpu`` re-dequantises the weight for every block of 4 rows
+#: (int4mm_kernel.cpp ``BLOCK_M = 4``) and ``_weight_int8pack_mm`` grows alike, so their cost is
+#: linear in the rows (~3 ms per row per ChatGLM2-6B layer), while dequantising costs a fixed
+#: ~150-250 ms per layer and the GEMM ~1 ms per row.  Crossovers measured with
+#: ``python -m bench.kernels`` (2-core AVX-512 CPU, torch 2.13; bench/README.md).
+DEQUANT_MIN_ROWS = {"int8": 64, "int4": 160}
 
 
 @dataclass(frozen=True)
@@ -307,6 +308,7 @@ class _WeightOnlyLinear(nn.Module):
     k_pad: int
     kernel: bool
     bias: torch.Tensor | None
+    dequant_min_rows: int
 
     def _kernel_matmul(self, xk: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError
@@ -335,7 +337,7 @@ class _WeightOnlyLinear(nn.Module):
             if self.k_pad != self.in_features:
                 xk = nn.functional.pad(xk, (0, self.k_pad - self.in_features))
             xk = xk.contiguous()
-            y = self._dequant_matmul(xk) if xk.shape[0] >= DEQUANT_MIN_ROWS else None
+            y = self._dequant_matmul(xk) if xk.shape[0] >= self.dequant_min_rows else None
             if y is None:
                 y = self._kernel_matmul(xk)
             if self.bias is not None:
@@ -360,6 +362,7 @@ class Int8Linear(_WeightOnlyLinear):
     weight_scale: torch.Tensor
     bias: torch.Tensor | None
     _unit_scale: torch.Tensor
+    dequant_min_rows = DEQUANT_MIN_ROWS["int8"]
 
     def __init__(
         self,
@@ -415,6 +418,7 @@ class Int4Linear(_WeightOnlyLinear):
 
     bias: torch.Tensor | None
     row_scale: torch.Tensor | None
+    dequant_min_rows = DEQUANT_MIN_ROWS["int4"]
     # fallback path
     qweight: torch.Tensor
     scales: torch.Tensor | None
