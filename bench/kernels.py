@@ -11,7 +11,12 @@ decode, 8 = eight streams, 512 = a prefill chunk) it times, on bf16 activations:
 * ``bf16 gemm``: a plain bf16 ``nn.Linear`` (the bf16 model; the floor the dequant path tends to),
 
 and prints the best of ``--repeats`` in milliseconds, summed over the four shapes (one layer), so
-the crossover row count can be read off.  Asserts nothing.
+the crossover row count can be read off.
+
+``--attention`` instead times one decode step's attention per layer (one query per sequence over
+``L`` cached positions, 32 heads over 2 KV groups, bf16): ``scaled_dot_product_attention`` with
+``enable_gqa`` and a padding mask (the model's path before) vs
+:func:`adapters.chatglm2.model.decode_attention`.  Asserts nothing.
 """
 
 from __future__ import annotations
@@ -23,14 +28,15 @@ from collections.abc import Callable
 
 import torch
 
+from adapters.chatglm2.model import decode_attention
 from adapters.quant import quantize_weight
 from bench.common import PRESETS, machine_summary, markdown_table, timed
 
 logger = logging.getLogger("bench.kernels")
 
 
-def best(fn: Callable[..., object], *args: object, repeats: int) -> float:
-    return timed(functools.partial(fn, *args), repeats).best
+def best(fn: Callable[..., object], *args: object, repeats: int, **kwargs: object) -> float:
+    return timed(functools.partial(fn, *args, **kwargs), repeats).best
 
 
 def linear_shapes(preset: str) -> list[tuple[int, int]]:
@@ -41,14 +47,39 @@ def linear_shapes(preset: str) -> list[tuple[int, int]]:
             (2 * c.ffn_hidden_size, c.hidden_size), (c.hidden_size, c.ffn_hidden_size)]
 
 
+def attention_table(preset: str, repeats: int) -> None:
+    c = PRESETS[preset]
+    heads, groups, hd = c.num_attention_heads, c.multi_query_group_num, c.kv_channels
+    gen = torch.Generator().manual_seed(0)
+    table = []
+    for batch, length in ((1, 256), (1, 2048), (8, 512), (16, 512)):
+        q = torch.randn(batch, 1, heads, hd, generator=gen).to(torch.bfloat16)
+        k, v = torch.randn(2, batch, groups, length, hd, generator=gen).to(torch.bfloat16)
+        mask = torch.ones(batch, 1, 1, length, dtype=torch.bool)
+        sdpa = best(torch.nn.functional.scaled_dot_product_attention, q.transpose(1, 2), k, v,
+                    mask, repeats=repeats, enable_gqa=True)
+        grouped = best(decode_attention, q, k, v, mask, repeats=repeats)
+        table.append([str(batch), str(length), f"{sdpa * 1e3:.2f}", f"{grouped * 1e3:.2f}",
+                      f"{sdpa / grouped:.0f}x"])
+    print(f"\ndecode attention, one {preset} layer, bf16, ms, best of {repeats}; "
+          f"{machine_summary()}\n")
+    print(markdown_table(["batch", "cached positions", "SDPA (enable_gqa)", "decode_attention",
+                          "speed-up"], table))
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--rows", default="1,4,8,16,32,64,128,512")
     parser.add_argument("--shapes", choices=sorted(PRESETS), default="6b")
     parser.add_argument("--modes", default="int4,int8")
     parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--attention", action="store_true",
+                        help="time decode attention instead of the linears")
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
+    if args.attention:
+        attention_table(args.shapes, args.repeats)
+        return
     rows_list = [int(r) for r in args.rows.split(",")]
     shapes = linear_shapes(args.shapes)
     mode_arg = {"int4": "4", "int8": "8"}

@@ -131,5 +131,6 @@ def test_forward_batch_rows_equal_solo_forward(dtype: torch.dtype, multi_query: 
         rows = model.forward_batch(ids, batched)
         for i, cache in enumerate(solo):
             expected = model.forward(ids[i], cache)
-            tol = 1e-5 if dtype == torch.float32 else 2e-2 * expected.abs().max().item()
+            scale = expected.abs().max().item()  # summation order differs: fp32 noise only
+            tol = (1e-4 if dtype == torch.float32 else 2e-2) * scale
             assert torch.allclose(rows[i], expected, atol=tol, rtol=0), (step, i)
