@@ -36,6 +36,7 @@ logger = logging.getLogger(__name__)
 _MADV_DONTNEED = 4
 _PAGE = mmap.PAGESIZE
 _LIBC = ctypes.CDLL(None) if sys.platform.startswith("linux") else None
+_MALLOC_TRIM = getattr(_LIBC, "malloc_trim", None)  # glibc only (not musl)
 
 
 class CheckpointError(Exception):
@@ -162,6 +163,19 @@ def iter_tensors(folder: Path) -> Iterator[tuple[str, torch.Tensor]]:
     for path in shard_files(Path(folder)):
         logger.debug("reading %s", path.name)
         yield from _iter_file(path)
+        release_free_memory()
+
+
+def release_free_memory() -> None:
+    """Return freed heap memory to the OS (glibc ``malloc_trim``; no-op elsewhere).
+
+    Loading frees many large temporary buffers (a shard's tensors, unpacked int4 values); glibc
+    keeps freed blocks below its dynamic mmap threshold in the heap, which measured +1.2 GiB of
+    resident memory after loading a ChatGLM2-6B int4 folder.  Trimming after each shard keeps the
+    process at what it really holds.
+    """
+    if _MALLOC_TRIM is not None:
+        _MALLOC_TRIM(0)
 
 
 def total_size(folder: Path) -> int:

@@ -179,7 +179,15 @@ def child(folder: Path, mode: str | None, dtype: str) -> None:
         model.forward([200 + token], cache)
     result["decode_tok_per_s"] = round(8 / (time.perf_counter() - t), 2)
     result["peak_rss_mb"] = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)
+    result["rss_while_running_mb"] = current_rss_mb()
     print(json.dumps(result), flush=True)
+
+
+def current_rss_mb() -> int:
+    """Resident memory now (Linux /proc), as opposed to ru_maxrss's peak."""
+    with open("/proc/self/statm") as f:
+        resident_pages = int(f.read().split()[1])
+    return round(resident_pages * resource.getpagesize() / 2**20)
 
 
 def main() -> None:
