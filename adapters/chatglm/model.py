@@ -32,9 +32,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from adapters.chatglm.config import ChatGLMConfig
-from adapters.checkpoint import CheckpointError, iter_tensors
+from adapters.checkpoint import CheckpointError
 from adapters.family import KVCache
-from adapters.quant import QuantizedLinearLoader, loading_progress
+from adapters.weights import load_weights
 
 logger = logging.getLogger(__name__)
 
@@ -383,38 +383,10 @@ def load_model(folder: Path, config: ChatGLMConfig, *, dtype: torch.dtype | str 
         )
     with torch.device("meta"):
         model = ChatGLMModel(config)
-    # The four linears of each layer: THUDM int4/int8 tensors, or quantized as they stream in.
-    quant = QuantizedLinearLoader.for_config(model, "chatglm", config.quantization_bit, quantize,
-                                             dtype=dtype, device=device)
-    expected = dict(model.named_parameters())
-    loaded: set[str] = set()
-    for name, tensor in loading_progress(folder, iter_tensors(folder), "loading"):
-        if name in _IGNORED_NAMES or name.endswith(_IGNORED_SUFFIXES):
-            continue
-        if quant is not None and quant.take(name, tensor):
-            continue
-        if name in loaded:
-            raise CheckpointError(f"{folder}: tensor {name} appears twice")
-        param = expected.get(name)
-        if param is None:
-            raise CheckpointError(f"{folder}: unexpected tensor {name} for a ChatGLM-6B model")
-        if tuple(tensor.shape) != tuple(param.shape):
-            raise CheckpointError(
-                f"{folder}: tensor {name} has shape {tuple(tensor.shape)}, config.json implies "
-                f"{tuple(param.shape)}"
-            )
-        module_name, _, attr = name.rpartition(".")
-        value = torch.empty(param.shape, dtype=dtype, device=device)
-        value.copy_(tensor)
-        model.get_submodule(module_name)._parameters[attr] = nn.Parameter(value, requires_grad=False)
-        loaded.add(name)
-        del tensor
-    if quant is not None:
-        loaded |= quant.finish()
-    missing = sorted(set(expected) - loaded)
-    if missing:
-        raise CheckpointError(f"{folder}: checkpoint lacks tensors {missing}")
+    count = load_weights(model, folder, "chatglm", quantization_bit=config.quantization_bit,
+                         quantize=quantize, dtype=dtype, device=device,
+                         ignore=lambda name: name in _IGNORED_NAMES
+                         or name.endswith(_IGNORED_SUFFIXES))
     model.finish_loading(dtype, device)
-    logger.info("loaded ChatGLM-6B from %s: %d tensors as %s on %s", folder, len(loaded), dtype,
-                device)
+    logger.info("loaded ChatGLM-6B from %s: %d tensors as %s on %s", folder, count, dtype, device)
     return model

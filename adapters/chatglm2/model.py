@@ -17,9 +17,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from adapters.chatglm2.config import ChatGLM2Config
-from adapters.checkpoint import CheckpointError, iter_tensors
 from adapters.family import KVCache
-from adapters.quant import QuantizedLinearLoader, loading_progress
+from adapters.weights import load_weights
 
 logger = logging.getLogger(__name__)
 
@@ -408,38 +407,11 @@ def load_model(folder: Path, config: ChatGLM2Config, *, dtype: torch.dtype,
         raise ValueError(f"dtype must be one of {_SUPPORTED_DTYPES}, got {dtype}")
     with torch.device("meta"):
         model = ChatGLM2Model(config)
-    # The four linears of each layer: THUDM int4/int8 tensors, or quantized as they stream in.
-    quant = QuantizedLinearLoader.for_config(model, "chatglm2", config.quantization_bit, quantize,
-                                             dtype=dtype, device=device)
-    expected = dict(model.named_parameters())
-    loaded: set[str] = set()
-    for name, tensor in loading_progress(Path(folder), iter_tensors(Path(folder)), "loading"):
-        if name.endswith("rotary_pos_emb.inv_freq"):
-            continue  # modeling_chatglm.py recomputes it; the stored copy is fp16-rounded
-        if quant is not None and quant.take(name, tensor):
-            continue
-        if name in loaded:
-            raise CheckpointError(f"{folder}: tensor {name} appears twice")
-        param = expected.get(name)
-        if param is None:
-            raise CheckpointError(f"{folder}: unexpected tensor {name} for this config")
-        if tuple(tensor.shape) != tuple(param.shape):
-            raise CheckpointError(
-                f"{folder}: tensor {name} has shape {tuple(tensor.shape)}, config.json implies "
-                f"{tuple(param.shape)}"
-            )
-        module_name, _, attr = name.rpartition(".")
-        value = torch.empty(param.shape, dtype=dtype, device=device)
-        value.copy_(tensor)
-        model.get_submodule(module_name)._parameters[attr] = nn.Parameter(value,
-                                                                          requires_grad=False)
-        loaded.add(name)
-        del tensor
-    if quant is not None:
-        loaded |= quant.finish()
-    missing = sorted(set(expected) - loaded)
-    if missing:
-        raise CheckpointError(f"{folder}: checkpoint lacks tensors {missing}")
+    # modeling_chatglm.py recomputes rotary_pos_emb.inv_freq; the stored copy is fp16-rounded
+    count = load_weights(model, Path(folder), "chatglm2",
+                         quantization_bit=config.quantization_bit, quantize=quantize,
+                         dtype=dtype, device=device,
+                         ignore=lambda name: name.endswith("rotary_pos_emb.inv_freq"))
     model.finish_loading(dtype, device)
-    logger.info("loaded %s: %d tensors as %s on %s", folder, len(loaded), dtype, device)
+    logger.info("loaded %s: %d tensors as %s on %s", folder, count, dtype, device)
     return model
