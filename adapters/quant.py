@@ -50,13 +50,18 @@ _INT8_K_MULTIPLE = 16
 _CONVERT_ROWS = 4096
 _KERNEL_DTYPE = torch.bfloat16
 #: From this many activation rows (tokens in one call: a prefill chunk) on, a kernel-path layer
-#: dequantises its whole weight to bf16 and runs one bf16 GEMM (oneDNN/MKL) instead of the fused
-#: kernel: ``_weight_int4pack_mm_for_cpu`` re-dequantises the weight for every block of 4 rows
-#: (int4mm_kernel.cpp ``BLOCK_M = 4``) and ``_weight_int8pack_mm`` grows alike, so their cost is
-#: linear in the rows (~3 ms per row per ChatGLM2-6B layer), while dequantising costs a fixed
-#: ~150-250 ms per layer and the GEMM ~1 ms per row.  Crossovers measured with
-#: ``python -m bench.kernels`` (2-core AVX-512 CPU, torch 2.13; bench/README.md).
-DEQUANT_MIN_ROWS = {"int8": 64, "int4": 160}
+#: dequantises its weight to bf16 (in chunks) and runs bf16 GEMMs (oneDNN/MKL) instead of the
+#: fused kernel: ``_weight_int4pack_mm_for_cpu`` re-dequantises the weight for every block of 4
+#: rows (int4mm_kernel.cpp ``BLOCK_M = 4``) and ``_weight_int8pack_mm`` grows alike, so their cost
+#: is linear in the rows (~3 ms per row per ChatGLM2-6B layer), while dequantising costs a fixed
+#: ~145 ms (int4) / ~45 ms (int8) per layer and the GEMM ~1 ms per row.  Crossovers measured with
+#: ``python -m bench.kernels`` (2-core AVX-512 CPU, torch 2.13; bench/README.md).  Batched decode
+#: (at most ``max_running`` rows) stays below them.
+DEQUANT_MIN_ROWS = {"int8": 32, "int4": 96}
+#: Weight elements dequantised at a time on that path: 8 Mi bf16 = 16 MB per chunk stays under
+#: glibc's largest mmap threshold (32 MB), so chunks are recycled from the heap instead of being
+#: fresh zero-filled pages on every call (page faults dominated the one-shot dequantisation).
+_DEQUANT_CHUNK_ELEMENTS = 2**23
 
 
 @dataclass(frozen=True)
@@ -296,6 +301,14 @@ def int4_cpu_block() -> int | None:
 # --------------------------------------------------------------------------- layers
 
 
+def _dequant_chunks(rows: int, k: int, multiple: int) -> Iterator[slice]:
+    """Row slices of about :data:`_DEQUANT_CHUNK_ELEMENTS` weights, each a multiple of ``multiple``
+    rows (but the last)."""
+    step = max(multiple, _DEQUANT_CHUNK_ELEMENTS // k // multiple * multiple)
+    for start in range(0, rows, step):
+        yield slice(start, min(start + step, rows))
+
+
 class _WeightOnlyLinear(nn.Module):
     """What the int8 and int4 layers share: the kernel/fallback dispatch and ``dequantize``.
 
@@ -404,8 +417,10 @@ class Int8Linear(_WeightOnlyLinear):
     def _dequant_matmul(self, xk: torch.Tensor) -> torch.Tensor | None:
         # int8 values are exact in bf16: the same bf16 product of x and q as the kernel's, then
         # the same fp32 row scaling.
-        acc = nn.functional.linear(xk, self.weight.to(_KERNEL_DTYPE))
-        return acc.float() * self.weight_scale.float()
+        y = torch.empty(xk.shape[0], self.out_features, device=xk.device)
+        for rows in _dequant_chunks(self.out_features, self.k_pad, 1):
+            y[:, rows] = nn.functional.linear(xk, self.weight[rows].to(_KERNEL_DTYPE))
+        return y.mul_(self.weight_scale.float())
 
 
 class Int4Linear(_WeightOnlyLinear):
@@ -492,8 +507,12 @@ class Int4Linear(_WeightOnlyLinear):
         block = int4_cpu_block() if self.packed.device.type == "cpu" else None
         if not self.per_row or block is None or n_pad % block:
             return None
-        wt = unpack_int4_cpu(self.packed, n_pad, self.k_pad, block)
-        y = (xk @ wt[:, : self.out_features]).float()
+        y = torch.empty(xk.shape[0], n_pad, device=xk.device)
+        for rows in _dequant_chunks(n_pad, self.k_pad, block):
+            # whole packing blocks: the packed rows rows.start..rows.stop are those output rows
+            wt = unpack_int4_cpu(self.packed[rows], rows.stop - rows.start, self.k_pad, block)
+            y[:, rows] = xk @ wt
+        y = y[:, : self.out_features]
         return y if self.row_scale is None else y * self.row_scale.float()
 
     def _kernel_matmul(self, xk: torch.Tensor) -> torch.Tensor:

@@ -14,6 +14,7 @@ import pytest
 import torch
 from torch import nn
 
+from adapters import quant
 from adapters.chatglm2.config import ChatGLM2Config
 from adapters.chatglm2.model import ChatGLM2Model
 from adapters.quant import (
@@ -53,12 +54,17 @@ def test_unpack_int4_cpu_inverts_the_documented_layout(block: int) -> None:
 
 @pytest.mark.parametrize("bits", [4, 8])
 @pytest.mark.parametrize("extra_rows", [0, 37])
-def test_dequant_gemm_path_equals_kernel_path(bits: int, extra_rows: int) -> None:
-    layer = _layer(bits, 192, 256)
+@pytest.mark.parametrize("chunk", [None, 64 * 256])
+def test_dequant_gemm_path_equals_kernel_path(bits: int, extra_rows: int, chunk: int | None,
+                                              monkeypatch: pytest.MonkeyPatch) -> None:
+    if chunk is not None:  # several weight chunks of 64 rows (the last one shorter for 200 rows)
+        monkeypatch.setattr(quant, "_DEQUANT_CHUNK_ELEMENTS", chunk)
+    layer = _layer(bits, 200 if bits == 8 else 192, 256)
     assert isinstance(layer, (Int4Linear, Int8Linear)) and layer.kernel
     assert layer.dequant_min_rows == DEQUANT_MIN_ROWS[f"int{bits}"]
     rows = layer.dequant_min_rows + extra_rows
     x = torch.randn(rows, 256, generator=torch.Generator().manual_seed(2)).to(torch.bfloat16)
+    assert layer.k_pad == 256
     via_gemm = layer._dequant_matmul(x)
     assert via_gemm is not None, "the fast path must exist for this layer"
     via_kernel = layer._kernel_matmul(x)
