@@ -81,7 +81,6 @@ def main() -> None:
                         default=Path(tempfile.gettempdir()) / "chatglm-gateway-bench")
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
-    logging.getLogger("httpx").setLevel(logging.WARNING)  # one line per request otherwise
     shape = shape_from_args(args)
     tokenizer = load_tokenizer(args.cache_dir)
     model = build_model(shape, args.mode)

@@ -143,7 +143,8 @@ def main() -> None:
                         default=Path(tempfile.gettempdir()) / "chatglm-gateway-bench")
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
-    logging.getLogger("httpx").setLevel(logging.WARNING)  # one line per request otherwise
+    for chatty in ("httpx", "openai"):  # one INFO line per request otherwise
+        logging.getLogger(chatty).setLevel(logging.WARNING)
     shape = shape_from_args(args)
     quantize = None if args.quantize == "none" else args.quantize
     levels = [int(c) for c in args.concurrency.split(",")]
