@@ -139,11 +139,26 @@ def unpack_int4_thudm(packed: torch.Tensor) -> torch.Tensor:
     return out
 
 
-def quantize_rowwise(w: torch.Tensor, bits: int) -> tuple[torch.Tensor, torch.Tensor]:
+#: How each family's reference ``quantize`` rounds (read off THUDM's pre-quantized fixtures):
+#: ChatGLM2/3 quantise the fp16 model in fp16 arithmetic (chatglm2-6b quantization.py computes
+#: ``weight.abs().max() / qmax`` and ``weight / scale`` on the half weights); ChatGLM-6B's
+#: quantisation runs on float32 weights with the float32 scale and stores the scale as fp16
+#: afterwards, so ``round(w / scale)`` there uses the unrounded scale.
+ROWWISE_ARITHMETIC: dict[str, torch.dtype] = {
+    "chatglm": torch.float32,
+    "chatglm2": torch.float16,
+    "chatglm3": torch.float16,
+}
+
+
+def quantize_rowwise(
+    w: torch.Tensor, bits: int, arithmetic: torch.dtype = torch.float16
+) -> tuple[torch.Tensor, torch.Tensor]:
     """THUDM's ``QuantizedLinear.__init__`` bit for bit: ``(q int8 [out, in], scale fp16 [out])``.
 
-    THUDM quantises the fp16 model (``model.half().quantize(bits)``), so the arithmetic is fp16:
-    the scale is an fp16 division and ``w / scale`` is rounded to fp16 BEFORE ``torch.round``.
+    ``arithmetic`` is the dtype the reference computes in (:data:`ROWWISE_ARITHMETIC`): with fp16
+    the scale is an fp16 division and ``w / scale`` is rounded to fp16 BEFORE ``torch.round``;
+    with fp32 both happen in fp32 and only the stored scale is rounded to fp16.
     An all-zero row (scale 0) gets q = 0 where THUDM would cast NaN to int8.
     """
     if bits not in (4, 8):
@@ -153,7 +168,7 @@ def quantize_rowwise(w: torch.Tensor, bits: int) -> tuple[torch.Tensor, torch.Te
     for i in range(
         0, w.shape[0], _CONVERT_ROWS
     ):  # rows are independent: blocks bound the transient
-        block = w[i : i + _CONVERT_ROWS].to(torch.float16)
+        block = w[i : i + _CONVERT_ROWS].to(arithmetic)
         s = block.abs().max(dim=-1).values / ((2 ** (bits - 1)) - 1)
         qb = torch.round(block / s[:, None])
         q[i : i + _CONVERT_ROWS] = qb.masked_fill_(s[:, None] == 0, 0).to(torch.int8)
@@ -559,15 +574,18 @@ def quantize_weight(
     *,
     device: torch.device | str | None = None,
     kernel: bool | None = None,
+    arithmetic: torch.dtype = torch.float16,
 ) -> Int8Linear | Int4Linear:
-    """Quantise one linear's full-precision ``weight [out, in]`` with a :data:`QUANT_SCHEMES` mode."""
+    """Quantise one linear's full-precision ``weight [out, in]`` with a :data:`QUANT_SCHEMES` mode
+    (``arithmetic``: the family's reference rounding for the THUDM modes, see
+    :data:`ROWWISE_ARITHMETIC`)."""
     scheme = QUANT_SCHEMES.get(mode)
     if scheme is None:
         raise ValueError(f"unknown quantization mode {mode!r}; known: {sorted(QUANT_SCHEMES)}")
     device = torch.device(device) if device is not None else weight.device
     bias = None if bias is None else bias.to(device)
     if scheme.group_size is None:
-        q, scale = quantize_rowwise(weight.to(device), scheme.bits)
+        q, scale = quantize_rowwise(weight.to(device), scheme.bits, arithmetic)
         if scheme.bits == 8:
             return Int8Linear(q, scale, bias, kernel=kernel)
         return Int4Linear(q, scale[:, None], group_size=q.shape[1], bias=bias, kernel=kernel)
@@ -704,7 +722,8 @@ class QuantizedLinearLoader:
         else:
             assert self.mode is not None
             layer = quantize_weight(
-                parts["weight"], self.mode, bias, device=self.device, kernel=self.kernel
+                parts["weight"], self.mode, bias, device=self.device, kernel=self.kernel,
+                arithmetic=ROWWISE_ARITHMETIC[self.family],
             )
         parent_name, _, child = module_name.rpartition(".")
         setattr(self.model.get_submodule(parent_name), child, layer)
@@ -737,7 +756,7 @@ def to_thudm_layout(
     everything else passes through.  One linear at a time: for writing int4/int8 folders."""
     for name, tensor in tensors:
         if is_quantized_linear(name, family) and name.endswith(".weight"):
-            q, scale = quantize_rowwise(tensor, bits)
+            q, scale = quantize_rowwise(tensor, bits, ROWWISE_ARITHMETIC[family])
             yield name, q if bits == 8 else pack_int4_thudm(q)
             yield f"{name}_scale", scale
         else:

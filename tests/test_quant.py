@@ -366,6 +366,27 @@ def test_quantize_on_load_8_reproduces_thudm_int8_folder() -> None:
     assert torch.equal(a, b)
 
 
+def test_quantize_on_load_4_reproduces_thudm_chatglm_6b_int4_folder() -> None:
+    # chatglm-6b-int4-tiny is THUDM's quantize(4) of chatglm-6b-tiny, computed in float32 with
+    # the unrounded scale (ROWWISE_ARITHMETIC): every packed weight and scale must be equal.
+    from adapters.checkpoint import iter_tensors
+
+    fp = dict(iter_tensors(checkpoint_dir("chatglm-6b-tiny")))
+    stored = dict(iter_tensors(checkpoint_dir("chatglm-6b-int4-tiny")))
+    rewritten = dict(to_thudm_layout(fp.items(), "chatglm", 4))
+    quantized = [n for n in stored if n.endswith("weight_scale")]
+    assert len(quantized) == 8
+    for name in quantized:
+        weight = name.removesuffix("_scale")
+        assert torch.equal(rewritten[name], stored[name]), name
+        assert torch.equal(rewritten[weight], stored[weight]), weight
+    on_load = load_family("chatglm", checkpoint_dir("chatglm-6b-tiny"), quantize="4")
+    prequantized = load_family("chatglm", checkpoint_dir("chatglm-6b-int4-tiny"))
+    ids = oracle("chatglm-6b-int4-tiny")["cases"][0]["inputs"]["input_ids"][0]
+    assert torch.equal(on_load.forward(ids, on_load.new_cache()),
+                       prequantized.forward(ids, prequantized.new_cache()))
+
+
 @pytest.mark.parametrize(
     ("family", "name", "int_reference"),
     [
