@@ -567,6 +567,28 @@ def from_thudm(
     raise ValueError(f"quantization_bit must be 4 or 8, got {bits}")
 
 
+class QuantizedEmbedding(nn.Module):
+    """THUDM's int4/int8 word embedding (``chatglm-6b-int4-qe``): rows are dequantised
+    (``q * scale`` in float32, as the reference's CPU ``extract_weight_to_float``) only for the ids
+    looked up, so the table stays at 4 or 8 bits per weight."""
+
+    def __init__(self, weight: torch.Tensor, weight_scale: torch.Tensor, bits: int,
+                 dtype: torch.dtype):
+        super().__init__()
+        if bits not in (4, 8):
+            raise ValueError(f"bits must be 4 or 8, got {bits}")
+        self.bits, self.dtype = bits, dtype
+        self.weight: torch.Tensor = weight
+        self.weight_scale: torch.Tensor = weight_scale
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        flat = ids.reshape(-1)
+        rows = self.weight[flat]
+        q = unpack_int4_thudm(rows) if self.bits == 4 else rows
+        values = q.float() * self.weight_scale[flat].float()[:, None]
+        return values.to(self.dtype).reshape(*ids.shape, -1)
+
+
 def quantize_weight(
     weight: torch.Tensor,
     mode: str,

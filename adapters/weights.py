@@ -30,16 +30,17 @@ def load_weights(
     quantize: str | None,
     dtype: torch.dtype,
     device: torch.device,
-    ignore: Callable[[str], bool] = lambda name: False,
+    consume: Callable[[str, torch.Tensor], bool] = lambda name, tensor: False,
 ) -> int:
-    """Fill every parameter of ``model`` from ``folder``; returns the number of tensors set."""
+    """Fill every parameter of ``model`` from ``folder``; returns the number of tensors set.
+    ``consume(name, tensor)`` returning True means the caller took (or skips) that tensor."""
     folder = Path(folder)
     quant = QuantizedLinearLoader.for_config(model, family, quantization_bit, quantize,
                                              dtype=dtype, device=device)
     expected = dict(model.named_parameters())
     loaded: set[str] = set()
     for name, tensor in loading_progress(folder, iter_tensors(folder), "loading"):
-        if ignore(name):
+        if consume(name, tensor):
             continue
         if quant is not None and quant.take(name, tensor):
             continue

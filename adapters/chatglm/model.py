@@ -34,6 +34,7 @@ from torch import nn
 from adapters.chatglm.config import ChatGLMConfig
 from adapters.checkpoint import CheckpointError
 from adapters.family import KVCache
+from adapters.quant import QuantizedEmbedding, from_thudm
 from adapters.weights import load_weights
 
 logger = logging.getLogger(__name__)
@@ -229,6 +230,8 @@ class ChatGLMModel(nn.Module):
         self.device = torch.device("cpu")
         self.dtype = torch.float32
         self._inv_freq = torch.empty(0)
+        #: set for int4-qe folders (quantized embeddings): the quantized, tied output layer
+        self.lm_head: nn.Module | None = None
 
     def finish_loading(self, dtype: torch.dtype, device: torch.device) -> None:
         """Record where the weights live and compute the rotary frequencies there."""
@@ -266,6 +269,8 @@ class ChatGLMModel(nn.Module):
         for layer in self.transformer.layers:
             x = layer(x, rotary, attend)
         last = self.transformer.final_layernorm(x[:, -1])
+        if self.lm_head is not None:
+            return self.lm_head(last).float()
         # The output layer is tied to the word embeddings (lm_head.weight is the same tensor).
         return F.linear(last, self.transformer.word_embeddings.weight).float()
 
@@ -365,6 +370,44 @@ def resolve_dtype(dtype: torch.dtype | str) -> torch.dtype:
     return dtype
 
 
+class _QuantizedEmbeddings:
+    """The int4-qe part of a load: THUDM's ``quantize(..., quantize_embeddings=True)`` stores
+    ``transformer.word_embeddings.weight`` packed like the linears, with ``weight_scale``, and
+    an ``lm_head`` quantized from the same tensor (chatglm-6b-int4-qe modeling_chatglm.py).  The
+    embedding becomes a :class:`~adapters.quant.QuantizedEmbedding` and the output layer the
+    matching weight-only linear; a stored ``lm_head`` copy is not needed (it is tied)."""
+
+    NAMES = ("transformer.word_embeddings.weight", "transformer.word_embeddings.weight_scale")
+
+    def __init__(self, model: ChatGLMModel, config: ChatGLMConfig, dtype: torch.dtype,
+                 device: torch.device):
+        if config.quantization_bit not in (4, 8):
+            raise CheckpointError("quantization_embeddings needs quantization_bit 4 or 8")
+        self.model, self.bits, self.dtype, self.device = model, config.quantization_bit, dtype, device
+        self.parts: dict[str, torch.Tensor] = {}
+        # Not a parameter any more: the weight loop must neither expect nor fill it.
+        model.transformer.word_embeddings = nn.Identity()  # type: ignore[assignment]
+
+    def take(self, name: str, tensor: torch.Tensor) -> bool:
+        if name in self.NAMES:
+            self.parts[name] = tensor.to(self.device)
+            return True
+        return name == "lm_head.weight_scale"  # the tied copy; lm_head.weight is ignored anyway
+
+    def finish(self, folder: Path) -> None:
+        missing = [n for n in self.NAMES if n not in self.parts]
+        if missing:
+            raise CheckpointError(f"{folder}: int4-qe checkpoint lacks {missing}")
+        weight, scale = (self.parts[n] for n in self.NAMES)
+        if weight.dtype != torch.int8:
+            raise CheckpointError(f"{folder}: quantized embeddings must be int8, got {weight.dtype}")
+        self.model.transformer.word_embeddings = QuantizedEmbedding(  # type: ignore[assignment]
+            weight, scale, self.bits, self.dtype)
+        # float32 models take the exact dequantising path, as for the other linears
+        self.model.lm_head = from_thudm(weight, scale, self.bits,
+                                        kernel=False if self.dtype == torch.float32 else None)
+
+
 def load_model(folder: Path, config: ChatGLMConfig, *, dtype: torch.dtype | str = torch.float32,
                device: torch.device | str = "cpu", quantize: str | None = None) -> ChatGLMModel:
     """Build the model on the ``meta`` device, then move the checkpoint's tensors in one at a
@@ -377,16 +420,17 @@ def load_model(folder: Path, config: ChatGLMConfig, *, dtype: torch.dtype | str 
     folder = Path(folder)
     dtype = resolve_dtype(dtype)
     device = torch.device(device)
-    if config.quantization_embeddings:
-        raise CheckpointError(
-            f"{folder}: THUDM int4-qe checkpoints (quantization_embeddings) are not supported yet"
-        )
     with torch.device("meta"):
         model = ChatGLMModel(config)
+    embeddings = _QuantizedEmbeddings(model, config, dtype, device) if (
+        config.quantization_embeddings) else None
     count = load_weights(model, folder, "chatglm", quantization_bit=config.quantization_bit,
                          quantize=quantize, dtype=dtype, device=device,
-                         ignore=lambda name: name in _IGNORED_NAMES
-                         or name.endswith(_IGNORED_SUFFIXES))
+                         consume=lambda name, tensor: (
+                             embeddings is not None and embeddings.take(name, tensor))
+                         or name in _IGNORED_NAMES or name.endswith(_IGNORED_SUFFIXES))
+    if embeddings is not None:
+        embeddings.finish(folder)
     model.finish_loading(dtype, device)
     logger.info("loaded ChatGLM-6B from %s: %d tensors as %s on %s", folder, count, dtype, device)
     return model

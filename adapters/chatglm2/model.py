@@ -411,7 +411,7 @@ def load_model(folder: Path, config: ChatGLM2Config, *, dtype: torch.dtype,
     count = load_weights(model, Path(folder), "chatglm2",
                          quantization_bit=config.quantization_bit, quantize=quantize,
                          dtype=dtype, device=device,
-                         ignore=lambda name: name.endswith("rotary_pos_emb.inv_freq"))
+                         consume=lambda name, _: name.endswith("rotary_pos_emb.inv_freq"))
     model.finish_loading(dtype, device)
     logger.info("loaded %s: %d tensors as %s on %s", folder, count, dtype, device)
     return model
