@@ -9,8 +9,8 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
-from adapters.checkpoint import iter_tensors
 from adapters.chatglm import load_model, read_config
+from adapters.checkpoint import iter_tensors
 from adapters.quant import (
     ROWWISE_ARITHMETIC,
     Int4Linear,
