@@ -47,6 +47,15 @@ class ChoiceStream:
         assert item is not None  # no timeout, so never idle
         return item
 
+    async def with_pings(self, ping_seconds: float) -> AsyncIterator[tuple[int, Delta] | None]:
+        """Every item, with a None after each ``ping_seconds`` without one (0 = never): the
+        moments a stream sends a keep-alive comment."""
+        while True:
+            try:
+                yield await self.next(timeout=ping_seconds or None)
+            except StopAsyncIteration:
+                return
+
     async def next(self, timeout: float | None) -> tuple[int, Delta] | None:
         """The next item, or None when ``timeout`` seconds pass without one (the pending reads
         keep running; call again).  Raises StopAsyncIteration at the end."""

@@ -106,11 +106,7 @@ async def sse_events(
         for index, echo in enumerate(plan.echoes):
             if echo:
                 yield _chunk(plan, p.CompletionChoice(text=echo, index=index, finish_reason=None))
-        while True:
-            try:
-                item = await stream.next(timeout=ping_seconds or None)
-            except StopAsyncIteration:
-                break
+        async for item in stream.with_pings(ping_seconds):
             if item is None:
                 yield ServerSentEvent(comment="ping", sep="\n")
                 continue

@@ -412,7 +412,18 @@ class CompletionChoice(BaseModel):
     finish_reason: FinishReason | None
 
 
-class Completion(BaseModel):
+class _OmitsNullUsage(BaseModel):
+    """OpenAI leaves ``usage`` out of objects that have none (most stream chunks)."""
+
+    @model_serializer(mode="wrap")
+    def _drop_null_usage(self, handler: Any) -> dict[str, Any]:
+        data: dict[str, Any] = handler(self)
+        if data.get("usage") is None:
+            data.pop("usage", None)
+        return data
+
+
+class Completion(_OmitsNullUsage):
     """A legacy completion; also each streamed chunk (OpenAI uses one shape for both)."""
 
     model_config = _RESPONSE_CONFIG
@@ -424,13 +435,6 @@ class Completion(BaseModel):
     choices: list[CompletionChoice]
     usage: Usage | None = None
     system_fingerprint: str | None = None
-
-    @model_serializer(mode="wrap")
-    def _drop_null_usage(self, handler: Any) -> dict[str, Any]:
-        data: dict[str, Any] = handler(self)
-        if data.get("usage") is None:
-            data.pop("usage", None)
-        return data
 
 
 def legacy_completion_id() -> str:
@@ -609,7 +613,7 @@ class ChunkChoice(BaseModel):
     finish_reason: FinishReason | None = None
 
 
-class ChatCompletionChunk(BaseModel):
+class ChatCompletionChunk(_OmitsNullUsage):
     model_config = _RESPONSE_CONFIG
 
     id: str
@@ -619,13 +623,6 @@ class ChatCompletionChunk(BaseModel):
     choices: list[ChunkChoice]
     usage: Usage | None = None
     system_fingerprint: str | None = None
-
-    @model_serializer(mode="wrap")
-    def _drop_null_usage(self, handler: Any) -> dict[str, Any]:
-        data: dict[str, Any] = handler(self)
-        if data.get("usage") is None:
-            data.pop("usage", None)
-        return data
 
 
 class ModelCard(BaseModel):

@@ -77,11 +77,7 @@ async def sse_events(
         for index in range(n):
             yield _chunk(meta, p.ChunkChoice(index=index, delta=p.ChoiceDelta(
                 role="assistant", content="")))
-        while True:
-            try:
-                item = await stream.next(timeout=ping_seconds or None)
-            except StopAsyncIteration:
-                break
+        async for item in stream.with_pings(ping_seconds):
             if item is None:
                 yield ServerSentEvent(comment="ping", sep="\n")
                 continue
