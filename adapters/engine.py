@@ -1,7 +1,7 @@
 """The engine: one thread per loaded model that runs every request's generation.
 
 The engine sees token ids only.  Each step it admits waiting requests (up to ``max_running`` and
-within the KV-cache memory budget), prefills one chunk of one newly admitted request, then decodes
+within the KV-cache memory budget), prefills up to one chunk of new prompt tokens, then decodes
 one token for every running request in a single batched forward (continuous batching: requests join
 and leave between steps).  Each request keeps its own KV cache, sampler (seed, penalties),
 detokenizer, post-processor and stop matcher, so a request gives the same result alone or inside a
@@ -222,8 +222,14 @@ class Engine:
             return
         filling = [s for s in self._running if not s.ready]
         decoding = [s for s in self._running if s.ready]
-        if filling:
-            self._prefill(filling[0])
+        # Prefill up to one chunk of prompt tokens per step, across as many new requests as fit
+        # (several short prompts arriving together all start this step); a family that cannot
+        # chunk (prefill_chunk 0) prefills one whole prompt per step.
+        room = self.prefill_chunk
+        for seq in filling:
+            room -= self._prefill(seq, room if room > 0 else None)
+            if room <= 0:
+                break
         if decoding:
             caches = [s.cache for s in decoding if s.cache is not None]
             last = [[s.generated[-1]] for s in decoding]
@@ -236,8 +242,9 @@ class Engine:
                 self._advance(seq, row)
         self._enforce_budget()
 
-    def _prefill(self, seq: Sequence) -> None:
-        """Feed the next chunk of ``seq``'s pending ids; sample its first token when done."""
+    def _prefill(self, seq: Sequence, limit: int | None) -> int:
+        """Feed up to ``limit`` (None: all) of ``seq``'s pending ids; sample its first token when
+        its prompt is complete.  Returns the number of ids fed."""
         if seq.cache is None:
             # A preempted request resumes with what it generated so far (the last id is fed by
             # the next decode step, as it would have been).
@@ -248,15 +255,15 @@ class Engine:
             else:
                 seq.cache, reused = found
             seq.pending = target[reused:]
-        n = len(seq.pending) if self.prefill_chunk <= 0 else self.prefill_chunk
+        n = len(seq.pending) if limit is None else limit
         chunk, seq.pending = seq.pending[:n], seq.pending[n:]
         with torch.inference_mode():
             logits = self.model.forward(chunk, seq.cache)
-        if seq.pending:
-            return
-        seq.ready = True
-        if not seq.generated:
-            self._advance(seq, logits)
+        if not seq.pending:
+            seq.ready = True
+            if not seq.generated:
+                self._advance(seq, logits)
+        return len(chunk)
 
     def _enforce_budget(self) -> None:
         """Running caches over the budget: preempt the newest requests (never the last one)."""

@@ -215,3 +215,27 @@ def test_kv_budget_preempts_and_recomputes_without_changing_answers() -> None:
     finally:
         free.close()
         tight.close()
+
+
+def test_short_prompts_arriving_together_start_in_the_same_step() -> None:
+    from tests.toys import HashLM
+
+    class Recording(HashLM):
+        def __init__(self) -> None:
+            super().__init__()
+            self.log: list[str] = []
+
+        def forward(self, ids, cache):  # type: ignore[no-untyped-def]
+            self.log.append("prefill" if cache.length == 0 else "decode")
+            return super().forward(ids, cache)
+
+    lm = Recording()
+    engine = Engine(lm, ByteTokenizer(), spec(), name="rec", prefix_cache=False,
+                    prefill_chunk=64)
+    try:
+        with engine._cv:  # (re-entrant) the engine thread sees all four at once
+            cs = [run(engine, prompt=f"prompt {i}".encode(), max_tokens=3) for i in range(4)]
+        assert [c.final.finish_reason for c in cs] == ["length"] * 4
+        assert lm.log[:4] == ["prefill"] * 4  # 4 x 8 ids fit one 64-id chunk: no decode between
+    finally:
+        engine.close()
