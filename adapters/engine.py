@@ -23,7 +23,6 @@ from __future__ import annotations
 import collections
 import logging
 import threading
-import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -65,20 +64,14 @@ class Sequence:
     generated: list[int] = field(default_factory=list)
     cancelled: bool = False
     done: bool = False
-    submitted_at: float = field(default_factory=time.monotonic)
-    first_token_at: float | None = None
 
 
 @dataclass
 class EngineStats:
-    running: int = 0
-    waiting: int = 0
+    """Totals for tests and benchmarks (latency metrics are measured at the gateway)."""
+
     generated_tokens: int = 0
-    finished: int = 0
     preempted: int = 0
-    #: recent time-to-first-token / time-per-output-token observations (seconds), for /metrics
-    ttft: collections.deque[float] = field(default_factory=lambda: collections.deque(maxlen=4096))
-    tpot: collections.deque[float] = field(default_factory=lambda: collections.deque(maxlen=4096))
 
 
 class Engine:
@@ -198,7 +191,6 @@ class Engine:
                 if not self._fits(self._waiting[0]):
                     break
                 self._running.append(self._waiting.popleft())
-            self.stats.running, self.stats.waiting = len(self._running), len(self._waiting)
 
     def _running_bytes(self) -> int:
         return sum(s.cache.nbytes for s in self._running if s.cache is not None)
@@ -283,10 +275,6 @@ class Engine:
         token = choose(logits, seq.sampler)
         seq.sampler.record(token)
         seq.generated.append(token)
-        now = time.monotonic()
-        if seq.first_token_at is None:
-            seq.first_token_at = now
-            self.stats.ttft.append(now - seq.submitted_at)
         self.stats.generated_tokens += 1
 
         if token in self.spec.stop_ids:
@@ -319,11 +307,6 @@ class Engine:
             # The cache holds the prompt and every generated id but the last (never fed).
             self.prefix.put(list(seq.prompt.token_ids) + seq.generated[:-1], seq.cache)
         seq.cache = None  # the request's reference goes; the memory too unless kept for reuse
-        self.stats.finished += 1
-        if seq.first_token_at is not None and len(seq.generated) > 1:
-            self.stats.tpot.append(
-                (time.monotonic() - seq.first_token_at) / (len(seq.generated) - 1)
-            )
         if reason == "cancelled":
             return
         rest = ""
