@@ -34,6 +34,7 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
+from adapters import native
 from adapters.checkpoint import CheckpointError, total_size
 
 logger = logging.getLogger(__name__)
@@ -454,6 +455,7 @@ class Int4Linear(_WeightOnlyLinear):
     scales: torch.Tensor | None
     # kernel path
     packed: torch.Tensor
+    native_scale: torch.Tensor
     scales_and_zeros: torch.Tensor
 
     def __init__(
@@ -464,6 +466,7 @@ class Int4Linear(_WeightOnlyLinear):
         bias: torch.Tensor | None = None,
         *,
         kernel: bool | None = None,
+        native_kernel: bool | None = None,
     ) -> None:
         super().__init__()
         out_f, in_f = q.shape
@@ -476,6 +479,7 @@ class Int4Linear(_WeightOnlyLinear):
         self.out_features, self.in_features = out_f, in_f
         self.group_size = group_size
         self.per_row = n_groups == 1
+        self.native = False
         device = q.device
         if kernel is None:
             kernel = device.type in _INT4_KERNEL_OPS and kernel_available("int4", str(device))
@@ -492,6 +496,23 @@ class Int4Linear(_WeightOnlyLinear):
                 "qweight", pack_int4_thudm(nn.functional.pad(q, (0, k_even - in_f)))
             )
             self.register_buffer("scales", None if self.per_row else scales.float())
+            return
+        # THUDM's per-row int4 on a CPU with AVX512-BF16: the gateway's own kernel
+        # (adapters/native), ~1.5x torch's at one row and ~2x with 8-16 rows.
+        usable = self.per_row and device.type == "cpu"
+        if native_kernel is None:
+            native_kernel = usable and native.library() is not None
+        elif native_kernel and not (usable and native.library() is not None):
+            raise ValueError("the native int4 kernel needs per-row scales, a CPU and AVX512-BF16")
+        self.native = native_kernel
+        if self.native:
+            self.dequant_min_rows = native.DEQUANT_MIN_ROWS
+            self.k_pad = _round_up(in_f, native.K_MULTIPLE)
+            n_pad = _round_up(out_f, native.block_rows())
+            self.register_buffer("packed", native.pack_int4(q, n_pad, self.k_pad))
+            scale = torch.zeros(n_pad)
+            scale[:out_f] = scales[:, 0].float()
+            self.register_buffer("native_scale", scale)
             return
         if self.per_row:
             k_pad = _round_up(in_f, min(KERNEL_INT4_GROUPS))
@@ -518,6 +539,8 @@ class Int4Linear(_WeightOnlyLinear):
         # Per-row scales only: the unpacked q (integers in [-8, 7]) is exact in bf16 and the row
         # scale is applied in fp32 as on the kernel path.  Group scales would have to be folded
         # into the bf16 weight, rounding it, so group-wise layers keep the kernel.
+        if self.native:
+            return self._native_dequant_matmul(xk)
         n_pad = self.packed.shape[0]
         block = int4_cpu_block() if self.packed.device.type == "cpu" else None
         if not self.per_row or block is None or n_pad % block:
@@ -530,14 +553,29 @@ class Int4Linear(_WeightOnlyLinear):
         y = y[:, : self.out_features]
         return y if self.row_scale is None else y * self.row_scale.float()
 
+    def _native_dequant_matmul(self, xk: torch.Tensor) -> torch.Tensor:
+        lib = native.library()
+        assert lib is not None
+        n_pad = self.packed.shape[0]
+        y = torch.empty(xk.shape[0], n_pad)
+        for rows in _dequant_chunks(n_pad, self.k_pad, native.block_rows()):
+            w = native.int4_dequant(lib, self.packed, rows.start, rows.stop)
+            y[:, rows] = nn.functional.linear(xk, w)
+        return y[:, : self.out_features] * self.native_scale[: self.out_features]
+
     def _kernel_matmul(self, xk: torch.Tensor) -> torch.Tensor:
+        if self.native:
+            lib = native.library()
+            assert lib is not None
+            y = native.int4_gemm(lib, xk, self.packed, self.native_scale)
+            return y[:, : self.out_features]
         mm = _int4_kernel_ops(self.packed.device.type)[1]
         y = mm(xk, self.packed, self.kernel_group, self.scales_and_zeros)
         y = y[:, : self.out_features].float()
         return y if self.row_scale is None else y * self.row_scale.float()
 
     def extra_repr(self) -> str:
-        return f"{super().extra_repr()}, group_size={self.group_size}"
+        return f"{super().extra_repr()}, group_size={self.group_size}, native={self.native}"
 
 
 # --------------------------------------------------------------------------- builders
@@ -596,6 +634,7 @@ def quantize_weight(
     *,
     device: torch.device | str | None = None,
     kernel: bool | None = None,
+    native_kernel: bool | None = None,
     arithmetic: torch.dtype = torch.float16,
 ) -> Int8Linear | Int4Linear:
     """Quantise one linear's full-precision ``weight [out, in]`` with a :data:`QUANT_SCHEMES` mode
@@ -610,7 +649,8 @@ def quantize_weight(
         q, scale = quantize_rowwise(weight.to(device), scheme.bits, arithmetic)
         if scheme.bits == 8:
             return Int8Linear(q, scale, bias, kernel=kernel)
-        return Int4Linear(q, scale[:, None], group_size=q.shape[1], bias=bias, kernel=kernel)
+        return Int4Linear(q, scale[:, None], group_size=q.shape[1], bias=bias, kernel=kernel,
+                          native_kernel=native_kernel)
     q, scales = quantize_groupwise(weight.to(device), scheme.group_size, scheme.bits)
     return Int4Linear(q, scales, group_size=scheme.group_size, bias=bias, kernel=kernel)
 

@@ -32,7 +32,8 @@ def _layer(bits: int, out_f: int, in_f: int, seed: int = 0) -> nn.Module:
     gen = torch.Generator().manual_seed(seed)
     w = torch.randn(out_f, in_f, generator=gen) * 0.05
     bias = torch.randn(out_f, generator=gen)
-    return quantize_weight(w, str(bits), bias, kernel=True)
+    # torch's kernels (the native int4 kernel has its own tests: tests/test_native_kernel.py)
+    return quantize_weight(w, str(bits), bias, kernel=True, native_kernel=False)
 
 
 def test_int4_cpu_layout_is_known() -> None:
@@ -90,7 +91,7 @@ def test_groupwise_int4_keeps_the_kernel() -> None:
 def test_odd_shapes_fall_back_to_the_kernel() -> None:
     # 80 output rows is not a whole number of packing blocks: no dequant path, same result.
     q, scale = quantize_rowwise(torch.randn(80, 64), 4)
-    layer = Int4Linear(q, scale[:, None], group_size=64, kernel=True)
+    layer = Int4Linear(q, scale[:, None], group_size=64, kernel=True, native_kernel=False)
     x = torch.randn(layer.dequant_min_rows, 64).to(torch.bfloat16)
     assert layer._dequant_matmul(x) is None
     assert torch.equal(layer(x), layer._kernel_matmul(x).to(x.dtype))

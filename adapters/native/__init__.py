@@ -1,0 +1,205 @@
+"""The gateway's own CPU kernel for THUDM's per-row int4 weights (``wq_gemm.c`` beside this file).
+
+Why a kernel of our own: torch's ``_weight_int4pack_mm_for_cpu`` multiplies in fp32 FMAs and
+re-dequantises the weight for every block of 4 activation rows, so batched decoding on a CPU costs
+almost as much per sequence as decoding alone; no library on PyPI ships a CPU int4 kernel for torch
+without that limit (torchao's CPU kernels are not in its PyPI wheels; llama.cpp's use its own model
+format).  ``wq_gemm.c`` multiplies with AVX512-BF16 dot products on exact bf16 integers (2x fp32
+FMA throughput, the same products) and streams each thread's weights sequentially
+(``python -m bench.kernels``: ~2x torch's kernel at 1 row, ~1.7-2.3x at 8-16 rows).
+
+It is compiled on first use with the system C compiler (``$CC``, else ``cc``) into
+``$CHATGLM_GATEWAY_CACHE/kernels`` (default ``~/.cache/chatglm-gateway/kernels``), keyed by a hash
+of the source, flags and compiler, then loaded with :mod:`ctypes` (calls release the GIL).  Where it
+cannot be used — not x86-64 Linux, no compiler, a CPU without AVX512-BF16, or
+``CHATGLM_GATEWAY_NATIVE=0`` — :func:`library` returns ``None`` (the reason logged once) and the
+int4 layers use torch's kernel as before.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import functools
+import hashlib
+import logging
+import os
+import platform
+import shutil
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+import torch
+
+logger = logging.getLogger(__name__)
+
+SOURCE = Path(__file__).with_name("wq_gemm.c")
+#: ``CHATGLM_GATEWAY_NATIVE=0`` turns the kernel off (comparisons, troubleshooting).
+ENV_SWITCH = "CHATGLM_GATEWAY_NATIVE"
+CACHE_ENV = "CHATGLM_GATEWAY_CACHE"
+FLAGS = (
+    "-O3", "-fPIC", "-shared", "-fopenmp",
+    "-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512bf16",
+)
+#: The kernel's K granularity: one chunk is 64 columns (two 32-lane bf16 vectors).
+K_MULTIPLE = 64
+
+
+def _has_amx() -> bool:
+    try:
+        with open("/proc/cpuinfo") as f:
+            return any(line.startswith("flags") and " amx_bf16" in line for line in f)
+    except OSError:
+        return False
+
+
+#: Activation rows from which an int4 layer on this kernel dequantises to bf16 and runs one GEMM
+#: instead.  Without AMX the kernel wins at every size (``python -m bench.kernels``: 599 vs 640 ms
+#: per ChatGLM2-6B layer at 512 rows; its dot products run at the bf16 GEMM's rate and it reads
+#: 4x fewer weight bytes).  With AMX, oneDNN's bf16 GEMM is several times faster than AVX512-BF16,
+#: so prefill chunks take it from the row count torch's kernel used (not measured here: no AMX).
+DEQUANT_MIN_ROWS = 96 if _has_amx() else 2**62
+
+
+def _cache_dir() -> Path:
+    root = os.environ.get(CACHE_ENV) or Path.home() / ".cache" / "chatglm-gateway"
+    return Path(root) / "kernels"
+
+
+def _compile(compiler: str) -> Path:
+    """Build the shared library (once per source/flags/compiler) and return its path."""
+    version = subprocess.run(
+        [compiler, "--version"], capture_output=True, text=True, check=True
+    ).stdout
+    key = hashlib.sha256(
+        SOURCE.read_bytes() + " ".join(FLAGS).encode() + version.encode()
+    ).hexdigest()[:16]
+    target = _cache_dir() / f"wq_gemm-{key}.so"
+    if target.exists():
+        return target
+    target.parent.mkdir(parents=True, exist_ok=True)
+    # Build beside the target and rename: concurrent processes never load a half-written file.
+    fd, tmp = tempfile.mkstemp(suffix=".so", dir=target.parent)
+    os.close(fd)
+    try:
+        subprocess.run(
+            [compiler, *FLAGS, "-o", tmp, str(SOURCE)],
+            capture_output=True, text=True, check=True,
+        )
+        os.replace(tmp, target)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+    logger.info("compiled the int4 CPU kernel into %s", target)
+    return target
+
+
+def _load() -> ctypes.CDLL:
+    compiler = shutil.which(os.environ.get("CC") or "cc")
+    if compiler is None:
+        raise OSError("no C compiler (cc or $CC) on PATH")
+    lib = ctypes.CDLL(str(_compile(compiler)))
+    lib.wq_cpu_supported.restype = ctypes.c_int
+    if not lib.wq_cpu_supported():
+        raise OSError("this CPU lacks AVX512-BF16")
+    i64, ptr = ctypes.c_int64, ctypes.c_void_p
+    lib.wq_block_rows.restype = ctypes.c_int
+    lib.wq_int4_gemm.argtypes = [ptr, i64, i64, ptr, ptr, i64, ptr, ctypes.c_int]
+    lib.wq_int4_gemm.restype = None
+    lib.wq_int4_dequant.argtypes = [ptr, i64, i64, i64, ptr, ctypes.c_int]
+    lib.wq_int4_dequant.restype = None
+    return lib
+
+
+@functools.cache
+def library() -> ctypes.CDLL | None:
+    """The loaded kernel library, or ``None`` where it cannot be used (reason logged once)."""
+    if os.environ.get(ENV_SWITCH, "1") == "0":
+        logger.info("%s=0: int4 layers use torch's kernel", ENV_SWITCH)
+        return None
+    if not sys.platform.startswith("linux") or platform.machine() not in ("x86_64", "AMD64"):
+        logger.info("int4 CPU kernel is x86-64 Linux only; using torch's kernel")
+        return None
+    try:
+        lib = _load()
+    except (OSError, subprocess.CalledProcessError) as exc:
+        detail = getattr(exc, "stderr", None) or exc
+        logger.info("int4 CPU kernel unavailable (%s); using torch's kernel", detail)
+        return None
+    if not _self_test(lib):
+        logger.warning("int4 CPU kernel disagrees with the reference; using torch's kernel")
+        return None
+    return lib
+
+
+def block_rows() -> int:
+    """Weight rows per register block: N is padded to a multiple of it."""
+    lib = library()
+    return lib.wq_block_rows() if lib is not None else 4
+
+
+def pack_int4(q: torch.Tensor, n_pad: int, k_pad: int) -> torch.Tensor:
+    """Symmetric int8 ``q [N, K]`` in [-8, 7] -> the kernel's layout (see ``wq_gemm.c``),
+    zero-padded (u = 8) to ``[n_pad, k_pad]``; uint8 ``[n_pad, k_pad / 2]``."""
+    nb = 4
+    n, k = q.shape
+    if n_pad % nb or k_pad % K_MULTIPLE or n_pad < n or k_pad < k:
+        raise ValueError(f"bad padding {n_pad}x{k_pad} for {n}x{k}")
+    out = torch.empty(n_pad, k_pad // 2, dtype=torch.uint8)
+    # A few thousand rows at a time bounds the int16 transient of a 6B-sized linear.
+    step = 1024
+    for start in range(0, n_pad, step):
+        stop = min(start + step, n_pad)
+        u = torch.full((stop - start, k_pad), 8, dtype=torch.uint8)
+        src = q[start:min(stop, n)]
+        u[: src.shape[0], :k] = (src.cpu().to(torch.int16) + 8).to(torch.uint8)
+        u4 = u.view(stop - start, k_pad // 64, 2, 32)
+        runs = u4[:, :, 0, :] | (u4[:, :, 1, :] << 4)  # [rows, chunks, 32]
+        blocks = runs.view((stop - start) // nb, nb, k_pad // 64, 32).transpose(1, 2)
+        out[start:stop] = blocks.contiguous().view(stop - start, k_pad // 2)
+    return out
+
+
+def _threads() -> int:
+    return max(1, torch.get_num_threads())
+
+
+def int4_gemm(lib: ctypes.CDLL, x: torch.Tensor, packed: torch.Tensor,
+              scale: torch.Tensor) -> torch.Tensor:
+    """``(x @ (u - 8).T) * scale`` for contiguous bf16 ``x [M, k_pad]``, ``packed`` from
+    :func:`pack_int4` and fp32 ``scale [n_pad]``; fp32 ``[M, n_pad]``."""
+    m, k = x.shape
+    n = packed.shape[0]
+    if x.dtype != torch.bfloat16 or not x.is_contiguous() or packed.shape[1] * 2 != k:
+        raise ValueError(f"contiguous bf16 [M, {packed.shape[1] * 2}] expected")
+    y = torch.empty(m, n, dtype=torch.float32)
+    lib.wq_int4_gemm(x.data_ptr(), m, k, packed.data_ptr(), scale.data_ptr(), n, y.data_ptr(),
+                     _threads())
+    return y
+
+
+def int4_dequant(lib: ctypes.CDLL, packed: torch.Tensor, start: int, stop: int) -> torch.Tensor:
+    """Rows ``start:stop`` (multiples of 4) of the packed weight as bf16 integers ``u - 8``,
+    ``[stop - start, k_pad]``."""
+    k = packed.shape[1] * 2
+    out = torch.empty(stop - start, k, dtype=torch.bfloat16)
+    lib.wq_int4_dequant(packed.data_ptr(), k, start, stop, out.data_ptr(), _threads())
+    return out
+
+
+def _self_test(lib: ctypes.CDLL) -> bool:
+    """The kernel against a float64 reference on odd shapes (tails of M, several blocks)."""
+    gen = torch.Generator().manual_seed(0)
+    n, k = 12, 128
+    q = torch.randint(-8, 8, (n, k), generator=gen, dtype=torch.int8)
+    scale = torch.rand(n, generator=gen) + 0.5
+    x = torch.randn(7, k, generator=gen).to(torch.bfloat16)
+    packed = pack_int4(q, n, k)
+    ref = (x.double() @ q.double().T) * scale.double()
+    got = int4_gemm(lib, x, packed, scale).double()
+    deq = int4_dequant(lib, packed, 4, 12)
+    return bool(
+        (got - ref).abs().max() <= 1e-5 * ref.abs().max()
+        and torch.equal(deq.to(torch.int8), q[4:12])
+    )

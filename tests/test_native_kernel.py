@@ -1,0 +1,190 @@
+"""The gateway's own int4 CPU kernel (adapters/native): built, loaded, and computing what THUDM's
+per-row int4 weights mean, through the layers the models use.
+
+Where the kernel cannot be built (no compiler, a CPU without AVX512-BF16) the layers use torch's
+kernel; the tests of the kernel itself then skip with that reason, while
+``test_kernel_is_built_where_the_cpu_supports_it`` makes sure an AVX512-BF16 Linux machine with a
+compiler (this project's CI) really gets it.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import platform
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from adapters import native
+from adapters.quant import Int4Linear, quantize_rowwise, quantize_weight
+
+
+def _cpu_flags() -> set[str]:
+    try:
+        text = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return set()
+    return {flag for line in text.splitlines() if line.startswith("flags")
+            for flag in line.split(":", 1)[1].split()}
+
+
+SUPPORTED = (
+    sys.platform.startswith("linux")
+    and platform.machine() == "x86_64"
+    and {"avx512f", "avx512bw", "avx512_bf16"} <= _cpu_flags()
+    and shutil.which(os.environ.get("CC") or "cc") is not None
+)
+needs_kernel = pytest.mark.skipif(
+    native.library() is None, reason="native int4 kernel unavailable on this machine "
+    "(needs x86-64 Linux, AVX512-BF16 and a C compiler)"
+)
+
+
+def test_kernel_is_built_where_the_cpu_supports_it() -> None:
+    if not SUPPORTED:
+        pytest.skip("this machine lacks AVX512-BF16 or a C compiler: torch's kernel is used")
+    assert native.library() is not None
+
+
+def _reference(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    return (x.double() @ q.double().T) * scale.double()
+
+
+@needs_kernel
+@pytest.mark.parametrize("m", [1, 2, 3, 4, 5, 8, 13, 16])
+@pytest.mark.parametrize(("n", "k"), [(4, 64), (12, 128), (64, 256)])
+def test_gemm_equals_the_exact_product(m: int, n: int, k: int) -> None:
+    lib = native.library()
+    assert lib is not None
+    gen = torch.Generator().manual_seed(m * 1000 + n + k)
+    q = torch.randint(-8, 8, (n, k), generator=gen, dtype=torch.int8)
+    scale = torch.rand(n, generator=gen) + 0.1
+    x = torch.randn(m, k, generator=gen).to(torch.bfloat16)
+    got = native.int4_gemm(lib, x, native.pack_int4(q, n, k), scale).double()
+    ref = _reference(x, q, scale)
+    # exact products, fp32 accumulation in another order: fp32 noise only
+    assert (got - ref).abs().max() <= 1e-5 * ref.abs().max()
+
+
+@needs_kernel
+def test_pack_layout_is_the_documented_one() -> None:
+    # wq_gemm.c: blocks of 4 rows, 64-column chunks, one 32-byte run per row, low nibble column
+    # c + b, high nibble column c + 32 + b, stored as q + 8.
+    n, k = 8, 128
+    q = torch.randint(-8, 8, (n, k), generator=torch.Generator().manual_seed(3), dtype=torch.int8)
+    packed = native.pack_int4(q, n, k).view(n // 4, k // 64, 4, 32)
+    u = q.to(torch.int16) + 8
+    for row in (0, 5, 7):
+        for chunk in range(k // 64):
+            run = packed[row // 4, chunk, row % 4].to(torch.int16)
+            cols = u[row, chunk * 64:(chunk + 1) * 64]
+            assert torch.equal(run & 0xF, cols[:32])
+            assert torch.equal(run >> 4, cols[32:])
+
+
+@needs_kernel
+def test_padding_is_zero_weight() -> None:
+    lib = native.library()
+    assert lib is not None
+    q = torch.randint(-8, 8, (5, 70), generator=torch.Generator().manual_seed(4), dtype=torch.int8)
+    packed = native.pack_int4(q, 8, 128)
+    deq = native.int4_dequant(lib, packed, 0, 8).to(torch.int8)
+    assert torch.equal(deq[:5, :70], q)
+    assert not deq[5:].any() and not deq[:, 70:].any()
+
+
+@needs_kernel
+@pytest.mark.parametrize(("out_f", "in_f"), [(64, 256), (30, 100), (7, 64)])
+@pytest.mark.parametrize("rows", [1, 6, 17])
+def test_layer_equals_torch_kernel_layer(out_f: int, in_f: int, rows: int) -> None:
+    """Odd sizes are padded (N to 4, K to 64) and trimmed; the answer is torch's int4 kernel's."""
+    gen = torch.Generator().manual_seed(out_f + in_f + rows)
+    w = torch.randn(out_f, in_f, generator=gen) * 0.05
+    bias = torch.randn(out_f, generator=gen)
+    mine = quantize_weight(w, "4", bias, kernel=True, native_kernel=True)
+    torch_kernel = quantize_weight(w, "4", bias, kernel=True, native_kernel=False)
+    assert isinstance(mine, Int4Linear) and mine.native and not torch_kernel.native
+    x = torch.randn(rows, in_f, generator=gen).to(torch.bfloat16)
+    a, b = mine(x).float(), torch_kernel(x).float()
+    assert a.shape == (rows, out_f)
+    # both round the same fp32 sum to bf16 at the end: an ulp or so apart
+    assert torch.all((a - b).abs() <= 2**-7 * b.abs().amax(dim=-1, keepdim=True))
+    # and the fp32 dequantised weight is THUDM's q * scale exactly
+    q, scale = quantize_rowwise(w, 4)
+    assert torch.equal(mine.dequantize(), q.float() * scale.float()[:, None])
+
+
+@needs_kernel
+def test_dequant_path_equals_kernel_path(monkeypatch: pytest.MonkeyPatch) -> None:
+    # Used for prefill on AMX machines only; the same bf16 operands, so the same product.
+    layer = quantize_weight(torch.randn(96, 192) * 0.05, "4", kernel=True, native_kernel=True)
+    assert isinstance(layer, Int4Linear)
+    monkeypatch.setattr("adapters.quant._DEQUANT_CHUNK_ELEMENTS", 192 * 32)  # several chunks
+    x = torch.randn(40, 192, generator=torch.Generator().manual_seed(5)).to(torch.bfloat16)
+    via_gemm = layer._dequant_matmul(x)
+    assert via_gemm is not None
+    via_kernel = layer._kernel_matmul(x)
+    assert torch.all((via_gemm - via_kernel).abs() <= 2**-7 * via_kernel.abs().amax())
+
+
+@needs_kernel
+def test_groupwise_and_float32_layers_do_not_take_it() -> None:
+    grouped = quantize_weight(torch.randn(64, 256), "int4-g128", kernel=True)
+    exact = quantize_weight(torch.randn(64, 256), "4", kernel=False)
+    assert isinstance(grouped, Int4Linear) and not grouped.native
+    assert isinstance(exact, Int4Linear) and not exact.native
+    with pytest.raises(ValueError, match="per-row"):
+        q, scales = quantize_rowwise(torch.randn(64, 256), 4)
+        Int4Linear(q, torch.ones(64, 2), group_size=128, kernel=True, native_kernel=True)
+
+
+def _run(code: str, env: dict[str, str]) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-c", code], env={**os.environ, **env},
+                          capture_output=True, text=True, timeout=120)
+
+
+@needs_kernel
+def test_compiled_once_into_the_cache(tmp_path: Path) -> None:
+    code = "from adapters import native; print(native.library() is not None)"
+    env = {"CHATGLM_GATEWAY_CACHE": str(tmp_path)}
+    first = _run(code, env)
+    assert first.stdout.strip() == "True", first.stderr
+    built = list((tmp_path / "kernels").glob("*.so"))
+    assert len(built) == 1
+    mtime = built[0].stat().st_mtime_ns
+    second = _run(code, env)
+    assert second.stdout.strip() == "True", second.stderr
+    assert list((tmp_path / "kernels").glob("*")) == built  # no temp files left behind
+    assert built[0].stat().st_mtime_ns == mtime  # reused, not rebuilt
+
+
+def test_switched_off_by_the_environment(tmp_path: Path) -> None:
+    code = ("import logging; logging.basicConfig(level=logging.INFO)\n"
+            "from adapters import native; print(native.library() is None)")
+    done = _run(code, {"CHATGLM_GATEWAY_NATIVE": "0", "CHATGLM_GATEWAY_CACHE": str(tmp_path)})
+    assert done.stdout.strip() == "True", done.stderr
+    assert "CHATGLM_GATEWAY_NATIVE=0" in done.stderr
+    assert not (tmp_path / "kernels").exists()
+
+
+def test_no_compiler_falls_back_with_a_reason(tmp_path: Path, caplog: pytest.LogCaptureFixture,
+                                              monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("CC", str(tmp_path / "no-such-compiler"))
+    monkeypatch.setenv("CHATGLM_GATEWAY_CACHE", str(tmp_path))
+    native.library.cache_clear()
+    try:
+        with caplog.at_level(logging.INFO, logger="adapters.native"):
+            assert native.library() is None
+        assert "unavailable" in caplog.text or "x86-64" in caplog.text
+        # the int4 layers still work, on torch's kernel
+        layer = quantize_weight(torch.randn(16, 64), "4", kernel=True)
+        assert isinstance(layer, Int4Linear) and not layer.native
+        assert layer(torch.randn(2, 64).to(torch.bfloat16)).shape == (2, 16)
+    finally:
+        monkeypatch.undo()
+        native.library.cache_clear()
