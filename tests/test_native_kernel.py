@@ -188,3 +188,39 @@ def test_no_compiler_falls_back_with_a_reason(tmp_path: Path, caplog: pytest.Log
     finally:
         monkeypatch.undo()
         native.library.cache_clear()
+
+
+@needs_kernel
+@pytest.mark.parametrize("m", [1, 3, 4, 9])
+@pytest.mark.parametrize(("n", "k"), [(4, 32), (20, 96), (64, 256)])
+def test_bf16_gemm_equals_the_exact_product(m: int, n: int, k: int) -> None:
+    lib = native.library()
+    assert lib is not None
+    gen = torch.Generator().manual_seed(m + n * k)
+    w = torch.randn(n, k, generator=gen).to(torch.bfloat16)
+    x = torch.randn(m, k, generator=gen).to(torch.bfloat16)
+    got = native.bf16_gemm(lib, x, native.pack_bf16(w, n, k)).double()
+    ref = x.double() @ w.double().T
+    assert (got - ref).abs().max() <= 1e-5 * ref.abs().max()
+
+
+@needs_kernel
+@pytest.mark.parametrize(("out_f", "in_f"), [(65, 48), (128, 64)])
+def test_native_linear_computes_what_the_bf16_linear_does(out_f: int, in_f: int) -> None:
+    gen = torch.Generator().manual_seed(out_f)
+    linear = torch.nn.Linear(in_f, out_f, bias=False).to(torch.bfloat16)
+    with torch.no_grad():
+        linear.weight.copy_(torch.randn(out_f, in_f, generator=gen))
+    layer = native.NativeLinear.replacing(linear)
+    assert isinstance(layer, native.NativeLinear)
+    x = torch.randn(2, 3, in_f, generator=gen).to(torch.bfloat16)
+    a, b = layer(x).float(), linear(x).float()
+    assert a.shape == b.shape == (2, 3, out_f)
+    assert torch.all((a - b).abs() <= 2**-7 * b.abs().amax())
+
+
+def test_native_linear_replaces_only_bias_free_bf16_cpu_linears() -> None:
+    fp32 = torch.nn.Linear(64, 8, bias=False)
+    with_bias = torch.nn.Linear(64, 8).to(torch.bfloat16)
+    assert native.NativeLinear.replacing(fp32) is fp32
+    assert native.NativeLinear.replacing(with_bias) is with_bias

@@ -16,6 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from adapters import native
 from adapters.chatglm2.config import ChatGLM2Config
 from adapters.family import KVCache
 from adapters.weights import load_weights
@@ -271,7 +272,7 @@ class Transformer(nn.Module):
         super().__init__()
         self.embedding = Embedding(cfg)
         self.encoder = Encoder(cfg)
-        self.output_layer = nn.Linear(cfg.hidden_size, cfg.padded_vocab_size, bias=False)
+        self.output_layer: nn.Module = nn.Linear(cfg.hidden_size, cfg.padded_vocab_size, bias=False)
 
 
 # --------------------------------------------------------------------------- model
@@ -296,6 +297,10 @@ class ChatGLM2Model(nn.Module):
         self.device = device
         self.rope = rope_table(self.context_length, self.config.kv_channels,
                                self.config.rope_ratio, dtype, device)
+        # The output layer (kept in bf16 even in THUDM's int4/int8 checkpoints) runs with one row
+        # per sequence: the native bf16 kernel streams it ~1.8x faster than oneDNN's GEMM.
+        t = self.transformer
+        t.output_layer = native.NativeLinear.replacing(t.output_layer)
         self.eval()
         self.requires_grad_(False)
 
