@@ -224,3 +224,67 @@ def test_native_linear_replaces_only_bias_free_bf16_cpu_linears() -> None:
     with_bias = torch.nn.Linear(64, 8).to(torch.bfloat16)
     assert native.NativeLinear.replacing(fp32) is fp32
     assert native.NativeLinear.replacing(with_bias) is with_bias
+
+
+@needs_kernel
+@pytest.mark.parametrize(("heads", "groups"), [(4, 2), (4, 4), (8, 1)])
+def test_decode_attention_equals_torch_over_caches_of_different_lengths(heads: int,
+                                                                         groups: int) -> None:
+    from adapters.chatglm2.model import decode_attention as torch_decode_attention
+
+    gen = torch.Generator().manual_seed(heads * 10 + groups)
+    hd, layers, layer = 64, 3, 1
+    lengths = [1, 7, 40]  # after this step; capacities differ from lengths
+    caps = [4, 16, 64]
+    storages = [torch.randn(layers, 2, groups, c, hd, generator=gen).to(torch.bfloat16)
+                for c in caps]
+    b = len(lengths)
+    q = torch.randn(b, 1, heads, hd, generator=gen).to(torch.bfloat16)
+    k = torch.randn(b, 1, groups, hd, generator=gen).to(torch.bfloat16)
+    v = torch.randn(b, 1, groups, hd, generator=gen).to(torch.bfloat16)
+    lib = native.library()
+    assert lib is not None
+    got = native.decode_attention(lib, native.DecodeBatch(storages, lengths), layer, q, k, v)
+    for i, (kv, n) in enumerate(zip(storages, lengths, strict=True)):
+        # the new key/value landed at position n - 1 of this layer, nothing else moved
+        assert torch.equal(kv[layer, 0, :, n - 1], k[i, 0])
+        assert torch.equal(kv[layer, 1, :, n - 1], v[i, 0])
+        expected = torch_decode_attention(q[i:i + 1], kv[layer, 0, :, :n].unsqueeze(0),
+                                          kv[layer, 1, :, :n].unsqueeze(0), None)
+        # both fp32 inside, rounded to bf16 once: at most an ulp apart
+        assert torch.allclose(got[i].float(), expected[0].float(), rtol=2**-7, atol=2**-7)
+
+
+@needs_kernel
+def test_batched_decode_equals_solo_decode_exactly() -> None:
+    """bf16 on the native kernels: every row's arithmetic is independent of the batch, so a
+    sequence decodes to the same logits alone or with others (greedy outputs cannot diverge)."""
+    from adapters.chatglm2.config import ChatGLM2Config
+    from adapters.chatglm2.model import ChatGLM2Model
+
+    cfg = ChatGLM2Config(
+        padded_vocab_size=256, hidden_size=128, num_layers=2, num_attention_heads=4,
+        kv_channels=32, multi_query_attention=True, multi_query_group_num=2,
+        ffn_hidden_size=192, add_qkv_bias=True, add_bias_linear=False, rmsnorm=True,
+        post_layer_norm=True, layernorm_epsilon=1e-5, seq_length=256, eos_token_id=2,
+        pad_token_id=0, torch_dtype="bfloat16", apply_residual_connection_post_layernorm=False,
+    )
+    torch.manual_seed(0)
+    model = ChatGLM2Model(cfg)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.normal_(0, 0.1)
+    model.to(torch.bfloat16)
+    model.finish_loading(torch.bfloat16, torch.device("cpu"))
+    assert isinstance(model.transformer.output_layer, native.NativeLinear)
+    prompts = [[5, 6, 7], list(range(10, 60)), [9]]
+    solo = [model.new_cache() for _ in prompts]
+    batched = [model.new_cache() for _ in prompts]
+    for p, a, b in zip(prompts, solo, batched, strict=True):
+        model.forward(p, a)
+        model.forward(p, b)
+    for step in range(70):  # past the caches' first reallocation (64 positions)
+        ids = [[30 + step + i] for i in range(len(prompts))]
+        rows = model.forward_batch(ids, batched)
+        for i, cache in enumerate(solo):
+            assert torch.equal(rows[i], model.forward(ids[i], cache)), (step, i)

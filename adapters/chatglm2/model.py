@@ -92,6 +92,11 @@ class ChatGLM2Cache:
         self._length = min(self._length, max(n, 0))
 
     @property
+    def storage(self) -> torch.Tensor:
+        """``[layers, 2, groups, capacity, head]``: where the keys/values live (moves on growth)."""
+        return self._kv
+
+    @property
     def nbytes(self) -> int:
         """Memory held by this cache (its allocated capacity, not just the used length)."""
         return self._kv.numel() * self._kv.element_size()
@@ -180,6 +185,9 @@ def decode_attention(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor,
 # How one forward pass stores new keys/values and reads the history of every sequence:
 # (layer, keys [B, T, g, hd], values [B, T, g, hd]) -> (all keys [B, g, L, hd], all values).
 KVStore = Callable[[int, torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
+# A decode step that stores and attends in one call (the native kernel, reading every cache in
+# place): (layer, q [B, 1, heads, hd], k, v [B, 1, g, hd]) -> [B, heads, 1, hd].
+Attend = Callable[[int, torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
 
 
 class SelfAttention(nn.Module):
@@ -207,10 +215,15 @@ class SelfAttention(nn.Module):
         return q, k, v
 
     def forward(self, x: torch.Tensor, rope: torch.Tensor, store: KVStore, layer: int,
-                mask: torch.Tensor | None, is_causal: bool) -> torch.Tensor:
+                mask: torch.Tensor | None, is_causal: bool,
+                attend: Attend | None = None) -> torch.Tensor:
         q, k, v = self._split(self.query_key_value(x))
         q = apply_rotary(q, rope)
         k = apply_rotary(k, rope)
+        if attend is not None:
+            out = attend(layer, q, k, v)
+            b = out.shape[0]
+            return self.dense(out.transpose(1, 2).reshape(b, 1, self.heads * self.head_dim))
         keys, values = store(layer, k, v)
         if q.shape[1] == 1:  # a decode step: see decode_attention for why not SDPA
             out = decode_attention(q, keys, values, mask)
@@ -246,9 +259,10 @@ class GLMBlock(nn.Module):
         self.mlp = MLP(cfg)
 
     def forward(self, x: torch.Tensor, rope: torch.Tensor, store: KVStore, layer: int,
-                mask: torch.Tensor | None, is_causal: bool) -> torch.Tensor:
+                mask: torch.Tensor | None, is_causal: bool,
+                attend: Attend | None = None) -> torch.Tensor:
         normed = self.input_layernorm(x)
-        attn = self.self_attention(normed, rope, store, layer, mask, is_causal)
+        attn = self.self_attention(normed, rope, store, layer, mask, is_causal, attend)
         h = (normed if self.post_ln_residual else x) + attn
         normed = self.post_attention_layernorm(h)
         return (normed if self.post_ln_residual else h) + self.mlp(normed)
@@ -316,13 +330,29 @@ class ChatGLM2Model(nn.Module):
                              self.dtype, self.device)
 
     def _run(self, ids: torch.Tensor, rope: torch.Tensor, store: KVStore,
-             mask: torch.Tensor | None, is_causal: bool) -> torch.Tensor:
+             mask: torch.Tensor | None, is_causal: bool,
+             attend: Attend | None = None) -> torch.Tensor:
         t = self.transformer
         h = t.embedding.word_embeddings(ids)
         for i, layer in enumerate(t.encoder.layers):
-            h = layer(h, rope, store, i, mask, is_causal)
+            h = layer(h, rope, store, i, mask, is_causal, attend)
         h = t.encoder.final_layernorm(h[:, -1])
         return t.output_layer(h).float()
+
+    def _native_attend(self, caches: Sequence[ChatGLM2Cache]) -> Attend | None:
+        """The native decode attention over ``caches`` (each reserved for this step), where it
+        applies: bf16 on the CPU with the kernel built.  Used for solo and batched decode steps
+        alike, so a sequence's tokens do not depend on what it is batched with."""
+        lib = native.library()
+        if lib is None or self.dtype != torch.bfloat16 or self.device.type != "cpu" \
+                or self.config.kv_channels % 32:
+            return None
+        batch = native.DecodeBatch([c.storage for c in caches], [c.length + 1 for c in caches])
+
+        def attend(layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+            return native.decode_attention(lib, batch, layer, q, k, v)
+
+        return attend
 
     @torch.inference_mode()
     def forward(self, ids: Sequence[int], cache: KVCache) -> torch.Tensor:  # type: ignore[override]
@@ -348,7 +378,9 @@ class ChatGLM2Model(nn.Module):
             keys, values = cache.write(layer, k[0].transpose(0, 1), v[0].transpose(0, 1))
             return keys.unsqueeze(0), values.unsqueeze(0)
 
-        logits = self._run(tokens, rope, store, mask, is_causal=start == 0 and n > 1)
+        attend = self._native_attend([cache]) if n == 1 else None
+        logits = self._run(tokens, rope, store, mask, is_causal=start == 0 and n > 1,
+                           attend=attend)
         cache.commit(n)
         return logits[0]
 
@@ -390,7 +422,8 @@ class ChatGLM2Model(nn.Module):
                 values[b, :, : vb.shape[1]] = vb
             return keys, values
 
-        logits = self._run(tokens, rope, store, mask, is_causal=False)
+        logits = self._run(tokens, rope, store, mask, is_causal=False,
+                           attend=self._native_attend(own))
         for cache in own:
             cache.commit(1)
         return logits

@@ -41,7 +41,7 @@ ENV_SWITCH = "CHATGLM_GATEWAY_NATIVE"
 CACHE_ENV = "CHATGLM_GATEWAY_CACHE"
 FLAGS = (
     "-O3", "-fPIC", "-shared", "-fopenmp",
-    "-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512bf16",
+    "-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512bf16", "-lm",
 )
 #: The kernel's K granularity: one chunk is 64 columns (two 32-lane bf16 vectors).
 K_MULTIPLE = 64
@@ -112,6 +112,9 @@ def _load() -> ctypes.CDLL:
     lib.wq_int4_dequant.restype = None
     lib.wq_bf16_gemm.argtypes = [ptr, i64, i64, ptr, i64, ptr, ctypes.c_int]
     lib.wq_bf16_gemm.restype = None
+    lib.wq_decode_attention.argtypes = [ptr, ptr, ptr, i64, i64, i64, i64, ptr, ptr, ptr, i64,
+                                        ptr, ptr, i64, ctypes.c_int]
+    lib.wq_decode_attention.restype = None
     return lib
 
 
@@ -197,6 +200,43 @@ def bf16_gemm(lib: ctypes.CDLL, x: torch.Tensor, packed: torch.Tensor) -> torch.
     y = torch.empty(m, n, dtype=torch.float32)
     lib.wq_bf16_gemm(x.data_ptr(), m, k, packed.data_ptr(), n, y.data_ptr(), _threads())
     return y
+
+
+class DecodeBatch:
+    """Where a decode step's sequences keep their KV caches, for :func:`decode_attention`:
+    each cache's storage ``[layers, 2, groups, capacity, head_dim]`` (bf16, contiguous) and its
+    length after this step.  Built once per step, after every cache made room for the new
+    position (the storage must not move during the step)."""
+
+    def __init__(self, storages: list[torch.Tensor], lengths: list[int]) -> None:
+        for kv in storages:
+            if kv.dtype != torch.bfloat16 or not kv.is_contiguous() or kv.device.type != "cpu":
+                raise ValueError("KV storage must be contiguous bf16 on the CPU")
+        self.storages = storages  # keeps the tensors alive while their addresses are used
+        self.base = torch.tensor([kv.data_ptr() for kv in storages], dtype=torch.int64)
+        self.cap = torch.tensor([kv.shape[3] for kv in storages], dtype=torch.int64)
+        self.len = torch.tensor(lengths, dtype=torch.int64)
+        self.max_len = max(lengths)
+        if any(n > kv.shape[3] for n, kv in zip(lengths, storages, strict=True)):
+            raise ValueError("a length exceeds its cache's capacity")
+
+
+def decode_attention(lib: ctypes.CDLL, batch: DecodeBatch, layer: int, q: torch.Tensor,
+                     k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """Store this step's ``k``/``v`` ``[B, 1, groups, hd]`` at each sequence's last position of
+    ``layer`` and attend ``q [B, 1, heads, hd]`` over every cached position; ``[B, heads, 1, hd]``
+    bf16 (see ``wq_decode_attention`` in wq_gemm.c)."""
+    b, _, heads, hd = q.shape
+    groups = k.shape[2]
+    if hd % 32 or heads % groups or b != len(batch.storages):
+        raise ValueError(f"unsupported decode attention shape {tuple(q.shape)} / {tuple(k.shape)}")
+    q, k, v = (t.to(torch.bfloat16).contiguous() for t in (q, k, v))
+    out = torch.empty(b, heads, 1, hd, dtype=torch.bfloat16)
+    scratch = torch.empty(b * heads * batch.max_len, dtype=torch.float32)
+    lib.wq_decode_attention(q.data_ptr(), k.data_ptr(), v.data_ptr(), b, heads, groups, hd,
+                            batch.base.data_ptr(), batch.cap.data_ptr(), batch.len.data_ptr(),
+                            layer, out.data_ptr(), scratch.data_ptr(), batch.max_len, _threads())
+    return out
 
 
 def _threads() -> int:

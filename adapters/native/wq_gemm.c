@@ -169,3 +169,81 @@ void wq_bf16_gemm(const bf16_t *x, int64_t M, int64_t K, const bf16_t *w, int64_
         }
     }
 }
+
+/* ---------------------------------------------------------------------------------------------
+ * Decode attention: one new query per sequence over that sequence's own KV cache, for a batch of
+ * sequences whose caches are separate tensors of different lengths.  Replaces "copy every history
+ * into a padded [B, groups, L, hd] tensor, convert to fp32, two batched matmuls" (about 1.2 ms per
+ * ChatGLM2-6B layer at 8 x 256 positions, measured) with reads in place.
+ *
+ *   q      bf16 [B, heads, hd]            (heads = groups * per_group; head h reads group h / per_group)
+ *   cache  bf16 per sequence b: base[b] + layer * 2 * groups * cap[b] * hd, laid out
+ *          [2 (keys, values), groups, cap[b], hd]; positions 0 .. len[b] - 1 are attended
+ *   k_new, v_new  bf16 [B, groups, hd]: this step's key/value, first written at position len[b] - 1
+ *   out    bf16 [B, heads, hd]
+ * Scores and the softmax in fp32, scale 1 / sqrt(hd), probabilities times values accumulated in
+ * fp32, rounded to bf16 once: what torch's fp32 matmul/softmax path computes, up to summation order.
+ * hd must be a multiple of 32.  `scratch` holds B * heads * max_len floats.
+ */
+static inline float bf16_to_f32(bf16_t v) {
+    uint32_t bits = (uint32_t)v << 16;
+    float f;
+    __builtin_memcpy(&f, &bits, 4);
+    return f;
+}
+
+void wq_decode_attention(const bf16_t *q, const bf16_t *k_new, const bf16_t *v_new, int64_t B,
+                         int64_t heads, int64_t groups, int64_t hd, const int64_t *base,
+                         const int64_t *cap, const int64_t *len, int64_t layer, bf16_t *out,
+                         float *scratch, int64_t max_len, int nthreads) {
+    const int64_t per_group = heads / groups;
+    const float scale = 1.0f / __builtin_sqrtf((float)hd);
+    for (int64_t b = 0; b < B; b++) {
+        bf16_t *kv = (bf16_t *)base[b] + layer * 2 * groups * cap[b] * hd;
+        for (int64_t g = 0; g < groups; g++) {
+            const int64_t at = (g * cap[b] + len[b] - 1) * hd;
+            __builtin_memcpy(kv + at, k_new + (b * groups + g) * hd, hd * sizeof(bf16_t));
+            __builtin_memcpy(kv + groups * cap[b] * hd + at, v_new + (b * groups + g) * hd,
+                             hd * sizeof(bf16_t));
+        }
+    }
+#pragma omp parallel for num_threads(nthreads) schedule(dynamic, 1) collapse(2)
+    for (int64_t b = 0; b < B; b++) {
+        for (int64_t h = 0; h < heads; h++) {
+            const int64_t g = h / per_group, L = len[b], C = cap[b];
+            const bf16_t *kv = (const bf16_t *)base[b] + layer * 2 * groups * C * hd;
+            const bf16_t *keys = kv + g * C * hd;
+            const bf16_t *values = kv + (groups + g) * C * hd;
+            const bf16_t *qh = q + (b * heads + h) * hd;
+            float *p = scratch + (b * heads + h) * max_len;
+            float mx = -__builtin_inff();
+            for (int64_t t = 0; t < L; t++) {
+                __m512 acc = _mm512_setzero_ps();
+                for (int64_t d = 0; d < hd; d += 32)
+                    acc = _mm512_dpbf16_ps(
+                        acc, (__m512bh)_mm512_loadu_si512((const void *)(qh + d)),
+                        (__m512bh)_mm512_loadu_si512((const void *)(keys + t * hd + d)));
+                p[t] = _mm512_reduce_add_ps(acc) * scale;
+                if (p[t] > mx) mx = p[t];
+            }
+            float sum = 0.0f;
+            for (int64_t t = 0; t < L; t++) {
+                p[t] = __builtin_expf(p[t] - mx);
+                sum += p[t];
+            }
+            const float inv = 1.0f / sum;
+            for (int64_t d = 0; d < hd; d += 16) {
+                __m512 o = _mm512_setzero_ps();
+                for (int64_t t = 0; t < L; t++) {
+                    __m256i v16 = _mm256_loadu_si256((const __m256i *)(values + t * hd + d));
+                    __m512 v = _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(v16), 16));
+                    o = _mm512_fmadd_ps(_mm512_set1_ps(p[t]), v, o);
+                }
+                o = _mm512_mul_ps(o, _mm512_set1_ps(inv));
+                /* round to nearest even, as torch's fp32 -> bf16 conversion */
+                _mm256_storeu_si256((__m256i *)(out + (b * heads + h) * hd + d),
+                                    (__m256i)_mm512_cvtneps_pbh(o));
+            }
+        }
+    }
+}
