@@ -456,6 +456,7 @@ class Int4Linear(_WeightOnlyLinear):
     # kernel path
     packed: torch.Tensor
     native_scale: torch.Tensor
+    native_bias: torch.Tensor | None
     scales_and_zeros: torch.Tensor
 
     def __init__(
@@ -513,6 +514,12 @@ class Int4Linear(_WeightOnlyLinear):
             scale = torch.zeros(n_pad)
             scale[:out_f] = scales[:, 0].float()
             self.register_buffer("native_scale", scale)
+            # the bias as the kernel adds it (fp32, padded), kept beside the model-dtype copy
+            native_bias = None
+            if bias is not None:
+                native_bias = torch.zeros(n_pad)
+                native_bias[:out_f] = bias.float()
+            self.register_buffer("native_bias", native_bias, persistent=False)
             return
         if self.per_row:
             k_pad = _round_up(in_f, min(KERNEL_INT4_GROUPS))
@@ -552,6 +559,19 @@ class Int4Linear(_WeightOnlyLinear):
             y[:, rows] = xk @ wt
         y = y[:, : self.out_features]
         return y if self.row_scale is None else y * self.row_scale.float()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # The decode path in one kernel call: bias added and bf16 rounding done in the kernel
+        # (the same fp32 sum, rounded once, as the generic path's `(y + bias).to(bf16)`).
+        lib = native.library() if self.native else None
+        if (lib is None or x.dtype != torch.bfloat16 or self.k_pad != self.in_features
+                or x.numel() // self.in_features >= self.dequant_min_rows):
+            return super().forward(x)
+        y = native.int4_gemm(lib, x.reshape(-1, self.in_features).contiguous(), self.packed,
+                             self.native_scale, self.native_bias, torch.bfloat16)
+        if y.shape[1] != self.out_features:
+            y = y[:, : self.out_features]
+        return y.reshape(*x.shape[:-1], self.out_features)
 
     def _native_dequant_matmul(self, xk: torch.Tensor) -> torch.Tensor:
         lib = native.library()

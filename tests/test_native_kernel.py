@@ -288,3 +288,16 @@ def test_batched_decode_equals_solo_decode_exactly() -> None:
         rows = model.forward_batch(ids, batched)
         for i, cache in enumerate(solo):
             assert torch.equal(rows[i], model.forward(ids[i], cache)), (step, i)
+
+
+@needs_kernel
+def test_decode_path_rounds_once_like_the_generic_path() -> None:
+    # Int4Linear.forward's one-call path (bias and bf16 rounding in the kernel) must give the
+    # bits of the generic path: fp32 product, + fp32 bias, one rounding to bf16.
+    gen = torch.Generator().manual_seed(9)
+    w = torch.randn(36, 128, generator=gen) * 0.05
+    bias = torch.randn(36, generator=gen).to(torch.bfloat16)
+    layer = quantize_weight(w, "4", bias, kernel=True, native_kernel=True)
+    x = torch.randn(3, 2, 128, generator=gen).to(torch.bfloat16)
+    generic = (layer._kernel_matmul(x.reshape(6, 128)) + bias.float()).to(torch.bfloat16)
+    assert torch.equal(layer(x), generic.reshape(3, 2, 36))

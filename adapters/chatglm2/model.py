@@ -8,6 +8,7 @@ query_key_value`` …) so checkpoints load by name and a quantizer can swap the 
 
 from __future__ import annotations
 
+import ctypes
 import logging
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -118,8 +119,11 @@ class RMSNorm(nn.Module):
         super().__init__()
         self.weight = nn.Parameter(torch.empty(dim))
         self.eps = eps
+        self.native: ctypes.CDLL | None = None  # set by ChatGLM2Model.finish_loading
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.native is not None:
+            return native.rms_norm(self.native, x, self.weight, self.eps)
         variance = x.to(torch.float32).pow(2).mean(-1, keepdim=True)
         return (self.weight * (x * torch.rsqrt(variance + self.eps))).to(x.dtype)
 
@@ -202,6 +206,7 @@ class SelfAttention(nn.Module):
         self.query_key_value = nn.Linear(cfg.hidden_size, qkv,
                                          bias=cfg.add_bias_linear or cfg.add_qkv_bias)
         self.dense = nn.Linear(projection, cfg.hidden_size, bias=cfg.add_bias_linear)
+        self.native: ctypes.CDLL | None = None  # set by ChatGLM2Model.finish_loading (MQA only)
 
     def _split(self, mixed: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         b, t = mixed.shape[:2]
@@ -217,9 +222,14 @@ class SelfAttention(nn.Module):
     def forward(self, x: torch.Tensor, rope: torch.Tensor, store: KVStore, layer: int,
                 mask: torch.Tensor | None, is_causal: bool,
                 attend: Attend | None = None) -> torch.Tensor:
-        q, k, v = self._split(self.query_key_value(x))
-        q = apply_rotary(q, rope)
-        k = apply_rotary(k, rope)
+        mixed = self.query_key_value(x)
+        if self.native is not None:  # queries and keys rotated in place, in one call
+            native.rotary_(self.native, mixed, self.heads + self.groups, self.head_dim, rope)
+            q, k, v = self._split(mixed)
+        else:
+            q, k, v = self._split(mixed)
+            q = apply_rotary(q, rope)
+            k = apply_rotary(k, rope)
         if attend is not None:
             out = attend(layer, q, k, v)
             b = out.shape[0]
@@ -243,8 +253,11 @@ class MLP(nn.Module):
                                        bias=cfg.add_bias_linear)
         self.dense_4h_to_h = nn.Linear(cfg.ffn_hidden_size, cfg.hidden_size,
                                        bias=cfg.add_bias_linear)
+        self.native: ctypes.CDLL | None = None  # set by ChatGLM2Model.finish_loading
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.native is not None:
+            return self.dense_4h_to_h(native.swiglu(self.native, self.dense_h_to_4h(x)))
         gate, up = self.dense_h_to_4h(x).chunk(2, dim=-1)  # modeling_chatglm.py swiglu
         return self.dense_4h_to_h(F.silu(gate) * up)
 
@@ -315,6 +328,16 @@ class ChatGLM2Model(nn.Module):
         # per sequence: the native bf16 kernel streams it ~1.8x faster than oneDNN's GEMM.
         t = self.transformer
         t.output_layer = native.NativeLinear.replacing(t.output_layer)
+        # bf16 on the CPU: the element-wise parts of each layer (norms, rotary, SwiGLU) run as one
+        # native call each, reproducing torch's bf16 roundings (wq_gemm.c).
+        lib = native.library() if dtype == torch.bfloat16 and device.type == "cpu" else None
+        c = self.config
+        for module in self.modules():
+            # the kernels' vector widths: 16 values (norm, SwiGLU); rotary has no constraint
+            if (isinstance(module, RMSNorm) and c.hidden_size % 16 == 0) or (
+                    isinstance(module, MLP) and c.ffn_hidden_size % 16 == 0) or (
+                    isinstance(module, SelfAttention) and module.multi_query):
+                module.native = lib
         self.eval()
         self.requires_grad_(False)
 

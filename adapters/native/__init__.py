@@ -106,7 +106,8 @@ def _load() -> ctypes.CDLL:
         raise OSError("this CPU lacks AVX512-BF16")
     i64, ptr = ctypes.c_int64, ctypes.c_void_p
     lib.wq_block_rows.restype = ctypes.c_int
-    lib.wq_int4_gemm.argtypes = [ptr, i64, i64, ptr, ptr, i64, ptr, ctypes.c_int]
+    lib.wq_int4_gemm.argtypes = [ptr, i64, i64, ptr, ptr, ptr, i64, ptr, ctypes.c_int,
+                                 ctypes.c_int]
     lib.wq_int4_gemm.restype = None
     lib.wq_int4_dequant.argtypes = [ptr, i64, i64, i64, ptr, ctypes.c_int]
     lib.wq_int4_dequant.restype = None
@@ -115,6 +116,11 @@ def _load() -> ctypes.CDLL:
     lib.wq_decode_attention.argtypes = [ptr, ptr, ptr, i64, i64, i64, i64, ptr, ptr, ptr, i64,
                                         ptr, ptr, i64, ctypes.c_int]
     lib.wq_decode_attention.restype = None
+    lib.wq_rms_norm.argtypes = [ptr, ptr, i64, i64, ctypes.c_float, ptr, ctypes.c_int]
+    lib.wq_swiglu.argtypes = [ptr, i64, i64, ptr, ctypes.c_int]
+    lib.wq_rotary.argtypes = [ptr, i64, i64, i64, i64, ptr, i64, ctypes.c_int]
+    for name in ("wq_rms_norm", "wq_swiglu", "wq_rotary"):
+        getattr(lib, name).restype = None
     return lib
 
 
@@ -232,28 +238,74 @@ def decode_attention(lib: ctypes.CDLL, batch: DecodeBatch, layer: int, q: torch.
         raise ValueError(f"unsupported decode attention shape {tuple(q.shape)} / {tuple(k.shape)}")
     q, k, v = (t.to(torch.bfloat16).contiguous() for t in (q, k, v))
     out = torch.empty(b, heads, 1, hd, dtype=torch.bfloat16)
-    scratch = torch.empty(b * heads * batch.max_len, dtype=torch.float32)
+    scratch = torch.empty(b * heads * (-(-batch.max_len // 16) * 16), dtype=torch.float32)
     lib.wq_decode_attention(q.data_ptr(), k.data_ptr(), v.data_ptr(), b, heads, groups, hd,
                             batch.base.data_ptr(), batch.cap.data_ptr(), batch.len.data_ptr(),
-                            layer, out.data_ptr(), scratch.data_ptr(), batch.max_len, _threads())
+                            layer, out.data_ptr(), scratch.data_ptr(),
+                            -(-batch.max_len // 16) * 16, _threads())
     return out
+
+
+def rms_norm(lib: ctypes.CDLL, x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """ChatGLM2's RMSNorm of bf16 ``x [..., H]`` with a bf16 ``weight [H]`` (wq_gemm.c)."""
+    h = x.shape[-1]
+    x2 = x.reshape(-1, h).contiguous()
+    w = weight.contiguous()
+    if x2.dtype != torch.bfloat16 or w.dtype != torch.bfloat16 or w.shape != (h,) or h % 16:
+        raise ValueError("bf16 activations and weight of a width divisible by 16 expected")
+    out = torch.empty_like(x2)
+    lib.wq_rms_norm(x2.data_ptr(), w.data_ptr(), x2.shape[0], h, eps, out.data_ptr(), _threads())
+    return out.view(x.shape)
+
+
+def swiglu(lib: ctypes.CDLL, h: torch.Tensor) -> torch.Tensor:
+    """``silu(gate) * up`` of bf16 ``h [..., 2F] = [gate | up]`` (modeling_chatglm.py swiglu)."""
+    f = h.shape[-1] // 2
+    h2 = h.reshape(-1, 2 * f).contiguous()
+    if h2.dtype != torch.bfloat16 or f % 16:
+        raise ValueError("bf16 activations of a width divisible by 32 expected")
+    out = torch.empty(h2.shape[0], f, dtype=torch.bfloat16)
+    lib.wq_swiglu(h2.data_ptr(), h2.shape[0], f, out.data_ptr(), _threads())
+    return out.view(*h.shape[:-1], f)
+
+
+def rotary_(lib: ctypes.CDLL, mixed: torch.Tensor, heads: int, head_dim: int,
+            rope: torch.Tensor) -> None:
+    """Rotate, in place, the first ``heads`` heads of every row of the bf16 projection
+    ``mixed [B, T, width]`` (queries then keys) by ``rope [B or 1, T, pairs, 2]``."""
+    b, t, width = mixed.shape
+    if (mixed.dtype != torch.bfloat16 or not mixed.is_contiguous() or heads * head_dim > width
+            or rope.dtype != torch.bfloat16 or 2 * rope.shape[-2] > head_dim):
+        raise ValueError("contiguous bf16 projection and bf16 rope table expected")
+    table = rope.expand(b, t, *rope.shape[-2:]).contiguous()
+    lib.wq_rotary(mixed.data_ptr(), b * t, width, heads, head_dim, table.data_ptr(),
+                  rope.shape[-2], _threads())
 
 
 def _threads() -> int:
     return max(1, torch.get_num_threads())
 
 
-def int4_gemm(lib: ctypes.CDLL, x: torch.Tensor, packed: torch.Tensor,
-              scale: torch.Tensor) -> torch.Tensor:
-    """``(x @ (u - 8).T) * scale`` for contiguous bf16 ``x [M, k_pad]``, ``packed`` from
-    :func:`pack_int4` and fp32 ``scale [n_pad]``; fp32 ``[M, n_pad]``."""
+def int4_gemm(lib: ctypes.CDLL, x: torch.Tensor, packed: torch.Tensor, scale: torch.Tensor,
+              bias: torch.Tensor | None = None,
+              out_dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """``(x @ (u - 8).T) * scale (+ bias)`` for contiguous bf16 ``x [M, k_pad]``, ``packed`` from
+    :func:`pack_int4`, fp32 ``scale`` and ``bias`` ``[n_pad]``; ``[M, n_pad]`` in ``out_dtype``
+    (fp32, or bf16 rounded once from the fp32 result)."""
     m, k = x.shape
     n = packed.shape[0]
     if x.dtype != torch.bfloat16 or not x.is_contiguous() or packed.shape[1] * 2 != k:
         raise ValueError(f"contiguous bf16 [M, {packed.shape[1] * 2}] expected")
-    y = torch.empty(m, n, dtype=torch.float32)
-    lib.wq_int4_gemm(x.data_ptr(), m, k, packed.data_ptr(), scale.data_ptr(), n, y.data_ptr(),
-                     _threads())
+    if out_dtype not in (torch.float32, torch.bfloat16):
+        raise ValueError(f"out_dtype must be float32 or bfloat16, got {out_dtype}")
+    if scale.dtype != torch.float32 or scale.shape != (n,):
+        raise ValueError(f"fp32 scale [{n}] expected")
+    if bias is not None and (bias.dtype != torch.float32 or bias.shape != (n,)):
+        raise ValueError(f"fp32 bias [{n}] expected")
+    y = torch.empty(m, n, dtype=out_dtype)
+    lib.wq_int4_gemm(x.data_ptr(), m, k, packed.data_ptr(), scale.data_ptr(),
+                     None if bias is None else bias.data_ptr(), n, y.data_ptr(),
+                     int(out_dtype == torch.bfloat16), _threads())
     return y
 
 
