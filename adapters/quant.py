@@ -317,6 +317,15 @@ def int4_cpu_block() -> int | None:
 # --------------------------------------------------------------------------- layers
 
 
+def _use_native(kernel: bool, device: torch.device, requested: bool | None) -> bool:
+    """Whether a kernel-path layer on ``device`` runs on the native kernel (``requested``: None =
+    wherever it is available; True = required, an error where it is not)."""
+    available = kernel and device.type == "cpu" and native.library() is not None
+    if requested and not available:
+        raise ValueError("the native kernel needs the kernel path, a CPU and AVX512-BF16")
+    return available if requested is None else requested
+
+
 def _dequant_chunks(rows: int, k: int, multiple: int) -> Iterator[slice]:
     """Row slices of about :data:`_DEQUANT_CHUNK_ELEMENTS` weights, each a multiple of ``multiple``
     rows (but the last)."""
@@ -338,6 +347,49 @@ class _WeightOnlyLinear(nn.Module):
     kernel: bool
     bias: torch.Tensor | None
     dequant_min_rows: int
+
+    # native kernel path (adapters/native): weights in its interleaved layout, fp32 row scales
+    native: bool = False
+    packed: torch.Tensor
+    native_scale: torch.Tensor
+    native_bias: torch.Tensor | None
+    _native_gemm_name: str
+
+    def _init_native(self, pack: Callable[[int, int], torch.Tensor], row_scale: torch.Tensor,
+                     bias: torch.Tensor | None) -> None:
+        out_f = self.out_features
+        self.k_pad = _round_up(self.in_features, native.K_MULTIPLE)
+        n_pad = _round_up(out_f, native.block_rows())
+        self.register_buffer("packed", pack(n_pad, self.k_pad))
+        scale = torch.zeros(n_pad)
+        scale[:out_f] = row_scale.float()
+        self.register_buffer("native_scale", scale)
+        # the bias as the kernel adds it (fp32, padded), kept beside the model-dtype copy
+        native_bias = None
+        if bias is not None:
+            native_bias = torch.zeros(n_pad)
+            native_bias[:out_f] = bias.float()
+        self.register_buffer("native_bias", native_bias, persistent=False)
+
+    def _native_gemm(self) -> Callable[..., torch.Tensor]:
+        lib = native.library()
+        assert lib is not None
+        gemm = native.int8_gemm if self.packed.dtype == torch.int8 else native.int4_gemm
+        return functools.partial(gemm, lib)
+
+    def _native_matmul(self, xk: torch.Tensor) -> torch.Tensor:
+        return self._native_gemm()(xk, self.packed, self.native_scale)[:, : self.out_features]
+
+    def _native_weight_rows(self, rows: slice) -> torch.Tensor:
+        """Packed rows ``rows`` (whole blocks of 4) as bf16 ``[rows, k_pad]`` without scales."""
+        raise NotImplementedError
+
+    def _native_dequant_matmul(self, xk: torch.Tensor) -> torch.Tensor:
+        n_pad = self.packed.shape[0]
+        y = torch.empty(xk.shape[0], n_pad)
+        for rows in _dequant_chunks(n_pad, self.k_pad, native.block_rows()):
+            y[:, rows] = nn.functional.linear(xk, self._native_weight_rows(rows))
+        return y[:, : self.out_features] * self.native_scale[: self.out_features]
 
     def _kernel_matmul(self, xk: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError
@@ -361,17 +413,26 @@ class _WeightOnlyLinear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x2 = x.reshape(-1, self.in_features)
+        if (self.native and x.dtype == _KERNEL_DTYPE and self.k_pad == self.in_features
+                and x2.shape[0] < self.dequant_min_rows):
+            # The decode path in one kernel call: bias added and bf16 rounding done in the kernel
+            # (the same fp32 sum, rounded once, as the path below's `(y + bias).to(bf16)`).
+            y = self._native_gemm()(x2.contiguous(), self.packed, self.native_scale,
+                                    self.native_bias, _KERNEL_DTYPE)
+            if y.shape[1] != self.out_features:
+                y = y[:, : self.out_features]
+            return y.reshape(*x.shape[:-1], self.out_features)
         if self.kernel:
             xk = x2.to(_KERNEL_DTYPE)
             if self.k_pad != self.in_features:
                 xk = nn.functional.pad(xk, (0, self.k_pad - self.in_features))
             xk = xk.contiguous()
-            y = self._dequant_matmul(xk) if xk.shape[0] >= self.dequant_min_rows else None
-            if y is None:
-                y = self._kernel_matmul(xk)
+            acc = self._dequant_matmul(xk) if xk.shape[0] >= self.dequant_min_rows else None
+            if acc is None:
+                acc = self._kernel_matmul(xk)
             if self.bias is not None:
-                y = y + self.bias.float()
-            y = y.to(x.dtype)
+                acc = acc + self.bias.float()
+            y = acc.to(x.dtype)
         else:
             w = self._stored_weight().to(x.dtype)
             y = nn.functional.linear(x2, w, None if self.bias is None else self.bias.to(x.dtype))
@@ -400,6 +461,7 @@ class Int8Linear(_WeightOnlyLinear):
         bias: torch.Tensor | None = None,
         *,
         kernel: bool | None = None,
+        native_kernel: bool | None = None,
     ) -> None:
         super().__init__()
         if weight.dtype != torch.int8 or weight.dim() != 2 or scale.shape != weight.shape[:1]:
@@ -411,11 +473,18 @@ class Int8Linear(_WeightOnlyLinear):
         if kernel is None:
             kernel = kernel_available("int8", str(weight.device))
         self.kernel = kernel
+        self.native = _use_native(bool(kernel), weight.device, native_kernel)
+        self.register_buffer("weight_scale", scale)
+        self.register_buffer("bias", bias)
+        if self.native:
+            # the gateway's own kernel (adapters/native): 4-row interleaved layout only
+            self.dequant_min_rows = native.DEQUANT_MIN_ROWS
+            self._init_native(lambda n_pad, k_pad: native.pack_int8(weight, n_pad, k_pad),
+                              scale, bias)
+            return
         self.k_pad = _round_up(self.in_features, _INT8_K_MULTIPLE) if kernel else self.in_features
         weight = nn.functional.pad(weight, (0, self.k_pad - self.in_features))
         self.register_buffer("weight", weight.contiguous())
-        self.register_buffer("weight_scale", scale)
-        self.register_buffer("bias", bias)
         self.register_buffer(
             "_unit_scale",
             torch.ones(self.out_features, dtype=_KERNEL_DTYPE, device=weight.device),
@@ -427,10 +496,17 @@ class Int8Linear(_WeightOnlyLinear):
         return self.weight[:, : self.in_features].float() * self.weight_scale.float()[:, None]
 
     def _kernel_matmul(self, xk: torch.Tensor) -> torch.Tensor:
+        if self.native:
+            return self._native_matmul(xk)
         acc = torch.ops.aten._weight_int8pack_mm(xk, self.weight, self._unit_scale)
         return acc.float() * self.weight_scale.float()
 
+    def _native_weight_rows(self, rows: slice) -> torch.Tensor:
+        return native.unpack_int8(self.packed, rows.start, rows.stop).to(_KERNEL_DTYPE)
+
     def _dequant_matmul(self, xk: torch.Tensor) -> torch.Tensor | None:
+        if self.native:
+            return self._native_dequant_matmul(xk)
         # int8 values are exact in bf16: the same bf16 product of x and q as the kernel's, then
         # the same fp32 row scaling.
         y = torch.empty(xk.shape[0], self.out_features, device=xk.device)
@@ -455,8 +531,6 @@ class Int4Linear(_WeightOnlyLinear):
     scales: torch.Tensor | None
     # kernel path
     packed: torch.Tensor
-    native_scale: torch.Tensor
-    native_bias: torch.Tensor | None
     scales_and_zeros: torch.Tensor
 
     def __init__(
@@ -500,26 +574,13 @@ class Int4Linear(_WeightOnlyLinear):
             return
         # THUDM's per-row int4 on a CPU with AVX512-BF16: the gateway's own kernel
         # (adapters/native), ~1.5x torch's at one row and ~2x with 8-16 rows.
-        usable = self.per_row and device.type == "cpu"
-        if native_kernel is None:
-            native_kernel = usable and native.library() is not None
-        elif native_kernel and not (usable and native.library() is not None):
-            raise ValueError("the native int4 kernel needs per-row scales, a CPU and AVX512-BF16")
-        self.native = native_kernel
+        if native_kernel and not self.per_row:
+            raise ValueError("the native int4 kernel needs per-row scales")
+        self.native = self.per_row and _use_native(bool(kernel), device, native_kernel)
         if self.native:
             self.dequant_min_rows = native.DEQUANT_MIN_ROWS
-            self.k_pad = _round_up(in_f, native.K_MULTIPLE)
-            n_pad = _round_up(out_f, native.block_rows())
-            self.register_buffer("packed", native.pack_int4(q, n_pad, self.k_pad))
-            scale = torch.zeros(n_pad)
-            scale[:out_f] = scales[:, 0].float()
-            self.register_buffer("native_scale", scale)
-            # the bias as the kernel adds it (fp32, padded), kept beside the model-dtype copy
-            native_bias = None
-            if bias is not None:
-                native_bias = torch.zeros(n_pad)
-                native_bias[:out_f] = bias.float()
-            self.register_buffer("native_bias", native_bias, persistent=False)
+            self._init_native(lambda n_pad, k_pad: native.pack_int4(q, n_pad, k_pad),
+                              scales[:, 0], bias)
             return
         if self.per_row:
             k_pad = _round_up(in_f, min(KERNEL_INT4_GROUPS))
@@ -560,35 +621,14 @@ class Int4Linear(_WeightOnlyLinear):
         y = y[:, : self.out_features]
         return y if self.row_scale is None else y * self.row_scale.float()
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        # The decode path in one kernel call: bias added and bf16 rounding done in the kernel
-        # (the same fp32 sum, rounded once, as the generic path's `(y + bias).to(bf16)`).
-        lib = native.library() if self.native else None
-        if (lib is None or x.dtype != torch.bfloat16 or self.k_pad != self.in_features
-                or x.numel() // self.in_features >= self.dequant_min_rows):
-            return super().forward(x)
-        y = native.int4_gemm(lib, x.reshape(-1, self.in_features).contiguous(), self.packed,
-                             self.native_scale, self.native_bias, torch.bfloat16)
-        if y.shape[1] != self.out_features:
-            y = y[:, : self.out_features]
-        return y.reshape(*x.shape[:-1], self.out_features)
-
-    def _native_dequant_matmul(self, xk: torch.Tensor) -> torch.Tensor:
+    def _native_weight_rows(self, rows: slice) -> torch.Tensor:
         lib = native.library()
         assert lib is not None
-        n_pad = self.packed.shape[0]
-        y = torch.empty(xk.shape[0], n_pad)
-        for rows in _dequant_chunks(n_pad, self.k_pad, native.block_rows()):
-            w = native.int4_dequant(lib, self.packed, rows.start, rows.stop)
-            y[:, rows] = nn.functional.linear(xk, w)
-        return y[:, : self.out_features] * self.native_scale[: self.out_features]
+        return native.int4_dequant(lib, self.packed, rows.start, rows.stop)
 
     def _kernel_matmul(self, xk: torch.Tensor) -> torch.Tensor:
         if self.native:
-            lib = native.library()
-            assert lib is not None
-            y = native.int4_gemm(lib, xk, self.packed, self.native_scale)
-            return y[:, : self.out_features]
+            return self._native_matmul(xk)
         mm = _int4_kernel_ops(self.packed.device.type)[1]
         y = mm(xk, self.packed, self.kernel_group, self.scales_and_zeros)
         y = y[:, : self.out_features].float()
@@ -668,7 +708,7 @@ def quantize_weight(
     if scheme.group_size is None:
         q, scale = quantize_rowwise(weight.to(device), scheme.bits, arithmetic)
         if scheme.bits == 8:
-            return Int8Linear(q, scale, bias, kernel=kernel)
+            return Int8Linear(q, scale, bias, kernel=kernel, native_kernel=native_kernel)
         return Int4Linear(q, scale[:, None], group_size=q.shape[1], bias=bias, kernel=kernel,
                           native_kernel=native_kernel)
     q, scales = quantize_groupwise(weight.to(device), scheme.group_size, scheme.bits)

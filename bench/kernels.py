@@ -5,9 +5,11 @@
 For each of ChatGLM2-6B's four linear shapes and each number of activation rows (1 = batch-1
 decode, 8 = eight streams, 512 = a prefill chunk) it times, on bf16 activations:
 
-* ``kernel``: the layer's fused path (``_weight_int4pack_mm_for_cpu`` / ``_weight_int8pack_mm``),
-* ``dequant+gemm``: the layer's bf16 copy of the weight + one GEMM (what ``forward`` does from
-  ``adapters.quant.DEQUANT_MIN_ROWS`` rows on),
+* ``native``: the gateway's own kernel (``adapters/native``; "-" where it cannot be built),
+* ``torch kernel``: torch's fused kernel (``_weight_int4pack_mm_for_cpu`` / ``_weight_int8pack_mm``),
+* ``dequant+gemm``: a bf16 copy of the weight + one GEMM (what ``forward`` does from the layer's
+  ``dequant_min_rows`` on: torch-kernel layers ``adapters.quant.DEQUANT_MIN_ROWS``, native layers
+  ``adapters.native.DEQUANT_MIN_ROWS``),
 * ``bf16 gemm``: a plain bf16 ``nn.Linear`` (the bf16 model; the floor the dequant path tends to),
 
 and prints the best of ``--repeats`` in milliseconds, summed over the four shapes (one layer), so
@@ -28,6 +30,7 @@ from collections.abc import Callable
 
 import torch
 
+from adapters import native
 from adapters.chatglm2.model import decode_attention
 from adapters.quant import quantize_weight
 from bench.common import PRESETS, machine_summary, markdown_table, timed
@@ -85,31 +88,40 @@ def main() -> None:
     mode_arg = {"int4": "4", "int8": "8"}
     gen = torch.Generator().manual_seed(0)
     table = []
+    has_native = native.library() is not None
     for mode in args.modes.split(","):
         layers = []
         for out_f, in_f in shapes:
             w = torch.empty(out_f, in_f, dtype=torch.bfloat16).normal_(0, 0.02, generator=gen)
-            layers.append((quantize_weight(w, mode_arg[mode], kernel=True), w))
-        dequant = sum(best(q._dequant_matmul, torch.zeros(1, q.k_pad, dtype=torch.bfloat16),
-                           repeats=args.repeats) for q, _ in layers)
-        logger.info("%s: dequantising one layer (+ a 1-row GEMM) %.1f ms", mode, dequant * 1e3)
+            mine = (quantize_weight(w, mode_arg[mode], kernel=True, native_kernel=True)
+                    if has_native else None)
+            theirs = quantize_weight(w, mode_arg[mode], kernel=True, native_kernel=False)
+            layers.append((mine, theirs, w))
         for rows in rows_list:
-            kernel = fused = plain = 0.0
-            for q, w in layers:
-                x = torch.randn(rows, q.k_pad, generator=gen).to(torch.bfloat16)
-                kernel += best(q._kernel_matmul, x, repeats=args.repeats)
-                fused += best(q._dequant_matmul, x, repeats=args.repeats)
+            t_native = t_torch = fused = plain = 0.0
+            for mine, theirs, w in layers:
+                x = torch.randn(rows, theirs.k_pad, generator=gen).to(torch.bfloat16)
+                if mine is not None:
+                    xn = torch.randn(rows, mine.k_pad, generator=gen).to(torch.bfloat16)
+                    t_native += best(mine._kernel_matmul, xn, repeats=args.repeats)
+                t_torch += best(theirs._kernel_matmul, x, repeats=args.repeats)
+                deq = mine if mine is not None else theirs
+                xd = torch.randn(rows, deq.k_pad, generator=gen).to(torch.bfloat16)
+                fused += best(deq._dequant_matmul, xd, repeats=args.repeats)
                 plain += best(torch.nn.functional.linear, x[:, : w.shape[1]], w,
                               repeats=args.repeats)
-            logger.info("%s rows %d: kernel %.1f ms, dequant+gemm %.1f ms, bf16 %.1f ms", mode,
-                        rows, kernel * 1e3, fused * 1e3, plain * 1e3)
-            table.append([mode, str(rows), f"{kernel * 1e3:.1f}", f"{fused * 1e3:.1f}",
-                          f"{plain * 1e3:.1f}", "dequant+gemm" if fused < kernel else "kernel"])
+            logger.info("%s rows %d: native %.1f ms, torch kernel %.1f ms, dequant+gemm %.1f ms, "
+                        "bf16 %.1f ms", mode, rows, t_native * 1e3, t_torch * 1e3, fused * 1e3,
+                        plain * 1e3)
+            table.append([mode, str(rows), f"{t_native * 1e3:.1f}" if has_native else "-",
+                          f"{t_torch * 1e3:.1f}",
+                          f"{t_torch / t_native:.2f}x" if has_native else "-",
+                          f"{fused * 1e3:.1f}", f"{plain * 1e3:.1f}"])
         del layers
     print(f"\none {args.shapes} layer (4 linears), ms, best of {args.repeats}; "
           f"{machine_summary()}\n")
-    print(markdown_table(["weights", "rows", "kernel", "dequant+gemm", "bf16 gemm", "faster"],
-                         table))
+    print(markdown_table(["weights", "rows", "native", "torch kernel", "native speed-up",
+                          "dequant+gemm", "bf16 gemm"], table))
 
 
 if __name__ == "__main__":

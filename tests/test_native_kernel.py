@@ -72,6 +72,23 @@ def test_gemm_equals_the_exact_product(m: int, n: int, k: int) -> None:
 
 
 @needs_kernel
+@pytest.mark.parametrize("m", [1, 5, 9])
+def test_int8_gemm_equals_the_exact_product(m: int) -> None:
+    lib = native.library()
+    assert lib is not None
+    gen = torch.Generator().manual_seed(m)
+    n, k = 12, 192
+    q = torch.randint(-127, 128, (n, k), generator=gen, dtype=torch.int8)
+    scale = torch.rand(n, generator=gen) + 0.1
+    x = torch.randn(m, k, generator=gen).to(torch.bfloat16)
+    packed = native.pack_int8(q, n, k)
+    assert torch.equal(native.unpack_int8(packed, 4, 12), q[4:12])
+    got = native.int8_gemm(lib, x, packed, scale).double()
+    ref = _reference(x, q, scale)
+    assert (got - ref).abs().max() <= 1e-5 * ref.abs().max()
+
+
+@needs_kernel
 def test_pack_layout_is_the_documented_one() -> None:
     # wq_gemm.c: blocks of 4 rows, 64-column chunks, one 32-byte run per row, low nibble column
     # c + b, high nibble column c + 32 + b, stored as q + 8.
@@ -99,31 +116,34 @@ def test_padding_is_zero_weight() -> None:
 
 
 @needs_kernel
+@pytest.mark.parametrize("bits", [4, 8])
 @pytest.mark.parametrize(("out_f", "in_f"), [(64, 256), (30, 100), (7, 64)])
 @pytest.mark.parametrize("rows", [1, 6, 17])
-def test_layer_equals_torch_kernel_layer(out_f: int, in_f: int, rows: int) -> None:
-    """Odd sizes are padded (N to 4, K to 64) and trimmed; the answer is torch's int4 kernel's."""
+def test_layer_equals_torch_kernel_layer(bits: int, out_f: int, in_f: int, rows: int) -> None:
+    """Odd sizes are padded (N to 4, K to 64) and trimmed; the answer is torch's kernel's."""
     gen = torch.Generator().manual_seed(out_f + in_f + rows)
     w = torch.randn(out_f, in_f, generator=gen) * 0.05
     bias = torch.randn(out_f, generator=gen)
-    mine = quantize_weight(w, "4", bias, kernel=True, native_kernel=True)
-    torch_kernel = quantize_weight(w, "4", bias, kernel=True, native_kernel=False)
-    assert isinstance(mine, Int4Linear) and mine.native and not torch_kernel.native
+    mine = quantize_weight(w, str(bits), bias, kernel=True, native_kernel=True)
+    torch_kernel = quantize_weight(w, str(bits), bias, kernel=True, native_kernel=False)
+    assert mine.native and not torch_kernel.native
     x = torch.randn(rows, in_f, generator=gen).to(torch.bfloat16)
     a, b = mine(x).float(), torch_kernel(x).float()
     assert a.shape == (rows, out_f)
     # both round the same fp32 sum to bf16 at the end: an ulp or so apart
     assert torch.all((a - b).abs() <= 2**-7 * b.abs().amax(dim=-1, keepdim=True))
     # and the fp32 dequantised weight is THUDM's q * scale exactly
-    q, scale = quantize_rowwise(w, 4)
+    q, scale = quantize_rowwise(w, bits)
     assert torch.equal(mine.dequantize(), q.float() * scale.float()[:, None])
 
 
 @needs_kernel
-def test_dequant_path_equals_kernel_path(monkeypatch: pytest.MonkeyPatch) -> None:
+@pytest.mark.parametrize("bits", [4, 8])
+def test_dequant_path_equals_kernel_path(bits: int, monkeypatch: pytest.MonkeyPatch) -> None:
     # Used for prefill on AMX machines only; the same bf16 operands, so the same product.
-    layer = quantize_weight(torch.randn(96, 192) * 0.05, "4", kernel=True, native_kernel=True)
-    assert isinstance(layer, Int4Linear)
+    layer = quantize_weight(torch.randn(96, 192) * 0.05, str(bits), kernel=True,
+                            native_kernel=True)
+    assert layer.native
     monkeypatch.setattr("adapters.quant._DEQUANT_CHUNK_ELEMENTS", 192 * 32)  # several chunks
     x = torch.randn(40, 192, generator=torch.Generator().manual_seed(5)).to(torch.bfloat16)
     via_gemm = layer._dequant_matmul(x)
@@ -291,13 +311,47 @@ def test_batched_decode_equals_solo_decode_exactly() -> None:
 
 
 @needs_kernel
-def test_decode_path_rounds_once_like_the_generic_path() -> None:
-    # Int4Linear.forward's one-call path (bias and bf16 rounding in the kernel) must give the
-    # bits of the generic path: fp32 product, + fp32 bias, one rounding to bf16.
+@pytest.mark.parametrize("bits", [4, 8])
+def test_decode_path_rounds_once_like_the_generic_path(bits: int) -> None:
+    # forward's one-call path (bias and bf16 rounding in the kernel) must give the bits of the
+    # generic path: fp32 product, + fp32 bias, one rounding to bf16.
     gen = torch.Generator().manual_seed(9)
     w = torch.randn(36, 128, generator=gen) * 0.05
     bias = torch.randn(36, generator=gen).to(torch.bfloat16)
-    layer = quantize_weight(w, "4", bias, kernel=True, native_kernel=True)
+    layer = quantize_weight(w, str(bits), bias, kernel=True, native_kernel=True)
     x = torch.randn(3, 2, 128, generator=gen).to(torch.bfloat16)
     generic = (layer._kernel_matmul(x.reshape(6, 128)) + bias.float()).to(torch.bfloat16)
     assert torch.equal(layer(x), generic.reshape(3, 2, 36))
+
+
+@needs_kernel
+def test_elementwise_ops_reproduce_torchs_bf16_arithmetic() -> None:
+    """Norm, SwiGLU and rotary as one call each give the bf16 values torch's ops give (they round
+    at the same points); the norm's fp32 sum may differ in order, so at most rare 1-ulp steps."""
+    from adapters.chatglm2.model import RMSNorm, apply_rotary, rope_table
+
+    lib = native.library()
+    assert lib is not None
+    gen = torch.Generator().manual_seed(0)
+    x = (torch.randn(5, 4096, generator=gen) * 3).to(torch.bfloat16)
+    norm = RMSNorm(4096, 1e-5).to(torch.bfloat16)
+    with torch.no_grad():
+        norm.weight.copy_(torch.rand(4096, generator=gen) + 0.5)
+    got, expected = native.rms_norm(lib, x, norm.weight, 1e-5), norm(x)
+    differ = got != expected
+    assert differ.float().mean() < 1e-3
+    assert torch.all((got.float() - expected.float()).abs()[differ]
+                     <= 2**-7 * expected.float().abs()[differ])
+
+    h = (torch.randn(3, 2 * 1376, generator=gen) * 4).to(torch.bfloat16)
+    gate, up = h.chunk(2, dim=-1)
+    assert torch.equal(native.swiglu(lib, h), torch.nn.functional.silu(gate) * up)
+
+    heads, hd = 6, 64
+    rope = rope_table(100, hd, 1.0, torch.bfloat16, torch.device("cpu"))[10:17].unsqueeze(0)
+    mixed = torch.randn(2, 7, (heads + 2) * hd, generator=gen).to(torch.bfloat16)
+    rotated = mixed.clone()
+    native.rotary_(lib, rotated, heads, hd, rope)
+    q = mixed[..., : heads * hd].reshape(2, 7, heads, hd)
+    assert torch.equal(rotated[..., : heads * hd].reshape(2, 7, heads, hd), apply_rotary(q, rope))
+    assert torch.equal(rotated[..., heads * hd:], mixed[..., heads * hd:])  # values untouched

@@ -28,6 +28,7 @@ import shutil
 import subprocess
 import sys
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -109,6 +110,8 @@ def _load() -> ctypes.CDLL:
     lib.wq_int4_gemm.argtypes = [ptr, i64, i64, ptr, ptr, ptr, i64, ptr, ctypes.c_int,
                                  ctypes.c_int]
     lib.wq_int4_gemm.restype = None
+    lib.wq_int8_gemm.argtypes = lib.wq_int4_gemm.argtypes
+    lib.wq_int8_gemm.restype = None
     lib.wq_int4_dequant.argtypes = [ptr, i64, i64, i64, ptr, ctypes.c_int]
     lib.wq_int4_dequant.restype = None
     lib.wq_bf16_gemm.argtypes = [ptr, i64, i64, ptr, i64, ptr, ctypes.c_int]
@@ -286,16 +289,60 @@ def _threads() -> int:
     return max(1, torch.get_num_threads())
 
 
+def pack_int8(q: torch.Tensor, n_pad: int, k_pad: int) -> torch.Tensor:
+    """int8 ``q [N, K]`` -> the int8 kernel's layout (blocks of 4 rows, chunks of 64 columns, one
+    run of 64 bytes per row), zero-padded to ``[n_pad, k_pad]``; int8 ``[n_pad, k_pad]``."""
+    nb = 4
+    n, k = q.shape
+    if n_pad % nb or k_pad % K_MULTIPLE or n_pad < n or k_pad < k:
+        raise ValueError(f"bad padding {n_pad}x{k_pad} for {n}x{k}")
+    out = torch.empty(n_pad, k_pad, dtype=torch.int8)
+    step = 1024
+    for start in range(0, n_pad, step):
+        stop = min(start + step, n_pad)
+        block = torch.zeros(stop - start, k_pad, dtype=torch.int8)
+        src = q[start:min(stop, n)]
+        block[: src.shape[0], :k] = src.cpu()
+        runs = block.view((stop - start) // nb, nb, k_pad // 64, 64).transpose(1, 2)
+        out[start:stop] = runs.contiguous().view(stop - start, k_pad)
+    return out
+
+
+def unpack_int8(packed: torch.Tensor, start: int, stop: int) -> torch.Tensor:
+    """Rows ``start:stop`` (multiples of 4) of :func:`pack_int8`'s layout as ``[rows, k_pad]``."""
+    k = packed.shape[1]
+    rows = packed[start:stop].reshape((stop - start) // 4, k // 64, 4, 64)
+    return rows.transpose(1, 2).reshape(stop - start, k)
+
+
+def int8_gemm(lib: ctypes.CDLL, x: torch.Tensor, packed: torch.Tensor, scale: torch.Tensor,
+              bias: torch.Tensor | None = None,
+              out_dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """:func:`int4_gemm` for ``packed`` from :func:`pack_int8`."""
+    if packed.dtype != torch.int8:
+        raise ValueError("packed int8 weights expected")
+    return _weight_only_gemm(lib.wq_int8_gemm, x, packed, packed.shape[1], scale, bias, out_dtype)
+
+
 def int4_gemm(lib: ctypes.CDLL, x: torch.Tensor, packed: torch.Tensor, scale: torch.Tensor,
               bias: torch.Tensor | None = None,
               out_dtype: torch.dtype = torch.float32) -> torch.Tensor:
     """``(x @ (u - 8).T) * scale (+ bias)`` for contiguous bf16 ``x [M, k_pad]``, ``packed`` from
     :func:`pack_int4`, fp32 ``scale`` and ``bias`` ``[n_pad]``; ``[M, n_pad]`` in ``out_dtype``
     (fp32, or bf16 rounded once from the fp32 result)."""
+    if packed.dtype != torch.uint8:
+        raise ValueError("packed int4 weights expected")
+    return _weight_only_gemm(lib.wq_int4_gemm, x, packed, packed.shape[1] * 2, scale, bias,
+                             out_dtype)
+
+
+def _weight_only_gemm(fn: Callable[..., None], x: torch.Tensor, packed: torch.Tensor, k_pad: int,
+                      scale: torch.Tensor, bias: torch.Tensor | None,
+                      out_dtype: torch.dtype) -> torch.Tensor:
     m, k = x.shape
     n = packed.shape[0]
-    if x.dtype != torch.bfloat16 or not x.is_contiguous() or packed.shape[1] * 2 != k:
-        raise ValueError(f"contiguous bf16 [M, {packed.shape[1] * 2}] expected")
+    if x.dtype != torch.bfloat16 or not x.is_contiguous() or k != k_pad:
+        raise ValueError(f"contiguous bf16 [M, {k_pad}] expected")
     if out_dtype not in (torch.float32, torch.bfloat16):
         raise ValueError(f"out_dtype must be float32 or bfloat16, got {out_dtype}")
     if scale.dtype != torch.float32 or scale.shape != (n,):
@@ -303,9 +350,9 @@ def int4_gemm(lib: ctypes.CDLL, x: torch.Tensor, packed: torch.Tensor, scale: to
     if bias is not None and (bias.dtype != torch.float32 or bias.shape != (n,)):
         raise ValueError(f"fp32 bias [{n}] expected")
     y = torch.empty(m, n, dtype=out_dtype)
-    lib.wq_int4_gemm(x.data_ptr(), m, k, packed.data_ptr(), scale.data_ptr(),
-                     None if bias is None else bias.data_ptr(), n, y.data_ptr(),
-                     int(out_dtype == torch.bfloat16), _threads())
+    fn(x.data_ptr(), m, k, packed.data_ptr(), scale.data_ptr(),
+       None if bias is None else bias.data_ptr(), n, y.data_ptr(),
+       int(out_dtype == torch.bfloat16), _threads())
     return y
 
 
@@ -332,8 +379,12 @@ def _self_test(lib: ctypes.CDLL) -> bool:
     w = torch.randn(n, k, generator=gen).to(torch.bfloat16)
     ref_bf16 = x.double() @ w.double().T
     got_bf16 = bf16_gemm(lib, x, pack_bf16(w, n, k)).double()
+    q8 = torch.randint(-127, 128, (n, k), generator=gen, dtype=torch.int8)
+    ref8 = (x.double() @ q8.double().T) * scale.double()
+    got8 = int8_gemm(lib, x, pack_int8(q8, n, k), scale).double()
     return bool(
         (got - ref).abs().max() <= 1e-5 * ref.abs().max()
+        and (got8 - ref8).abs().max() <= 1e-5 * ref8.abs().max()
         and torch.equal(deq.to(torch.int8), q[4:12])
         and (got_bf16 - ref_bf16).abs().max() <= 1e-5 * ref_bf16.abs().max()
     )

@@ -121,6 +121,71 @@ void wq_int4_gemm(const bf16_t *x, int64_t M, int64_t K, const uint8_t *w, const
     }
 }
 
+/* ---------------------------------------------------------------------------------------------
+ * int8 weights (THUDM's int8: one scale per output row), same structure: per chunk of 64 columns,
+ * NB runs of 64 signed bytes (one per row, columns in order).  An int8 is exact in bf16; it is
+ * widened through int32 -> fp32 -> bf16 (vcvtne2ps2bf16, exact for these values).  torch's
+ * `_weight_int8pack_mm` multiplies in fp32 per block of rows like its int4 kernel.
+ */
+static inline __attribute__((always_inline)) void unpack_run8(const int8_t *run, __m512i *lo,
+                                                              __m512i *hi) {
+    __m512 f0 = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i *)run)));
+    __m512 f1 = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i *)(run + 16))));
+    __m512 f2 = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i *)(run + 32))));
+    __m512 f3 = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i *)(run + 48))));
+    *lo = (__m512i)_mm512_cvtne2ps_pbh(f1, f0);
+    *hi = (__m512i)_mm512_cvtne2ps_pbh(f3, f2);
+}
+
+static inline __attribute__((always_inline)) void block_int8(
+    const int mb, const bf16_t *x, int64_t ldx, const int8_t *wblock, int64_t K,
+    const float *scale, const float *bias, void *y, int64_t ldy, int out_bf16) {
+    __m512 acc[MB][NB];
+    for (int i = 0; i < mb; i++)
+        for (int j = 0; j < NB; j++) acc[i][j] = _mm512_setzero_ps();
+    for (int64_t k = 0; k < K; k += 64) {
+        const int8_t *chunk = wblock + (k / 64) * NB * 64;
+        __m512i wl[NB], wh[NB];
+        for (int j = 0; j < NB; j++) unpack_run8(chunk + j * 64, &wl[j], &wh[j]);
+        for (int i = 0; i < mb; i++) {
+            __m512bh al = (__m512bh)_mm512_loadu_si512((const void *)(x + i * ldx + k));
+            __m512bh ah = (__m512bh)_mm512_loadu_si512((const void *)(x + i * ldx + k + 32));
+            for (int j = 0; j < NB; j++) {
+                acc[i][j] = _mm512_dpbf16_ps(acc[i][j], al, (__m512bh)wl[j]);
+                acc[i][j] = _mm512_dpbf16_ps(acc[i][j], ah, (__m512bh)wh[j]);
+            }
+        }
+    }
+    for (int i = 0; i < mb; i++)
+        for (int j = 0; j < NB; j++) {
+            float v = _mm512_reduce_add_ps(acc[i][j]) * scale[j];
+            if (bias) v += bias[j];
+            if (out_bf16) ((bf16_t *)y)[i * ldy + j] = f32_to_bf16(v);
+            else ((float *)y)[i * ldy + j] = v;
+        }
+}
+
+void wq_int8_gemm(const bf16_t *x, int64_t M, int64_t K, const int8_t *w, const float *scale,
+                  const float *bias, int64_t N, void *y, int out_bf16, int nthreads) {
+    const int64_t nblocks = N / NB;
+#pragma omp parallel for num_threads(nthreads) schedule(static)
+    for (int64_t nb = 0; nb < nblocks; nb++) {
+        const int64_t n = nb * NB;
+        const int8_t *wblock = w + n * K;
+        for (int64_t m = 0; m < M; m += MB) {
+            const bf16_t *xm = x + m * K;
+            void *ym = out_bf16 ? (void *)((bf16_t *)y + m * N + n) : (void *)((float *)y + m * N + n);
+            const float *bn = bias ? bias + n : 0;
+            switch (M - m >= MB ? MB : M - m) {
+            case 4: block_int8(4, xm, K, wblock, K, scale + n, bn, ym, N, out_bf16); break;
+            case 3: block_int8(3, xm, K, wblock, K, scale + n, bn, ym, N, out_bf16); break;
+            case 2: block_int8(2, xm, K, wblock, K, scale + n, bn, ym, N, out_bf16); break;
+            default: block_int8(1, xm, K, wblock, K, scale + n, bn, ym, N, out_bf16); break;
+            }
+        }
+    }
+}
+
 /* Rows [n0, n1) (multiples of NB) of the weight as bf16 integers u - 8, row-major [n1 - n0, K]:
  * for prefill, where one bf16 GEMM over the dequantised rows beats re-unpacking per 4 rows. */
 void wq_int4_dequant(const uint8_t *w, int64_t K, int64_t n0, int64_t n1, bf16_t *out,
