@@ -478,7 +478,7 @@ class Int8Linear(_WeightOnlyLinear):
         self.register_buffer("bias", bias)
         if self.native:
             # the gateway's own kernel (adapters/native): 4-row interleaved layout only
-            self.dequant_min_rows = native.DEQUANT_MIN_ROWS
+            self.dequant_min_rows = native.DEQUANT_MIN_ROWS["int8"]
             self._init_native(lambda n_pad, k_pad: native.pack_int8(weight, n_pad, k_pad),
                               scale, bias)
             return
@@ -578,7 +578,7 @@ class Int4Linear(_WeightOnlyLinear):
             raise ValueError("the native int4 kernel needs per-row scales")
         self.native = self.per_row and _use_native(bool(kernel), device, native_kernel)
         if self.native:
-            self.dequant_min_rows = native.DEQUANT_MIN_ROWS
+            self.dequant_min_rows = native.DEQUANT_MIN_ROWS["int4"]
             self._init_native(lambda n_pad, k_pad: native.pack_int4(q, n_pad, k_pad),
                               scales[:, 0], bias)
             return

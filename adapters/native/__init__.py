@@ -56,12 +56,17 @@ def _has_amx() -> bool:
         return False
 
 
-#: Activation rows from which an int4 layer on this kernel dequantises to bf16 and runs one GEMM
-#: instead.  Without AMX the kernel wins at every size (``python -m bench.kernels``: 599 vs 640 ms
-#: per ChatGLM2-6B layer at 512 rows; its dot products run at the bf16 GEMM's rate and it reads
-#: 4x fewer weight bytes).  With AMX, oneDNN's bf16 GEMM is several times faster than AVX512-BF16,
-#: so prefill chunks take it from the row count torch's kernel used (not measured here: no AMX).
-DEQUANT_MIN_ROWS = 96 if _has_amx() else 2**62
+#: Activation rows from which a layer on these kernels dequantises its weight to bf16 and runs one
+#: GEMM instead (prefill chunks).  Without AMX (``python -m bench.kernels``, ms per ChatGLM2-6B
+#: layer): the int4 kernel ties with dequant+GEMM even at 512 rows (587 vs 552, 599 vs 640 in two
+#: runs; its dot products run at the bf16 GEMM's rate and it reads 4x fewer bytes), so it keeps
+#: every size; the int8 kernel widens each weight in more instructions and loses from ~100 rows
+#: (64 rows: 100 vs 125; 512 rows: 841 vs 634).  With AMX, oneDNN's bf16 GEMM is several times
+#: faster than AVX512-BF16, so the crossovers measured for torch's kernels apply (not measured
+#: here: no AMX).
+DEQUANT_MIN_ROWS = (
+    {"int4": 96, "int8": 32} if _has_amx() else {"int4": 2**62, "int8": 128}
+)
 
 
 def _cache_dir() -> Path:
