@@ -2,6 +2,7 @@ from __future__ import annotations
 
 import math
 
+import pytest
 import torch
 
 from adapters.base import SamplingParams
@@ -75,3 +76,35 @@ def test_invalid_scores_fall_back_like_the_reference() -> None:
     logits = torch.full((8,), float("nan"))
     assert choose(logits, _state(temperature=0.0)) == 5
     assert choose(logits, _state(seed=3)) == 5
+
+
+@pytest.mark.parametrize("n", [10, 4096, 65024, 65024 + 77])
+def test_fast_argmax_is_torchs_first_index_of_the_maximum(n: int) -> None:
+    from adapters.sampling import argmax
+
+    gen = torch.Generator().manual_seed(n)
+    for trial in range(50):
+        # few distinct values: many ties, in the head, the tail and across blocks
+        x = torch.randint(0, 5 if trial % 2 else 1000, (n,), generator=gen).float()
+        if trial % 5 == 0:
+            x[-1] = x.max() + 1  # the maximum alone in the tail
+        if trial % 7 == 0:
+            x[:] = float("-inf")
+            x[n // 2] = 0.0
+        assert argmax(x) == int(torch.argmax(x))
+
+
+def test_invalid_scores_are_still_detected() -> None:
+    from adapters.sampling import _no_valid_scores
+
+    x = torch.zeros(65024)
+    assert not _no_valid_scores(x)
+    x[3] = float("nan")
+    assert _no_valid_scores(x)
+    assert _no_valid_scores(torch.full((100,), float("-inf")))
+    y = torch.full((100,), float("-inf"))
+    y[7] = 1.0
+    assert not _no_valid_scores(y)  # masked rows with one finite score are fine
+    z = torch.zeros(100)
+    z[0] = float("inf")
+    assert not _no_valid_scores(z)
