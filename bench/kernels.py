@@ -17,8 +17,9 @@ the crossover row count can be read off.
 
 ``--attention`` instead times one decode step's attention per layer (one query per sequence over
 ``L`` cached positions, 32 heads over 2 KV groups, bf16): ``scaled_dot_product_attention`` with
-``enable_gqa`` and a padding mask (the model's path before) vs
-:func:`adapters.chatglm2.model.decode_attention`.  Asserts nothing.
+``enable_gqa`` and a padding mask vs :func:`adapters.chatglm2.model.decode_attention` (torch, on a
+padded batch) vs ``adapters.native.decode_attention`` (each sequence's cache read in place; the
+model's path in bf16 on a CPU with the kernels).  Asserts nothing.
 """
 
 from __future__ import annotations
@@ -62,12 +63,22 @@ def attention_table(preset: str, repeats: int) -> None:
         sdpa = best(torch.nn.functional.scaled_dot_product_attention, q.transpose(1, 2), k, v,
                     mask, repeats=repeats, enable_gqa=True)
         grouped = best(decode_attention, q, k, v, mask, repeats=repeats)
+        in_place = "-"
+        lib = native.library()
+        if lib is not None:  # each sequence's own cache storage, read in place
+            storages = [torch.cat([k[i:i + 1], v[i:i + 1]]).unsqueeze(0).contiguous()
+                        for i in range(batch)]  # [1 layer, 2, groups, length, hd]
+            dbatch = native.DecodeBatch(storages, [length] * batch)
+            new_kv = torch.randn(2, batch, 1, groups, hd, generator=gen).to(torch.bfloat16)
+            t = best(native.decode_attention, lib, dbatch, 0, q, new_kv[0], new_kv[1],
+                     repeats=repeats)
+            in_place = f"{t * 1e3:.2f}"
         table.append([str(batch), str(length), f"{sdpa * 1e3:.2f}", f"{grouped * 1e3:.2f}",
-                      f"{sdpa / grouped:.0f}x"])
+                      in_place])
     print(f"\ndecode attention, one {preset} layer, bf16, ms, best of {repeats}; "
           f"{machine_summary()}\n")
     print(markdown_table(["batch", "cached positions", "SDPA (enable_gqa)", "decode_attention",
-                          "speed-up"], table))
+                          "native (in place)"], table))
 
 
 def main() -> None:

@@ -11,6 +11,8 @@ and requests run straight through the engine in-process: the gateway's overhead 
    deployment: the client does not share the server's GIL), and sends the same requests with the
    official ``openai`` async client, streaming, ``stream_options.include_usage``.
 
+Direct and HTTP runs alternate at every repeat (each side idles while the other runs).
+
 Every request bans eos with ``logit_bias`` so every stream runs to ``max_tokens``; prompts differ
 from each other at their first line so the prefix cache cannot serve one request from another.
 Figures are the best of ``--repeats`` runs (other processes share the cores).  Asserts nothing.
@@ -116,18 +118,23 @@ async def http_run(url: str, prompts: list[str], max_tokens: int) -> RunResult:
         return RunResult(tuple(streams), time.perf_counter() - start)
 
 
-def sweep(run: Callable[[list[str]], RunResult], prompts: Callable[[int], list[str]],
-          levels: list[int], repeats: int, label: str) -> dict[int, RunResult]:
-    """Best-aggregate run per concurrency level (after one warm-up request)."""
-    run(prompts(1))
-    best: dict[int, RunResult] = {}
+def sweep(runs: dict[str, Callable[[list[str]], RunResult]],
+          prompts: Callable[[int], list[str]], levels: list[int],
+          repeats: int) -> dict[str, dict[int, RunResult]]:
+    """Best-aggregate run per runner and concurrency level (after one warm-up request each).
+    The runners take turns at every repeat, so a change in the host's load between runs hits
+    both sides alike instead of biasing the comparison."""
+    for run in runs.values():
+        run(prompts(1))
+    best: dict[str, dict[int, RunResult]] = {label: {} for label in runs}
     for c in levels:
         for _ in range(repeats):
-            result = run(prompts(c))
-            logger.info("%s c=%d: %.1f tok/s, TTFT p50 %.2f s", label, c, result.aggregate,
-                        result.ttft_percentile(50))
-            if c not in best or result.aggregate > best[c].aggregate:
-                best[c] = result
+            for label, run in runs.items():
+                result = run(prompts(c))
+                logger.info("%s c=%d: %.1f tok/s, TTFT p50 %.2f s", label, c, result.aggregate,
+                            result.ttft_percentile(50))
+                if c not in best[label] or result.aggregate > best[label][c].aggregate:
+                    best[label][c] = result
     return best
 
 
@@ -157,16 +164,18 @@ def main() -> None:
     def prompts(n: int) -> list[str]:  # fresh first lines every time: no cross-request reuse
         return [user_text(tokenizer, args.prompt_tokens, next(counter) * 7) for _ in range(n)]
 
-    model = load_chat_model(MODEL_ID, folder, dtype="bfloat16", device="cpu", quantize=quantize,
-                            max_running=max(levels))
-    try:
-        direct = sweep(lambda p: asyncio.run(direct_run(model, p, args.max_tokens)), prompts,
-                       levels, args.repeats, "direct")
-    finally:
-        model.close()
+    # The server idles (model loaded) while the in-process engine runs, and the other way round.
     with gateway_process(folder, quantize, max(levels)) as url:
-        http = sweep(lambda p: asyncio.run(http_run(url, p, args.max_tokens)), prompts, levels,
-                     args.repeats, "http")
+        model = load_chat_model(MODEL_ID, folder, dtype="bfloat16", device="cpu",
+                                quantize=quantize, max_running=max(levels))
+        try:
+            results = sweep(
+                {"direct": lambda p: asyncio.run(direct_run(model, p, args.max_tokens)),
+                 "http": lambda p: asyncio.run(http_run(url, p, args.max_tokens))},
+                prompts, levels, args.repeats)
+        finally:
+            model.close()
+    direct, http = results["direct"], results["http"]
 
     rows = []
     for c in levels:

@@ -355,3 +355,15 @@ def test_elementwise_ops_reproduce_torchs_bf16_arithmetic() -> None:
     q = mixed[..., : heads * hd].reshape(2, 7, heads, hd)
     assert torch.equal(rotated[..., : heads * hd].reshape(2, 7, heads, hd), apply_rotary(q, rope))
     assert torch.equal(rotated[..., heads * hd:], mixed[..., heads * hd:])  # values untouched
+
+
+@needs_kernel
+def test_output_layer_is_packed_without_a_second_copy() -> None:
+    linear = torch.nn.Linear(64, 32, bias=False).to(torch.bfloat16)
+    storage = linear.weight.untyped_storage().data_ptr()
+    x = torch.randn(3, 64).to(torch.bfloat16)
+    expected = linear(x).float()
+    layer = native.NativeLinear.replacing(linear)
+    assert isinstance(layer, native.NativeLinear)
+    assert layer.packed.untyped_storage().data_ptr() == storage
+    assert torch.all((layer(x).float() - expected).abs() <= 2**-7 * expected.abs().amax())
