@@ -185,18 +185,19 @@ def pack_int4(q: torch.Tensor, n_pad: int, k_pad: int) -> torch.Tensor:
 BF16_K_MULTIPLE = 32
 
 
-def pack_bf16(w: torch.Tensor, n_pad: int, k_pad: int) -> torch.Tensor:
+def pack_bf16(w: torch.Tensor, n_pad: int, k_pad: int, *, in_place: bool = False) -> torch.Tensor:
     """bf16 ``w [N, K]`` -> the bf16 kernel's layout (blocks of 4 rows, chunks of 32 columns, one
     run of 32 values per row), zero-padded to ``[n_pad, k_pad]``; bf16 ``[n_pad, k_pad]``.
 
-    Without padding, a contiguous CPU ``w`` is rearranged IN PLACE and returned (the permutation
-    stays within each block of 4 rows): a 65024 x 4096 output layer needs no second copy."""
+    ``in_place``: where no padding is needed and ``w`` is a contiguous bf16 CPU tensor, rearrange
+    ``w`` itself and return it (the permutation stays within each block of 4 rows), so a
+    65024 x 4096 output layer needs no second copy; ``w`` is then no longer a plain weight."""
     nb = 4
     n, k = w.shape
     if n_pad % nb or k_pad % BF16_K_MULTIPLE or n_pad < n or k_pad < k:
         raise ValueError(f"bad padding {n_pad}x{k_pad} for {n}x{k}")
-    in_place = (n, k) == (n_pad, k_pad) and w.is_contiguous() and w.device.type == "cpu" \
-        and w.dtype == torch.bfloat16
+    in_place = in_place and (n, k) == (n_pad, k_pad) and w.is_contiguous() \
+        and w.device.type == "cpu" and w.dtype == torch.bfloat16
     out = w if in_place else torch.empty(n_pad, k_pad, dtype=torch.bfloat16)
     step = 1024
     for start in range(0, n_pad, step):
@@ -413,7 +414,8 @@ class NativeLinear(nn.Module):
         self.k_pad = -(-self.in_features // BF16_K_MULTIPLE) * BF16_K_MULTIPLE
         n_pad = -(-self.out_features // block_rows()) * block_rows()
         # in place where no padding is needed: the linear's weight storage becomes the packed one
-        self.register_buffer("packed", pack_bf16(weight.detach(), n_pad, self.k_pad))
+        self.register_buffer("packed", pack_bf16(weight.detach(), n_pad, self.k_pad,
+                                                 in_place=True))
 
     @classmethod
     def replacing(cls, linear: nn.Module) -> nn.Module:
