@@ -419,7 +419,8 @@ class NativeLinear(nn.Module):
 
     @classmethod
     def replacing(cls, linear: nn.Module) -> nn.Module:
-        """``linear`` on the kernel where it applies (bf16, no bias, on the CPU, kernel built);
+        """``linear`` on the kernel where it applies (bf16, no bias, on the CPU, kernel built),
+        which takes over ``linear``'s weight storage (``linear`` must not be used after);
         otherwise ``linear`` itself."""
         weight = getattr(linear, "weight", None)
         if (
