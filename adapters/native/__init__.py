@@ -1,19 +1,24 @@
-"""The gateway's own CPU kernel for THUDM's per-row int4 weights (``wq_gemm.c`` beside this file).
+"""The gateway's own CPU kernels (``wq_gemm.c`` beside this file).
 
-Why a kernel of our own: torch's ``_weight_int4pack_mm_for_cpu`` multiplies in fp32 FMAs and
-re-dequantises the weight for every block of 4 activation rows, so batched decoding on a CPU costs
-almost as much per sequence as decoding alone; no library on PyPI ships a CPU int4 kernel for torch
-without that limit (torchao's CPU kernels are not in its PyPI wheels; llama.cpp's use its own model
-format).  ``wq_gemm.c`` multiplies with AVX512-BF16 dot products on exact bf16 integers (2x fp32
-FMA throughput, the same products) and streams each thread's weights sequentially
-(``python -m bench.kernels``: ~2x torch's kernel at 1 row, ~1.7-2.3x at 8-16 rows).
+Why kernels of our own: torch's ``_weight_int4pack_mm_for_cpu`` / ``_weight_int8pack_mm`` multiply
+in fp32 FMAs and re-dequantise the weight for every block of 4 activation rows, so batched decoding
+on a CPU costs almost as much per sequence as decoding alone, and oneDNN's bf16 GEMV reads the
+output layer at half the memory's rate.  No library on PyPI ships such kernels for torch on the CPU
+(torchao's CPU kernels are not in its PyPI wheels; llama.cpp's work on its own model format).
+``wq_gemm.c`` has, for x86-64 with AVX512-BF16:
+
+* int4 / int8 / bf16 weight GEMMs on AVX512-BF16 dot products (exact bf16 integers for the
+  quantised weights: 2x the fp32 FMA rate, the same products) reading each thread's weights as
+  one sequential stream (``python -m bench.kernels``: 1.4-2.5x torch's kernels);
+* decode attention over each sequence's own KV cache, in place;
+* RMSNorm, rotary embedding and SwiGLU, each one call, with torch's bf16 roundings.
 
 It is compiled on first use with the system C compiler (``$CC``, else ``cc``) into
 ``$CHATGLM_GATEWAY_CACHE/kernels`` (default ``~/.cache/chatglm-gateway/kernels``), keyed by a hash
-of the source, flags and compiler, then loaded with :mod:`ctypes` (calls release the GIL).  Where it
-cannot be used — not x86-64 Linux, no compiler, a CPU without AVX512-BF16, or
-``CHATGLM_GATEWAY_NATIVE=0`` — :func:`library` returns ``None`` (the reason logged once) and the
-int4 layers use torch's kernel as before.
+of the source, flags and compiler, checked against a float64 reference, then loaded with
+:mod:`ctypes` (calls release the GIL).  Where it cannot be used (not x86-64 Linux, no compiler, a
+CPU without AVX512-BF16, or ``CHATGLM_GATEWAY_NATIVE=0``) :func:`library` returns ``None``, the
+reason logged once, and every layer uses torch's kernels and ops as before.
 """
 
 from __future__ import annotations
@@ -98,7 +103,7 @@ def _compile(compiler: str) -> Path:
     finally:
         if os.path.exists(tmp):
             os.unlink(tmp)
-    logger.info("compiled the int4 CPU kernel into %s", target)
+    logger.info("compiled the native CPU kernels into %s", target)
     return target
 
 
@@ -139,17 +144,18 @@ def library() -> ctypes.CDLL | None:
         logger.info("%s=0: int4 layers use torch's kernel", ENV_SWITCH)
         return None
     if not sys.platform.startswith("linux") or platform.machine() not in ("x86_64", "AMD64"):
-        logger.info("int4 CPU kernel is x86-64 Linux only; using torch's kernel")
+        logger.info("native CPU kernels are x86-64 Linux only; using torch's kernels")
         return None
     try:
         lib = _load()
     except (OSError, subprocess.CalledProcessError) as exc:
         detail = getattr(exc, "stderr", None) or exc
-        logger.info("int4 CPU kernel unavailable (%s); using torch's kernel", detail)
+        logger.info("native CPU kernels unavailable (%s); using torch's kernels", detail)
         return None
     if not _self_test(lib):
-        logger.warning("int4 CPU kernel disagrees with the reference; using torch's kernel")
+        logger.warning("native CPU kernels disagree with the reference; using torch's kernels")
         return None
+    logger.info("native CPU kernels in use (%s)", lib._name)
     return lib
 
 
