@@ -39,15 +39,18 @@ SUPPORTED = (
     and {"avx512f", "avx512bw", "avx512_bf16"} <= _cpu_flags()
     and shutil.which(os.environ.get("CC") or "cc") is not None
 )
+SWITCHED_OFF = os.environ.get(native.ENV_SWITCH) == "0"
 needs_kernel = pytest.mark.skipif(
-    native.library() is None, reason="native int4 kernel unavailable on this machine "
-    "(needs x86-64 Linux, AVX512-BF16 and a C compiler)"
+    native.library() is None, reason="native kernels unavailable on this machine (they need "
+    "x86-64 Linux, AVX512-BF16 and a C compiler) or switched off with CHATGLM_GATEWAY_NATIVE=0"
 )
 
 
 def test_kernel_is_built_where_the_cpu_supports_it() -> None:
     if not SUPPORTED:
         pytest.skip("this machine lacks AVX512-BF16 or a C compiler: torch's kernel is used")
+    if SWITCHED_OFF:
+        pytest.skip("CHATGLM_GATEWAY_NATIVE=0 in the environment")
     assert native.library() is not None
 
 
@@ -194,6 +197,7 @@ def test_switched_off_by_the_environment(tmp_path: Path) -> None:
 
 def test_no_compiler_falls_back_with_a_reason(tmp_path: Path, caplog: pytest.LogCaptureFixture,
                                               monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv(native.ENV_SWITCH, raising=False)
     monkeypatch.setenv("CC", str(tmp_path / "no-such-compiler"))
     monkeypatch.setenv("CHATGLM_GATEWAY_CACHE", str(tmp_path))
     native.library.cache_clear()
