@@ -359,7 +359,7 @@ class _WeightOnlyLinear(nn.Module):
                      bias: torch.Tensor | None) -> None:
         out_f = self.out_features
         self.k_pad = _round_up(self.in_features, native.K_MULTIPLE)
-        n_pad = _round_up(out_f, native.block_rows())
+        n_pad = _round_up(out_f, native.BLOCK_ROWS)
         self.register_buffer("packed", pack(n_pad, self.k_pad))
         scale = torch.zeros(n_pad)
         scale[:out_f] = row_scale.float()
@@ -387,7 +387,7 @@ class _WeightOnlyLinear(nn.Module):
     def _native_dequant_matmul(self, xk: torch.Tensor) -> torch.Tensor:
         n_pad = self.packed.shape[0]
         y = torch.empty(xk.shape[0], n_pad)
-        for rows in _dequant_chunks(n_pad, self.k_pad, native.block_rows()):
+        for rows in _dequant_chunks(n_pad, self.k_pad, native.BLOCK_ROWS):
             y[:, rows] = nn.functional.linear(xk, self._native_weight_rows(rows))
         return y[:, : self.out_features] * self.native_scale[: self.out_features]
 

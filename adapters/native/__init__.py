@@ -33,7 +33,7 @@ import shutil
 import subprocess
 import sys
 import tempfile
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import torch
@@ -51,6 +51,8 @@ FLAGS = (
 )
 #: The kernel's K granularity: one chunk is 64 columns (two 32-lane bf16 vectors).
 K_MULTIPLE = 64
+#: Weight rows per register block (``NB`` in wq_gemm.c, checked at load): N is padded to it.
+BLOCK_ROWS = 4
 
 
 def _has_amx() -> bool:
@@ -117,6 +119,8 @@ def _load() -> ctypes.CDLL:
         raise OSError("this CPU lacks AVX512-BF16")
     i64, ptr = ctypes.c_int64, ctypes.c_void_p
     lib.wq_block_rows.restype = ctypes.c_int
+    if lib.wq_block_rows() != BLOCK_ROWS:
+        raise OSError(f"{SOURCE.name} was built with another row block than {BLOCK_ROWS}")
     lib.wq_int4_gemm.argtypes = [ptr, i64, i64, ptr, ptr, ptr, i64, ptr, ctypes.c_int,
                                  ctypes.c_int]
     lib.wq_int4_gemm.restype = None
@@ -159,31 +163,43 @@ def library() -> ctypes.CDLL | None:
     return lib
 
 
-def block_rows() -> int:
-    """Weight rows per register block: N is padded to a multiple of it."""
-    lib = library()
-    return lib.wq_block_rows() if lib is not None else 4
+def _check_padding(shape: tuple[int, ...], n_pad: int, k_pad: int, k_multiple: int) -> None:
+    n, k = shape
+    if n_pad % BLOCK_ROWS or k_pad % k_multiple or n_pad < n or k_pad < k:
+        raise ValueError(f"bad padding {n_pad}x{k_pad} for {n}x{k}")
+
+
+def _padded_rows(w: torch.Tensor, n_pad: int, k_pad: int,
+                 dtype: torch.dtype) -> Iterator[tuple[int, int, torch.Tensor]]:
+    """``(start, stop, rows)``: ``w`` zero-padded to ``[n_pad, k_pad]`` as ``dtype``, a copy of at
+    most 1024 rows at a time (bounds the transient of a 6B-sized linear)."""
+    n, k = w.shape
+    step = 1024
+    for start in range(0, n_pad, step):
+        stop = min(start + step, n_pad)
+        rows = torch.zeros(stop - start, k_pad, dtype=dtype)
+        src = w[start:min(stop, n)]
+        rows[: src.shape[0], :k] = src.cpu()
+        yield start, stop, rows
+
+
+def _interleave(rows: torch.Tensor, run: int) -> torch.Tensor:
+    """``[r, width]`` (r a multiple of 4) -> the kernels' layout: per block of 4 rows, chunks of
+    4 runs of ``run`` elements, one run per row."""
+    r, width = rows.shape
+    blocks = rows.reshape(r // BLOCK_ROWS, BLOCK_ROWS, width // run, run).transpose(1, 2)
+    return blocks.reshape(r, width)
 
 
 def pack_int4(q: torch.Tensor, n_pad: int, k_pad: int) -> torch.Tensor:
     """Symmetric int8 ``q [N, K]`` in [-8, 7] -> the kernel's layout (see ``wq_gemm.c``),
     zero-padded (u = 8) to ``[n_pad, k_pad]``; uint8 ``[n_pad, k_pad / 2]``."""
-    nb = 4
-    n, k = q.shape
-    if n_pad % nb or k_pad % K_MULTIPLE or n_pad < n or k_pad < k:
-        raise ValueError(f"bad padding {n_pad}x{k_pad} for {n}x{k}")
+    _check_padding(q.shape, n_pad, k_pad, K_MULTIPLE)
     out = torch.empty(n_pad, k_pad // 2, dtype=torch.uint8)
-    # A few thousand rows at a time bounds the int16 transient of a 6B-sized linear.
-    step = 1024
-    for start in range(0, n_pad, step):
-        stop = min(start + step, n_pad)
-        u = torch.full((stop - start, k_pad), 8, dtype=torch.uint8)
-        src = q[start:min(stop, n)]
-        u[: src.shape[0], :k] = (src.cpu().to(torch.int16) + 8).to(torch.uint8)
-        u4 = u.view(stop - start, k_pad // 64, 2, 32)
-        runs = u4[:, :, 0, :] | (u4[:, :, 1, :] << 4)  # [rows, chunks, 32]
-        blocks = runs.view((stop - start) // nb, nb, k_pad // 64, 32).transpose(1, 2)
-        out[start:stop] = blocks.contiguous().view(stop - start, k_pad // 2)
+    for start, stop, rows in _padded_rows(q, n_pad, k_pad, torch.int16):
+        u = (rows + 8).to(torch.uint8).view(stop - start, k_pad // 64, 2, 32)
+        runs = u[:, :, 0, :] | (u[:, :, 1, :] << 4)  # [rows, chunks, 32]: low nibble first half
+        out[start:stop] = _interleave(runs.view(stop - start, k_pad // 2), 32)
     return out
 
 
@@ -198,21 +214,12 @@ def pack_bf16(w: torch.Tensor, n_pad: int, k_pad: int, *, in_place: bool = False
     ``in_place``: where no padding is needed and ``w`` is a contiguous bf16 CPU tensor, rearrange
     ``w`` itself and return it (the permutation stays within each block of 4 rows), so a
     65024 x 4096 output layer needs no second copy; ``w`` is then no longer a plain weight."""
-    nb = 4
-    n, k = w.shape
-    if n_pad % nb or k_pad % BF16_K_MULTIPLE or n_pad < n or k_pad < k:
-        raise ValueError(f"bad padding {n_pad}x{k_pad} for {n}x{k}")
-    in_place = in_place and (n, k) == (n_pad, k_pad) and w.is_contiguous() \
+    _check_padding(w.shape, n_pad, k_pad, BF16_K_MULTIPLE)
+    in_place = in_place and tuple(w.shape) == (n_pad, k_pad) and w.is_contiguous() \
         and w.device.type == "cpu" and w.dtype == torch.bfloat16
     out = w if in_place else torch.empty(n_pad, k_pad, dtype=torch.bfloat16)
-    step = 1024
-    for start in range(0, n_pad, step):
-        stop = min(start + step, n_pad)
-        block = torch.zeros(stop - start, k_pad, dtype=torch.bfloat16)
-        src = w[start:min(stop, n)]
-        block[: src.shape[0], :k] = src.cpu()  # a copy: `out` may be `w` itself
-        runs = block.view((stop - start) // nb, nb, k_pad // 32, 32).transpose(1, 2)
-        out[start:stop] = runs.contiguous().view(stop - start, k_pad)
+    for start, stop, rows in _padded_rows(w, n_pad, k_pad, torch.bfloat16):
+        out[start:stop] = _interleave(rows, 32)  # `rows` is a copy: `out` may be `w` itself
     return out
 
 
@@ -309,26 +316,17 @@ def _threads() -> int:
 def pack_int8(q: torch.Tensor, n_pad: int, k_pad: int) -> torch.Tensor:
     """int8 ``q [N, K]`` -> the int8 kernel's layout (blocks of 4 rows, chunks of 64 columns, one
     run of 64 bytes per row), zero-padded to ``[n_pad, k_pad]``; int8 ``[n_pad, k_pad]``."""
-    nb = 4
-    n, k = q.shape
-    if n_pad % nb or k_pad % K_MULTIPLE or n_pad < n or k_pad < k:
-        raise ValueError(f"bad padding {n_pad}x{k_pad} for {n}x{k}")
+    _check_padding(q.shape, n_pad, k_pad, K_MULTIPLE)
     out = torch.empty(n_pad, k_pad, dtype=torch.int8)
-    step = 1024
-    for start in range(0, n_pad, step):
-        stop = min(start + step, n_pad)
-        block = torch.zeros(stop - start, k_pad, dtype=torch.int8)
-        src = q[start:min(stop, n)]
-        block[: src.shape[0], :k] = src.cpu()
-        runs = block.view((stop - start) // nb, nb, k_pad // 64, 64).transpose(1, 2)
-        out[start:stop] = runs.contiguous().view(stop - start, k_pad)
+    for start, stop, rows in _padded_rows(q, n_pad, k_pad, torch.int8):
+        out[start:stop] = _interleave(rows, 64)
     return out
 
 
 def unpack_int8(packed: torch.Tensor, start: int, stop: int) -> torch.Tensor:
     """Rows ``start:stop`` (multiples of 4) of :func:`pack_int8`'s layout as ``[rows, k_pad]``."""
     k = packed.shape[1]
-    rows = packed[start:stop].reshape((stop - start) // 4, k // 64, 4, 64)
+    rows = packed[start:stop].reshape((stop - start) // BLOCK_ROWS, k // 64, BLOCK_ROWS, 64)
     return rows.transpose(1, 2).reshape(stop - start, k)
 
 
@@ -418,7 +416,7 @@ class NativeLinear(nn.Module):
         super().__init__()
         self.out_features, self.in_features = weight.shape
         self.k_pad = -(-self.in_features // BF16_K_MULTIPLE) * BF16_K_MULTIPLE
-        n_pad = -(-self.out_features // block_rows()) * block_rows()
+        n_pad = -(-self.out_features // BLOCK_ROWS) * BLOCK_ROWS
         # in place where no padding is needed: the linear's weight storage becomes the packed one
         self.register_buffer("packed", pack_bf16(weight.detach(), n_pad, self.k_pad,
                                                  in_place=True))

@@ -75,60 +75,6 @@ static inline __attribute__((always_inline)) void unpack_run(const uint8_t *run,
     *hi = _mm512_permutexvar_epi16(_mm512_srli_epi16(b, 4), table);
 }
 
-/* Output columns [n, n + NB) for `mb` (1..MB, a constant after inlining) activation rows. */
-static inline __attribute__((always_inline)) void block_int4(
-    const int mb, const bf16_t *x, int64_t ldx, const uint8_t *wblock, int64_t K,
-    const float *scale, const float *bias, void *y, int64_t ldy, int out_bf16, __m512i table) {
-    __m512 acc[MB][NB];
-    for (int i = 0; i < mb; i++)
-        for (int j = 0; j < NB; j++) acc[i][j] = _mm512_setzero_ps();
-    for (int64_t k = 0; k < K; k += 64) {
-        const uint8_t *chunk = wblock + (k / 64) * NB * 32;
-        PREFETCH(chunk, NB * 32);
-        __m512i wl[NB], wh[NB];
-        for (int j = 0; j < NB; j++) unpack_run(chunk + j * 32, table, &wl[j], &wh[j]);
-        for (int i = 0; i < mb; i++) {
-            __m512bh al = (__m512bh)_mm512_loadu_si512((const void *)(x + i * ldx + k));
-            __m512bh ah = (__m512bh)_mm512_loadu_si512((const void *)(x + i * ldx + k + 32));
-            for (int j = 0; j < NB; j++) {
-                acc[i][j] = _mm512_dpbf16_ps(acc[i][j], al, (__m512bh)wl[j]);
-                acc[i][j] = _mm512_dpbf16_ps(acc[i][j], ah, (__m512bh)wh[j]);
-            }
-        }
-    }
-    for (int i = 0; i < mb; i++)
-        for (int j = 0; j < NB; j++) {
-            float v = _mm512_reduce_add_ps(acc[i][j]) * scale[j];
-            if (bias) v += bias[j];
-            if (out_bf16) ((bf16_t *)y)[i * ldy + j] = f32_to_bf16(v);
-            else ((float *)y)[i * ldy + j] = v;
-        }
-}
-
-/* y (fp32, or bf16 if out_bf16) = x . (u - 8)^T * scale (+ bias, fp32, may be NULL), the sum
- * rounded once: what torch computes for `(acc * scale + bias).to(bf16)`. */
-void wq_int4_gemm(const bf16_t *x, int64_t M, int64_t K, const uint8_t *w, const float *scale,
-                  const float *bias, int64_t N, void *y, int out_bf16, int nthreads) {
-    const __m512i table = int4_table();
-    const int64_t nblocks = N / NB;
-#pragma omp parallel for num_threads(nthreads) schedule(static)
-    for (int64_t nb = 0; nb < nblocks; nb++) {
-        const int64_t n = nb * NB;
-        const uint8_t *wblock = w + n * (K / 2);
-        for (int64_t m = 0; m < M; m += MB) {
-            const bf16_t *xm = x + m * K;
-            void *ym = out_bf16 ? (void *)((bf16_t *)y + m * N + n) : (void *)((float *)y + m * N + n);
-            const float *bn = bias ? bias + n : 0;
-            switch (M - m >= MB ? MB : M - m) {
-            case 4: block_int4(4, xm, K, wblock, K, scale + n, bn, ym, N, out_bf16, table); break;
-            case 3: block_int4(3, xm, K, wblock, K, scale + n, bn, ym, N, out_bf16, table); break;
-            case 2: block_int4(2, xm, K, wblock, K, scale + n, bn, ym, N, out_bf16, table); break;
-            default: block_int4(1, xm, K, wblock, K, scale + n, bn, ym, N, out_bf16, table); break;
-            }
-        }
-    }
-}
-
 /* ---------------------------------------------------------------------------------------------
  * int8 weights (THUDM's int8: one scale per output row), same structure: per chunk of 64 columns,
  * NB runs of 64 signed bytes (one per row, columns in order).  An int8 is exact in bf16; it is
@@ -145,17 +91,33 @@ static inline __attribute__((always_inline)) void unpack_run8(const int8_t *run,
     *hi = (__m512i)_mm512_cvtne2ps_pbh(f3, f2);
 }
 
-static inline __attribute__((always_inline)) void block_int8(
-    const int mb, const bf16_t *x, int64_t ldx, const int8_t *wblock, int64_t K,
-    const float *scale, const float *bias, void *y, int64_t ldy, int out_bf16) {
+/* Runs BLOCK(mb) for each block of at most MB activation rows starting at row m, mb being a
+ * compile-time constant in every branch (so the block functions unroll fully). */
+#define FOR_ROW_BLOCKS(M, m, BLOCK)                                                            \
+    for (int64_t m = 0; m < (M); m += MB) switch ((M) - m >= MB ? MB : (M) - m) {             \
+        case 4: BLOCK(4); break;                                                               \
+        case 3: BLOCK(3); break;                                                               \
+        case 2: BLOCK(2); break;                                                               \
+        default: BLOCK(1); break;                                                              \
+        }
+
+/* Output columns [n, n + NB) for `mb` (1..MB) activation rows of a `bits`-bit (4 or 8) weight
+ * block; both are constants after inlining.  A chunk of 64 columns is NB runs of 8 * bits bytes. */
+static inline __attribute__((always_inline)) void block_quant(
+    const int mb, const int bits, const bf16_t *x, int64_t ldx, const uint8_t *wblock, int64_t K,
+    const float *scale, const float *bias, void *y, int64_t ldy, int out_bf16, __m512i table) {
+    const int run = 8 * bits;
     __m512 acc[MB][NB];
     for (int i = 0; i < mb; i++)
         for (int j = 0; j < NB; j++) acc[i][j] = _mm512_setzero_ps();
     for (int64_t k = 0; k < K; k += 64) {
-        const int8_t *chunk = wblock + (k / 64) * NB * 64;
-        PREFETCH(chunk, NB * 64);
+        const uint8_t *chunk = wblock + (k / 64) * NB * run;
+        PREFETCH(chunk, NB * run);
         __m512i wl[NB], wh[NB];
-        for (int j = 0; j < NB; j++) unpack_run8(chunk + j * 64, &wl[j], &wh[j]);
+        for (int j = 0; j < NB; j++) {
+            if (bits == 4) unpack_run(chunk + j * run, table, &wl[j], &wh[j]);
+            else unpack_run8((const int8_t *)(chunk + j * run), &wl[j], &wh[j]);
+        }
         for (int i = 0; i < mb; i++) {
             __m512bh al = (__m512bh)_mm512_loadu_si512((const void *)(x + i * ldx + k));
             __m512bh ah = (__m512bh)_mm512_loadu_si512((const void *)(x + i * ldx + k + 32));
@@ -174,25 +136,35 @@ static inline __attribute__((always_inline)) void block_int8(
         }
 }
 
-void wq_int8_gemm(const bf16_t *x, int64_t M, int64_t K, const int8_t *w, const float *scale,
-                  const float *bias, int64_t N, void *y, int out_bf16, int nthreads) {
+/* y (fp32, or bf16 if out_bf16) = x . q^T * scale (+ bias, fp32, may be NULL), the sum rounded
+ * once: what torch computes for `(acc * scale + bias).to(bf16)`. */
+static inline __attribute__((always_inline)) void quant_gemm(
+    const int bits, const bf16_t *x, int64_t M, int64_t K, const uint8_t *w, const float *scale,
+    const float *bias, int64_t N, void *y, int out_bf16, int nthreads) {
+    const __m512i table = int4_table();
     const int64_t nblocks = N / NB;
 #pragma omp parallel for num_threads(nthreads) schedule(static)
     for (int64_t nb = 0; nb < nblocks; nb++) {
         const int64_t n = nb * NB;
-        const int8_t *wblock = w + n * K;
-        for (int64_t m = 0; m < M; m += MB) {
-            const bf16_t *xm = x + m * K;
-            void *ym = out_bf16 ? (void *)((bf16_t *)y + m * N + n) : (void *)((float *)y + m * N + n);
-            const float *bn = bias ? bias + n : 0;
-            switch (M - m >= MB ? MB : M - m) {
-            case 4: block_int8(4, xm, K, wblock, K, scale + n, bn, ym, N, out_bf16); break;
-            case 3: block_int8(3, xm, K, wblock, K, scale + n, bn, ym, N, out_bf16); break;
-            case 2: block_int8(2, xm, K, wblock, K, scale + n, bn, ym, N, out_bf16); break;
-            default: block_int8(1, xm, K, wblock, K, scale + n, bn, ym, N, out_bf16); break;
-            }
-        }
+        const uint8_t *wblock = w + n * K * bits / 8;
+        const float *bn = bias ? bias + n : 0;
+#define QUANT_BLOCK(mb)                                                                        \
+    block_quant(mb, bits, x + m * K, K, wblock, K, scale + n, bn,                             \
+                out_bf16 ? (void *)((bf16_t *)y + m * N + n) : (void *)((float *)y + m * N + n), \
+                N, out_bf16, table)
+        FOR_ROW_BLOCKS(M, m, QUANT_BLOCK)
+#undef QUANT_BLOCK
     }
+}
+
+void wq_int4_gemm(const bf16_t *x, int64_t M, int64_t K, const uint8_t *w, const float *scale,
+                  const float *bias, int64_t N, void *y, int out_bf16, int nthreads) {
+    quant_gemm(4, x, M, K, w, scale, bias, N, y, out_bf16, nthreads);
+}
+
+void wq_int8_gemm(const bf16_t *x, int64_t M, int64_t K, const int8_t *w, const float *scale,
+                  const float *bias, int64_t N, void *y, int out_bf16, int nthreads) {
+    quant_gemm(8, x, M, K, (const uint8_t *)w, scale, bias, N, y, out_bf16, nthreads);
 }
 
 /* Rows [n0, n1) (multiples of NB) of the weight as bf16 integers u - 8, row-major [n1 - n0, K]:
@@ -249,16 +221,9 @@ void wq_bf16_gemm(const bf16_t *x, int64_t M, int64_t K, const bf16_t *w, int64_
     for (int64_t nb = 0; nb < nblocks; nb++) {
         const int64_t n = nb * NB;
         const bf16_t *wblock = w + n * K;
-        for (int64_t m = 0; m < M; m += MB) {
-            const bf16_t *xm = x + m * K;
-            float *ym = y + m * N + n;
-            switch (M - m >= MB ? MB : M - m) {
-            case 4: block_bf16(4, xm, K, wblock, K, ym, N); break;
-            case 3: block_bf16(3, xm, K, wblock, K, ym, N); break;
-            case 2: block_bf16(2, xm, K, wblock, K, ym, N); break;
-            default: block_bf16(1, xm, K, wblock, K, ym, N); break;
-            }
-        }
+#define BF16_BLOCK(mb) block_bf16(mb, x + m * K, K, wblock, K, y + m * N + n, N)
+        FOR_ROW_BLOCKS(M, m, BF16_BLOCK)
+#undef BF16_BLOCK
     }
 }
 
