@@ -14,12 +14,18 @@ Error tree (mapped to OpenAI error bodies once, in ``gateway/errors.py``)::
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Sequence
-from dataclasses import dataclass, field
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field, replace
 from typing import Literal, Protocol, runtime_checkable
 
 Role = Literal["system", "developer", "user", "assistant", "observation", "tool"]
-FinishReason = Literal["stop", "length", "tool_calls", "cancelled", "error"]
+#: How a generation ended, as OpenAI reports it to the client.
+FinishReason = Literal["stop", "length", "tool_calls"]
+#: How a generation ended, including the two ways that give the client an error instead of an
+#: answer (the gateway maps them to a status or an in-band error event).
+Outcome = Literal["stop", "length", "tool_calls", "cancelled", "error"]
+#: OpenAI reports tokens a sampler masked with this logprob (JSON has no -Infinity).
+MIN_LOGPROB = -9999.0
 
 
 # --------------------------------------------------------------------------- errors
@@ -104,7 +110,8 @@ class Message:
 class SamplingParams:
     """Per-request generation settings, already validated by the gateway.
 
-    ``max_tokens=None`` means "up to the context limit".  ``temperature == 0`` means greedy.
+    ``max_tokens=None`` means "up to the context limit"; :meth:`ChatModel.prepare` resolves it
+    to a number once, in the returned :class:`Prompt`'s params.  ``temperature == 0`` means greedy.
     ``logit_bias`` maps token id -> additive bias.  ``top_logprobs`` only matters when
     ``logprobs`` is true.
     """
@@ -128,18 +135,70 @@ class SamplingParams:
 
 
 @dataclass(frozen=True)
+class ChatRequest:
+    """What a route asks of a model: a conversation and how to answer it."""
+
+    messages: tuple[Message, ...]
+    params: SamplingParams = field(default_factory=SamplingParams)
+    #: functions the model may call; ignored by models without a tool format
+    tools: tuple[Tool, ...] = ()
+    #: THUDM ``chat()``'s ``max_length``: prompt plus completion tokens (ChatGLM's ``POST /``
+    #: passes it); None: only the context window bounds the two together
+    max_length: int | None = None
+
+    def completion_budget(self, prompt_tokens: int, context_length: int) -> int:
+        """How many tokens may follow a prompt of ``prompt_tokens``: what was asked (None: up
+        to the limit), within the context window and ``max_length``.  The one place this is
+        decided; too little room is a :class:`ContextLengthExceeded` (400)."""
+        max_tokens, max_length = self.params.max_tokens, self.max_length
+        if max_length is not None and max_length - prompt_tokens < 1:
+            raise InvalidRequest(
+                f"max_length ({max_length}) must exceed the prompt's {prompt_tokens} tokens (it "
+                "counts the prompt and the answer).", param="max_length",
+                code="context_length_exceeded")
+        limit = context_length if max_length is None else min(max_length, context_length)
+        room = limit - prompt_tokens
+        if max_tokens is None:
+            wanted = room
+        elif max_length is not None:  # api.py's max_length caps the answer, a default too
+            wanted = min(max_tokens, room)
+        else:
+            wanted = max_tokens
+        if wanted < 1 or wanted > room:
+            raise ContextLengthExceeded(prompt_tokens, max(wanted, 1), context_length)
+        return wanted
+
+
+@dataclass(frozen=True)
 class Prompt:
-    """A prepared prompt: the exact ids fed to the model and how many tokens may follow."""
+    """A prepared request: the exact ids fed to the model and the resolved sampling settings
+    (``params.max_tokens`` is the number of tokens that may follow, never None)."""
 
     token_ids: tuple[int, ...]
-    max_tokens: int
+    params: SamplingParams
     text: str = ""  # the prompt as a string, for logs and debugging only
     #: the request offered tools and the model can call them: answers may be tool calls
     tools: bool = False
 
+    @property
+    def max_tokens(self) -> int:
+        assert self.params.max_tokens is not None  # prepare() resolves it
+        return self.params.max_tokens
+
+    def choices(self, n: int) -> list[Prompt]:
+        """One prompt per choice of an ``n > 1`` request: with a seed, choice ``i`` samples with
+        ``seed + i`` so the choices differ yet the whole request stays reproducible."""
+        if n == 1 or self.params.seed is None:
+            return [self] * n
+        seed = self.params.seed
+        return [replace(self, params=replace(self.params, seed=seed + i)) for i in range(n)]
+
 
 @dataclass(frozen=True)
 class TopLogprob:
+    """An alternative token of OpenAI's ``top_logprobs``; ``logprob`` is finite (at least
+    :data:`MIN_LOGPROB`), as OpenAI reports it."""
+
     token: str
     logprob: float
     bytes: tuple[int, ...]
@@ -157,12 +216,16 @@ class TokenLogprob:
 
 @dataclass(frozen=True)
 class Usage:
+    """Token counts in OpenAI's shape (the wire schema serialises this class as it is).
+    ``total_tokens`` is always the sum of the other two, whatever is passed."""
+
     prompt_tokens: int
     completion_tokens: int
+    total_tokens: int = 0
 
-    @property
-    def total_tokens(self) -> int:
-        return self.prompt_tokens + self.completion_tokens
+    def __post_init__(self) -> None:
+        # a plain field (not a property) so that it is part of the serialised shape
+        object.__setattr__(self, "total_tokens", self.prompt_tokens + self.completion_tokens)
 
 
 @dataclass(frozen=True)
@@ -175,7 +238,7 @@ class Delta:
 
     text: str = ""
     logprobs: tuple[TokenLogprob, ...] = ()
-    finish_reason: FinishReason | None = None
+    finish_reason: Outcome | None = None
     usage: Usage | None = None
     tool_calls: tuple[ToolCall, ...] = ()  # only on the last Delta, with finish "tool_calls"
 
@@ -206,13 +269,9 @@ class ChatModel(Protocol):
 
     info: ModelInfo
 
-    def prepare(
-        self, messages: Sequence[Message], params: SamplingParams, *, tools: Sequence[Tool] = ()
-    ) -> Prompt:
-        """``tools``: functions the model may call; ignored by models without a tool format."""
-        ...
+    def prepare(self, request: ChatRequest) -> Prompt: ...
 
-    def generate(self, prompt: Prompt, params: SamplingParams) -> AsyncIterator[Delta]: ...
+    def generate(self, prompt: Prompt) -> AsyncIterator[Delta]: ...
 
     def status(self) -> dict[str, int]: ...
 

@@ -9,18 +9,16 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator
+from dataclasses import replace
 from typing import Any
 
 from adapters.base import (
-    ContextLengthExceeded,
+    ChatRequest,
     Delta,
     InvalidRequest,
-    Message,
     ModelInfo,
     Prompt,
-    SamplingParams,
-    Tool,
 )
 from adapters.conversation import SystemPolicy, to_pairs, to_turns
 from adapters.engine import Engine
@@ -56,14 +54,13 @@ class TorchChatModel:
     def context_length(self) -> int:
         return self.model.context_length
 
-    def prepare(
-        self, messages: Sequence[Message], params: SamplingParams, *, tools: Sequence[Tool] = ()
-    ) -> Prompt:
-        tools = tools if self.spec.supports_tools else ()  # no tool format: offered tools unused
+    def prepare(self, request: ChatRequest) -> Prompt:
+        params = request.params
+        tools = request.tools if self.spec.supports_tools else ()  # no tool format: unused
         if self.spec.conversation_style == "pairs":
-            conv = to_pairs(messages, self.system_policy)
+            conv = to_pairs(request.messages, self.system_policy)
         else:
-            conv = to_turns(messages, tools)
+            conv = to_turns(request.messages, tools)
         ids, text = self.spec.build_prompt(self.tokenizer, conv)
         for token_id, _ in params.logit_bias:
             if not 0 <= token_id < self.tokenizer.vocab_size:
@@ -72,14 +69,12 @@ class TorchChatModel:
                     f"(0..{self.tokenizer.vocab_size - 1}).",
                     param="logit_bias",
                 )
-        ctx = self.context_length
-        max_new = params.max_tokens if params.max_tokens is not None else ctx - len(ids)
-        if max_new < 1 or len(ids) + max_new > ctx:
-            raise ContextLengthExceeded(len(ids), max(max_new, 1), ctx)
+        max_new = request.completion_budget(len(ids), self.context_length)
         self.engine.check_capacity()
-        return Prompt(token_ids=tuple(ids), max_tokens=max_new, text=text, tools=bool(tools))
+        return Prompt(token_ids=tuple(ids), params=replace(params, max_tokens=max_new),
+                      text=text, tools=bool(tools))
 
-    async def generate(self, prompt: Prompt, params: SamplingParams) -> AsyncIterator[Delta]:
+    async def generate(self, prompt: Prompt) -> AsyncIterator[Delta]:
         loop = asyncio.get_running_loop()
         queue: asyncio.Queue[Delta] = asyncio.Queue()
 
@@ -87,7 +82,7 @@ class TorchChatModel:
             if not loop.is_closed():
                 loop.call_soon_threadsafe(queue.put_nowait, delta)
 
-        seq = self.engine.submit(prompt, params, deliver)
+        seq = self.engine.submit(prompt, deliver)
         try:
             while True:
                 delta = await queue.get()
@@ -102,3 +97,4 @@ class TorchChatModel:
 
     def close(self) -> None:
         self.engine.close()
+

@@ -30,7 +30,7 @@ import torch
 
 from adapters.base import (
     Delta,
-    FinishReason,
+    Outcome,
     Overloaded,
     Prompt,
     SamplingParams,
@@ -51,7 +51,6 @@ class Sequence:
     """One request inside the engine."""
 
     prompt: Prompt
-    params: SamplingParams
     deliver: Callable[[Delta], None]
     sampler: SamplerState
     decoder: IncrementalDecoder
@@ -118,18 +117,15 @@ class Engine:
                     retry_after=1.0,
                 )
 
-    def submit(
-        self, prompt: Prompt, params: SamplingParams, deliver: Callable[[Delta], None]
-    ) -> Sequence:
+    def submit(self, prompt: Prompt, deliver: Callable[[Delta], None]) -> Sequence:
         self.check_capacity()
         seq = Sequence(
             prompt=prompt,
-            params=params,
             deliver=deliver,
-            sampler=SamplerState(params, self.tokenizer.vocab_size, prompt.token_ids),
+            sampler=SamplerState(prompt.params, self.tokenizer.vocab_size, prompt.token_ids),
             decoder=IncrementalDecoder(self.tokenizer),
             post=self.spec.new_postprocessor(prompt.tools),
-            stop=StopMatcher(params.stop),
+            stop=StopMatcher(prompt.params.stop),
         )
         with self._cv:
             if self._closed:
@@ -284,7 +280,8 @@ class Engine:
         if at_limit and self.spec.drop_last_token_on_length:
             self._finish(seq, "length")
             return
-        lps = self._logprobs(logits, token, seq.params) if seq.params.logprobs else ()
+        params = seq.prompt.params
+        lps = self._logprobs(logits, token, params) if params.logprobs else ()
         text = seq.stop.feed(seq.post.feed(seq.decoder.push(token)))
         if seq.stop.stopped:
             seq.deliver(Delta(text=text, logprobs=lps))
@@ -297,7 +294,7 @@ class Engine:
         if text or lps:
             seq.deliver(Delta(text=text, logprobs=lps))
 
-    def _finish(self, seq: Sequence, reason: FinishReason) -> None:
+    def _finish(self, seq: Sequence, reason: Outcome) -> None:
         if seq.done:
             return
         seq.done = True

@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from adapters.base import SamplingParams
+from adapters.base import MIN_LOGPROB, SamplingParams
 
 
 def _new_generator(seed: int | None) -> torch.Generator:
@@ -144,10 +144,16 @@ def choose(logits: torch.Tensor, state: SamplerState) -> int:
 def logprob_entries(
     logits: torch.Tensor, token_id: int, top_n: int, decodable: int
 ) -> tuple[float, list[tuple[int, float]]]:
-    """The chosen id's logprob and the ``top_n`` most likely decodable ids with theirs."""
+    """The chosen id's logprob and the ``top_n`` most likely decodable ids with theirs, each at
+    least :data:`~adapters.base.MIN_LOGPROB` (as OpenAI reports masked tokens)."""
     logp = torch.log_softmax(logits.float(), dim=-1)
-    chosen = float(logp[token_id])
+    chosen = _reported(float(logp[token_id]))
     if top_n <= 0:
         return chosen, []
     vals, ids = torch.topk(logp[:decodable], min(top_n, decodable))
-    return chosen, [(int(i), float(v)) for i, v in zip(ids.tolist(), vals.tolist(), strict=True)]
+    return chosen, [(int(i), _reported(float(v)))
+                    for i, v in zip(ids.tolist(), vals.tolist(), strict=True)]
+
+
+def _reported(logprob: float) -> float:
+    return logprob if math.isfinite(logprob) and logprob >= MIN_LOGPROB else MIN_LOGPROB

@@ -21,7 +21,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from adapters.base import Message, SamplingParams
+from adapters.base import ChatRequest, Message, SamplingParams
 from adapters.chat_model import TorchChatModel
 from bench.common import (
     MODES,
@@ -46,10 +46,10 @@ class Turn:
 async def one_turn(chat: TorchChatModel, messages: list[Message], max_tokens: int) -> Turn:
     params = SamplingParams(max_tokens=max_tokens, temperature=0.0, logit_bias=NO_EOS)
     start = time.perf_counter()
-    prompt = chat.prepare(messages, params)
+    prompt = chat.prepare(ChatRequest(tuple(messages), params))
     ttft = None
     parts = []
-    async for delta in chat.generate(prompt, params):
+    async for delta in chat.generate(prompt):
         if delta.text and ttft is None:
             ttft = time.perf_counter() - start
         parts.append(delta.text)

@@ -21,7 +21,7 @@ from typing import Any
 import torch
 from safetensors.torch import save_file
 
-from adapters.base import Message, ModelInfo, SamplingParams
+from adapters.base import ChatRequest, Message, ModelInfo, SamplingParams
 from adapters.chat_model import TorchChatModel
 from adapters.chatglm2 import CHATGLM2
 from adapters.chatglm2.model import ChatGLM2Model
@@ -124,10 +124,10 @@ async def direct_stream(model: TorchChatModel, messages: list[Message],
                         params: SamplingParams) -> StreamResult:
     """One request straight through ``prepare`` / ``generate`` (what a route calls)."""
     start = time.perf_counter()
-    prompt = model.prepare(messages, params)
+    prompt = model.prepare(ChatRequest(tuple(messages), params))
     ttft = None
     tokens = 0
-    async for delta in model.generate(prompt, params):
+    async for delta in model.generate(prompt):
         if delta.text and ttft is None:
             ttft = time.perf_counter() - start
         if delta.usage is not None:

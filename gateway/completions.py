@@ -20,11 +20,11 @@ from dataclasses import dataclass
 
 from sse_starlette import ServerSentEvent
 
-from adapters.base import TokenLogprob
+from adapters.base import FinishReason, TokenLogprob, Usage
 from gateway import protocol as p
 from gateway.choices import ChoiceStream
 from gateway.errors import from_exception
-from gateway.streaming import DONE, CompletionMeta, finish_reason, json_event, safe_logprob
+from gateway.streaming import DONE, CompletionMeta, finish_reason, json_event
 
 logger = logging.getLogger(__name__)
 
@@ -49,9 +49,9 @@ class _LegacyLogprobs:
         out = p.CompletionLogprobs(tokens=[], token_logprobs=[], top_logprobs=[], text_offset=[])
         for t in entries:
             out.tokens.append(t.token)
-            out.token_logprobs.append(safe_logprob(t.logprob))
-            top = {a.token: safe_logprob(a.logprob) for a in t.top_logprobs}
-            top.setdefault(t.token, safe_logprob(t.logprob))
+            out.token_logprobs.append(t.logprob)
+            top = {a.token: a.logprob for a in t.top_logprobs}
+            top.setdefault(t.token, t.logprob)
             out.top_logprobs.append(top)
             out.text_offset.append(self.offset)
             self.offset += len(t.token)
@@ -73,7 +73,7 @@ async def collect(stream: ChoiceStream, plan: CompletionPlan) -> p.Completion:
     """Aggregate every choice into one non-streamed Completion."""
     n = len(plan.echoes)
     texts = list(plan.echoes)
-    finish: list[p.FinishReason] = ["stop"] * n
+    finish: list[FinishReason] = ["stop"] * n
     trackers = [_LegacyLogprobs(len(echo)) for echo in plan.echoes]
     logprobs = [_empty_logprobs() for _ in range(n)]
     completion_tokens = 0
@@ -135,9 +135,8 @@ async def sse_events(
         await stream.aclose()
 
 
-def _usage(plan: CompletionPlan, completion_tokens: int) -> p.Usage:
-    return p.Usage(prompt_tokens=plan.prompt_tokens, completion_tokens=completion_tokens,
-                   total_tokens=plan.prompt_tokens + completion_tokens)
+def _usage(plan: CompletionPlan, completion_tokens: int) -> Usage:
+    return Usage(prompt_tokens=plan.prompt_tokens, completion_tokens=completion_tokens)
 
 
 def _chunk(plan: CompletionPlan, choice: p.CompletionChoice) -> str:

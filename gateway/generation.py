@@ -11,13 +11,12 @@ import asyncio
 import hashlib
 import time
 from collections.abc import Awaitable, Sequence
-from dataclasses import replace
 from typing import TypeVar
 
 import anyio
 from fastapi import Request
 
-from adapters.base import ModelInfo, Prompt, SamplingParams
+from adapters.base import ModelInfo, Prompt
 from gateway.catalog import ModelCatalog, ServedModel
 from gateway.choices import ChoiceStream
 from gateway.lifecycle import Lifecycle
@@ -45,16 +44,15 @@ def resolve_model(request: Request, name: str | None) -> ServedModel:
     return served
 
 
-async def start(request: Request, served: ServedModel,
-                jobs: Sequence[tuple[Prompt, SamplingParams]]) -> ChoiceStream:
-    """Start one generation per ``(prompt, params)`` and wait for the first Delta; a failure
+async def start(request: Request, served: ServedModel, prompts: Sequence[Prompt]) -> ChoiceStream:
+    """Start one generation per prompt (one per choice) and wait for the first Delta; a failure
     there raises (and closes everything) while a status can still be sent."""
     metrics: GatewayMetrics = request.app.state.metrics
     model = served.model
     started = time.monotonic()
     stream = ChoiceStream([
-        metrics.measure(model.info.id, model.generate(prompt, params), started)
-        for prompt, params in jobs
+        metrics.measure(model.info.id, model.generate(prompt), started)
+        for prompt in prompts
     ])
     try:
         await stream.prime()
@@ -65,14 +63,6 @@ async def start(request: Request, served: ServedModel,
         await stream.aclose()
         raise
     return stream
-
-
-def choice_params(params: SamplingParams, n: int) -> list[SamplingParams]:
-    """One params per choice: with a seed, choice i samples with seed + i so that the choices
-    differ yet the whole request stays reproducible."""
-    if n == 1 or params.seed is None:
-        return [params] * n
-    return [replace(params, seed=params.seed + i) for i in range(n)]
 
 
 def fingerprint(info: ModelInfo) -> str:

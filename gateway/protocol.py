@@ -31,7 +31,15 @@ from pydantic import (
     model_validator,
 )
 
-from adapters.base import Message, SamplingParams, Tool, ToolCall
+from adapters.base import (
+    FinishReason,
+    Message,
+    SamplingParams,
+    TokenLogprob,
+    Tool,
+    ToolCall,
+    Usage,
+)
 
 #: OpenAI request fields this gateway accepts and ignores (documented in the README).
 IGNORED_FIELDS: tuple[str, ...] = (
@@ -465,6 +473,17 @@ class ChatGLMRequest(BaseModel):
     temperature: float | None = Field(default=None, ge=0.0, le=2.0)
     model: str | None = None
 
+    def to_sampling_params(self, defaults: Mapping[str, Any] | None = None) -> SamplingParams:
+        """api.py's ``x if x else default``: 0 or null takes the model's configured default,
+        else api.py's own."""
+        return sampling_params({"temperature": self.temperature or None,
+                                "top_p": self.top_p or None},
+                               None, None, {**CHATGLM_API_DEFAULTS, **(defaults or {})})
+
+
+#: THUDM api.py's sampling defaults (``top_p if top_p else 0.7``, ...).
+CHATGLM_API_DEFAULTS = {"top_p": 0.7, "temperature": 0.95}
+
 
 class ChatGLMResponse(BaseModel):
     model_config = _RESPONSE_CONFIG
@@ -495,36 +514,11 @@ def now() -> int:
     return int(time.time())
 
 
-class TopLogprob(BaseModel):
-    model_config = _RESPONSE_CONFIG
-
-    token: str
-    logprob: float
-    bytes: list[int] | None
-
-
-class TokenLogprob(BaseModel):
-    model_config = _RESPONSE_CONFIG
-
-    token: str
-    logprob: float
-    bytes: list[int] | None
-    top_logprobs: list[TopLogprob]
-
-
 class ChoiceLogprobs(BaseModel):
     model_config = _RESPONSE_CONFIG
 
     content: list[TokenLogprob] | None
     refusal: list[TokenLogprob] | None = None
-
-
-class Usage(BaseModel):
-    model_config = _RESPONSE_CONFIG
-
-    prompt_tokens: int
-    completion_tokens: int
-    total_tokens: int
 
 
 class ResponseFunction(BaseModel):
@@ -564,9 +558,6 @@ class AssistantMessage(BaseModel):
         if data.get("tool_calls") is None:
             data.pop("tool_calls", None)
         return data
-
-
-FinishReason = Literal["stop", "length", "tool_calls", "content_filter", "function_call"]
 
 
 class Choice(BaseModel):

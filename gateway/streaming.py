@@ -17,16 +17,13 @@ from __future__ import annotations
 
 import json
 import logging
-import math
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 
 from sse_starlette import EventSourceResponse, ServerSentEvent
 from starlette.background import BackgroundTask
 
-from adapters.base import Delta
-from adapters.base import TokenLogprob as AdapterTokenLogprob
-from adapters.base import Usage as AdapterUsage
+from adapters.base import Delta, FinishReason, TokenLogprob, Usage
 from gateway import protocol as p
 from gateway.choices import ChoiceStream
 from gateway.errors import InternalError, ServiceUnavailable, from_exception
@@ -34,8 +31,6 @@ from gateway.errors import InternalError, ServiceUnavailable, from_exception
 logger = logging.getLogger(__name__)
 
 DONE = "[DONE]"
-#: OpenAI reports masked tokens with this logprob; JSON has no -Infinity.
-MIN_LOGPROB = -9999.0
 
 
 @dataclass(frozen=True)
@@ -117,8 +112,8 @@ async def collect(stream: ChoiceStream, meta: CompletionMeta, n: int) -> p.ChatC
     """Aggregate every choice into one non-streamed ChatCompletion."""
     texts = [""] * n
     calls: list[list[p.ResponseToolCall]] = [[] for _ in range(n)]
-    logprobs: list[list[p.TokenLogprob]] = [[] for _ in range(n)]
-    finish: list[p.FinishReason] = ["stop"] * n
+    logprobs: list[list[TokenLogprob]] = [[] for _ in range(n)]
+    finish: list[FinishReason] = ["stop"] * n
     usage = _UsageSum()
     wants_logprobs = False
     async for index, delta in stream:
@@ -126,7 +121,7 @@ async def collect(stream: ChoiceStream, meta: CompletionMeta, n: int) -> p.ChatC
         calls[index].extend(_tool_calls(delta))
         if delta.logprobs:
             wants_logprobs = True
-            logprobs[index].extend(_token_logprob(t) for t in delta.logprobs)
+            logprobs[index].extend(delta.logprobs)
         if delta.finish_reason is not None:
             finish[index] = finish_reason(delta.finish_reason)
             usage.add(delta.usage)
@@ -155,7 +150,7 @@ async def collect(stream: ChoiceStream, meta: CompletionMeta, n: int) -> p.ChatC
 # --------------------------------------------------------------------------- helpers
 
 
-def finish_reason(reason: str) -> p.FinishReason:
+def finish_reason(reason: str) -> FinishReason:
     """Adapter finish reasons -> OpenAI's; a failed or cancelled generation raises the error
     the client gets."""
     if reason == "stop":
@@ -178,15 +173,14 @@ class _UsageSum:
         self.prompt = 0
         self.completion = 0
 
-    def add(self, usage: AdapterUsage | None) -> None:
+    def add(self, usage: Usage | None) -> None:
         if usage is None:
             return
         self.prompt = max(self.prompt, usage.prompt_tokens)
         self.completion += usage.completion_tokens
 
-    def wire(self) -> p.Usage:
-        return p.Usage(prompt_tokens=self.prompt, completion_tokens=self.completion,
-                       total_tokens=self.prompt + self.completion)
+    def wire(self) -> Usage:
+        return Usage(prompt_tokens=self.prompt, completion_tokens=self.completion)
 
 
 def _tool_calls(delta: Delta) -> list[p.ResponseToolCall]:
@@ -204,24 +198,8 @@ def _chunk(meta: CompletionMeta, choice: p.ChunkChoice) -> str:
     ).model_dump_json()
 
 
-def safe_logprob(value: float) -> float:
-    return value if math.isfinite(value) and value >= MIN_LOGPROB else MIN_LOGPROB
-
-
-def _token_logprob(t: AdapterTokenLogprob) -> p.TokenLogprob:
-    return p.TokenLogprob(
-        token=t.token,
-        logprob=safe_logprob(t.logprob),
-        bytes=list(t.bytes),
-        top_logprobs=[
-            p.TopLogprob(token=a.token, logprob=safe_logprob(a.logprob), bytes=list(a.bytes))
-            for a in t.top_logprobs
-        ],
-    )
-
-
-def _logprobs(entries: tuple[AdapterTokenLogprob, ...]) -> p.ChoiceLogprobs:
-    return p.ChoiceLogprobs(content=[_token_logprob(t) for t in entries])
+def _logprobs(entries: tuple[TokenLogprob, ...]) -> p.ChoiceLogprobs:
+    return p.ChoiceLogprobs(content=list(entries))
 
 
 def json_event(body: dict[str, object]) -> str:

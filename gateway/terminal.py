@@ -28,7 +28,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol, TextIO
 
-from adapters.base import AdapterError, Delta, Message, SamplingParams
+from adapters.base import AdapterError, ChatRequest, Delta, Message, SamplingParams
 
 if TYPE_CHECKING:
     import openai
@@ -192,10 +192,10 @@ class LocalBackend:
 
     def stream(self, messages: Sequence[Message]) -> Iterator[str]:
         try:
-            prompt = self.model.prepare(messages, self.params)
+            prompt = self.model.prepare(ChatRequest(tuple(messages), self.params))
         except AdapterError as err:
             raise ChatError(err.message) from err
-        deltas = self.model.generate(prompt, self.params)
+        deltas = self.model.generate(prompt)
         try:
             while True:
                 delta = self._next(deltas)

@@ -13,9 +13,9 @@ import pytest
 from fastapi.testclient import TestClient
 
 from adapters.base import InvalidRequest, ModelInfo, ModelUnavailable, Overloaded
-from adapters.fake import FakeChatModel
 from gateway.app import create_app
 from gateway.settings import ModelEntry, ServerSettings
+from tests.fake import FakeChatModel
 
 MESSAGES = [{"role": "user", "content": "你好"}]
 
@@ -184,7 +184,7 @@ def test_injected_models_are_not_closed_by_the_app() -> None:
 class _QueueFullOnFirstStep(FakeChatModel):
     """An engine that refuses the request only when it is admitted (first ``__anext__``)."""
 
-    async def generate(self, prompt, params):  # type: ignore[no-untyped-def, override]
+    async def generate(self, prompt):  # type: ignore[no-untyped-def, override]
         raise Overloaded("engine queue full", retry_after=1.5)
         yield  # pragma: no cover - makes this an async generator
 

@@ -11,10 +11,10 @@ import openai
 import pytest
 from fastapi.testclient import TestClient
 
-from adapters.fake import FakeChatModel
 from gateway import auth
 from gateway.app import create_app
 from gateway.settings import ServerSettings, load_settings
+from tests.fake import FakeChatModel
 from tests.server import running_server
 
 KEYS = ("sk-first-key-123456", "sk-second-key-abcdef")

@@ -10,10 +10,10 @@ import httpx
 import openai
 import pytest
 
-from adapters.base import Message, SamplingParams
-from adapters.fake import FakeChatModel
+from adapters.base import ChatRequest, Message, Prompt
 from gateway.app import create_app
 from gateway.settings import ModelEntry, SamplingDefaults, ServerSettings
+from tests.fake import FakeChatModel
 from tests.server import running_server
 
 REPLY = "你好，世界！Hello 😀 world."
@@ -26,9 +26,9 @@ class RecordingFake(FakeChatModel):
         super().__init__(*args, **kwargs)  # type: ignore[arg-type]
         self.prepared: list[list[Message]] = []
 
-    def prepare(self, messages, params):  # type: ignore[no-untyped-def]
-        self.prepared.append(list(messages))
-        return super().prepare(messages, params)
+    def prepare(self, request: ChatRequest) -> Prompt:
+        self.prepared.append(list(request.messages))
+        return super().prepare(request)
 
 
 @pytest.fixture(scope="module")
@@ -269,9 +269,9 @@ def test_demo_checkpoint_end_to_end(tmp_path: Path) -> None:
                     streamed[choice.index] += choice.text
         assert [c.text for c in whole.choices] == streamed
         # the prompt went through ChatGLM2's chat format: "[Round 1]\n\n问：你好\n\n答："
-        chat_ids = model.prepare([Message("user", "你好")], SamplingParams()).token_ids
+        chat_ids = model.prepare(ChatRequest((Message("user", "你好"),))).token_ids
         assert whole.usage is not None
-        hello_ids = model.prepare([Message("user", "hello")], SamplingParams()).token_ids
+        hello_ids = model.prepare(ChatRequest((Message("user", "hello"),))).token_ids
         assert whole.usage.prompt_tokens == len(chat_ids) + len(hello_ids)
         for choice in whole.choices:
             assert choice.logprobs is not None

@@ -11,9 +11,9 @@ import httpx
 import openai
 import pytest
 
-from adapters.fake import FakeChatModel
 from gateway.app import create_app
 from gateway.settings import ModelEntry, ServerSettings
+from tests.fake import FakeChatModel
 from tests.server import running_server
 
 REPLY = "你好，世界！Hello 😀 world."

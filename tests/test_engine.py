@@ -53,8 +53,8 @@ class Collector:
 
 def run(engine: Engine, prompt=b"hi", **params) -> Collector:
     c = Collector()
-    p = SamplingParams(temperature=0.0, **params)
-    engine.submit(Prompt(tuple(prompt), params.get("max_tokens") or 100), p, c)
+    p = SamplingParams(temperature=0.0, **{"max_tokens": 100, **params})
+    engine.submit(Prompt(tuple(prompt), p), c)
     return c
 
 
@@ -121,7 +121,7 @@ def test_cancel_stops_generation_at_next_step(make_engine) -> None:
     e = make_engine("x" * 10_000)
     lm: ScriptedLM = e.model  # type: ignore[assignment]
     c = Collector()
-    seq = e.submit(Prompt((1,), 9000), SamplingParams(temperature=0.0), c)
+    seq = e.submit(Prompt((1,), SamplingParams(temperature=0.0, max_tokens=9000)), c)
     while len(c.deltas) < 5:
         time.sleep(0.001)
     e.cancel(seq)

@@ -65,7 +65,8 @@ def test_streamed_v1_answer_equals_official_chat(text: str) -> None:
             done.set()
 
     try:
-        engine.submit(Prompt((5, 130001, 130004), 100), SamplingParams(temperature=0.0), deliver)
+        engine.submit(Prompt((5, 130001, 130004), SamplingParams(temperature=0.0, max_tokens=100)),
+                      deliver)
         assert done.wait(10)
     finally:
         engine.close()

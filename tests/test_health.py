@@ -20,9 +20,9 @@ from typing import Any
 import httpx
 import pytest
 
-from adapters.fake import FakeChatModel
 from gateway.app import create_app
 from gateway.settings import ModelEntry, ServerSettings
+from tests.fake import FakeChatModel
 from tests.server import running_server
 
 REPO = Path(__file__).resolve().parent.parent
@@ -129,7 +129,7 @@ def test_drain_lets_running_streams_finish_and_refuses_new_requests() -> None:
 
 SERVER_SCRIPT = textwrap.dedent("""
     import logging, sys
-    from adapters.fake import FakeChatModel
+    from tests.fake import FakeChatModel
     from gateway.app import create_app
     from gateway.serving import run
     from gateway.settings import ServerSettings

@@ -8,9 +8,9 @@ from collections.abc import Iterator
 
 import pytest
 
-from adapters.fake import FakeChatModel
 from gateway.app import create_app
 from gateway.settings import ServerSettings
+from tests.fake import FakeChatModel
 from tests.server import running_server
 
 langchain_openai = pytest.importorskip("langchain_openai")

@@ -10,10 +10,10 @@ from pathlib import Path
 import httpx
 import pytest
 
-from adapters.base import Message, SamplingParams
-from adapters.fake import FakeChatModel
+from adapters.base import ChatRequest, Message, Prompt
 from gateway.app import create_app
-from gateway.settings import ModelEntry, ServerSettings
+from gateway.settings import ModelEntry, SamplingDefaults, ServerSettings
+from tests.fake import FakeChatModel
 from tests.server import running_server
 
 
@@ -22,9 +22,9 @@ class RecordingFake(FakeChatModel):
         super().__init__(*args, **kwargs)  # type: ignore[arg-type]
         self.prepared: list[list[Message]] = []
 
-    def prepare(self, messages, params):  # type: ignore[no-untyped-def]
-        self.prepared.append(list(messages))
-        return super().prepare(messages, params)
+    def prepare(self, request: ChatRequest) -> Prompt:
+        self.prepared.append(list(request.messages))
+        return super().prepare(request)
 
 
 @pytest.fixture(scope="module")
@@ -38,7 +38,9 @@ def models() -> dict[str, FakeChatModel]:
 def base_url(models: dict[str, FakeChatModel]) -> Iterator[str]:
     settings = ServerSettings(models=(ModelEntry(id="first", path=Path("unused")),
                                       ModelEntry(id="second", path=Path("unused"),
-                                                 aliases=("glm",))))
+                                                 aliases=("glm",),
+                                                 defaults=SamplingDefaults(temperature=0.3,
+                                                                           max_tokens=7))))
     with running_server(create_app(settings, models=models)) as url:
         yield url
 
@@ -107,6 +109,19 @@ def test_defaults_as_api_py(base_url: str, models: dict[str, FakeChatModel]) -> 
         0.5, 0.9, 100 - len("user: hello"))
 
 
+def test_model_defaults_apply_before_api_py_defaults(
+        base_url: str, models: dict[str, FakeChatModel]) -> None:
+    second = models["second"]
+    httpx.post(f"{base_url}/", json={"prompt": "hello", "model": "second"})
+    # the model's configured temperature and max_tokens; api.py's top_p where none is configured
+    assert (second.calls[-1].temperature, second.calls[-1].top_p) == (0.3, 0.7)
+    assert second.calls[-1].max_tokens == 7
+    # a value in the request still wins; max_length still caps the answer below the default
+    httpx.post(f"{base_url}/", json={"prompt": "hello", "model": "second", "temperature": 0.9,
+                                     "max_length": len("user: hello") + 2})
+    assert (second.calls[-1].temperature, second.calls[-1].max_tokens) == (0.9, 2)
+
+
 def test_max_length_counts_the_prompt(base_url: str) -> None:
     long_prompt = "p" * 40
     r = httpx.post(f"{base_url}/", json={"prompt": long_prompt, "max_length": 46,
@@ -163,7 +178,7 @@ def test_api_py_client_against_the_demo_checkpoint(tmp_path: Path) -> None:
         assert second["history"][0] == ["你好", first["response"]]
         assert second["history"][1] == ["再见", second["response"]]
         # max_length is the total: at most what was left after the prompt was generated
-        prompt_ids = model.prepare([Message("user", "你好")], SamplingParams()).token_ids
+        prompt_ids = model.prepare(ChatRequest((Message("user", "你好"),))).token_ids
         assert 0 < generated_first <= 40 - len(prompt_ids)
     finally:
         model.close()

@@ -10,9 +10,9 @@ import pytest
 from fastapi.testclient import TestClient
 from prometheus_client.parser import text_string_to_metric_families
 
-from adapters.fake import FakeChatModel
 from gateway.app import create_app
 from gateway.settings import ServerSettings
+from tests.fake import FakeChatModel
 from tests.server import running_server
 
 CHAT = {"messages": [{"role": "user", "content": "hi"}]}

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from adapters.base import Message, SamplingParams
+from adapters.base import ChatRequest, Message, SamplingParams
 from adapters.chat_model import TorchChatModel
 from adapters.demo import ensure_demo_checkpoint
 from adapters.registry import load_chat_model
@@ -21,8 +21,8 @@ def demo_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 async def _answer(model: TorchChatModel, messages: list[Message]) -> str:
     params = SamplingParams(temperature=0.0, max_tokens=12)
-    prompt = model.prepare(messages, params)
-    return "".join([d.text async for d in model.generate(prompt, params)])
+    prompt = model.prepare(ChatRequest(tuple(messages), params))
+    return "".join([d.text async for d in model.generate(prompt)])
 
 
 def _conversation(model: TorchChatModel) -> list[str]:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import json
 from collections.abc import Iterator
 from typing import Any
@@ -10,12 +11,12 @@ from typing import Any
 import httpx
 import pytest
 
-from adapters.base import Delta, Usage
-from adapters.fake import FakeChatModel
+from adapters.base import ChatRequest, Delta, Usage
 from gateway.app import create_app
 from gateway.choices import ChoiceStream
 from gateway.settings import ServerSettings
 from gateway.streaming import CompletionMeta, collect, sse_events
+from tests.fake import FakeChatModel
 from tests.server import running_server
 
 META = CompletionMeta(id="chatcmpl-test", created=1, model="m", system_fingerprint="fp_x")
@@ -137,7 +138,7 @@ def test_collect_aggregates_like_the_stream() -> None:
     completion = asyncio.run(run())
     assert [c.message.content for c in completion.choices] == ["xy", "z"]
     assert [c.finish_reason for c in completion.choices] == ["length", "stop"]
-    assert completion.usage.model_dump() == {
+    assert dataclasses.asdict(completion.usage) == {
         "prompt_tokens": 5, "completion_tokens": 3, "total_tokens": 8}
     assert completion.choices[0].logprobs is None
 
@@ -165,11 +166,10 @@ def test_closing_mid_generation_cancels_the_model() -> None:
     fake = FakeChatModel(reply="abcdefgh", delay=0.01)
 
     async def run() -> None:
-        from adapters.base import Message, SamplingParams
+        from adapters.base import Message
 
-        params = SamplingParams()
-        prompt = fake.prepare([Message("user", "hi")], params)
-        stream = ChoiceStream([fake.generate(prompt, params), fake.generate(prompt, params)])
+        prompt = fake.prepare(ChatRequest((Message("user", "hi"),)))
+        stream = ChoiceStream([fake.generate(prompt), fake.generate(prompt)])
         await stream.prime()
         await stream.__anext__()
         await stream.aclose()

@@ -18,7 +18,6 @@ from pathlib import Path
 import pytest
 
 from adapters.base import InvalidRequest, Message
-from adapters.fake import FakeChatModel
 from gateway.app import create_app
 from gateway.settings import ServerSettings
 from gateway.terminal import (
@@ -29,6 +28,7 @@ from gateway.terminal import (
     GenerationOptions,
     LocalBackend,
 )
+from tests.fake import FakeChatModel
 from tests.server import running_server
 
 REPO = Path(__file__).resolve().parent.parent

@@ -12,9 +12,9 @@ from adapters.base import Message, Tool, ToolCall
 from adapters.chatglm2.postprocess import ChatGLM3Postprocessor
 from adapters.chatglm2.tools import TOOLS_PROMPT, call_text, parse_call, tools_system_content
 from adapters.conversation import Turn, to_turns
-from adapters.fake import FakeChatModel
 from gateway.app import create_app
 from gateway.settings import ServerSettings
+from tests.fake import FakeChatModel
 from tests.server import running_server
 
 WEATHER = Tool("get_weather", "查询天气", {"type": "object", "properties": {

@@ -20,10 +20,10 @@ from fastapi import FastAPI
 
 from adapters.base import InvalidRequest
 from adapters.demo import DEMO_DESCRIPTION
-from adapters.fake import FakeChatModel
 from gateway.app import create_app
 from gateway.routes import web
 from gateway.settings import ServerSettings
+from tests.fake import FakeChatModel
 from tests.server import running_server
 
 logger = logging.getLogger(__name__)

@@ -7,11 +7,11 @@ import logging
 from fastapi import APIRouter, Depends, Request, Response
 from fastapi.responses import JSONResponse
 
+from adapters.base import ChatRequest
 from gateway.errors import validated
 from gateway.generation import (
     CLIENT_CLOSED,
     admit,
-    choice_params,
     fingerprint,
     resolve_model,
     start,
@@ -31,15 +31,16 @@ async def create_chat_completion(request: Request) -> Response:
     settings: ServerSettings = request.app.state.settings
     served = resolve_model(request, body.model)
     model = served.model
-    params = body.to_sampling_params(served.defaults)
-    prompt = model.prepare(body.to_messages(), params, tools=body.to_tools())
+    prompt = model.prepare(ChatRequest(
+        messages=body.to_messages(), params=body.to_sampling_params(served.defaults),
+        tools=body.to_tools()))
 
     n = body.choices
     meta = CompletionMeta(
         id=completion_id(), created=now(), model=model.info.id,
         system_fingerprint=fingerprint(model.info),
     )
-    stream = await start(request, served, [(prompt, p) for p in choice_params(params, n)])
+    stream = await start(request, served, prompt.choices(n))
     if body.stream:
         events = sse_events(stream, meta, n, include_usage=body.include_usage,
                             ping_seconds=settings.sse_ping_seconds)

@@ -11,13 +11,12 @@ import logging
 from fastapi import APIRouter, Depends, Request, Response
 from fastapi.responses import JSONResponse
 
-from adapters.base import Message
+from adapters.base import ChatRequest, Message
 from gateway import completions
 from gateway.errors import validated
 from gateway.generation import (
     CLIENT_CLOSED,
     admit,
-    choice_params,
     fingerprint,
     resolve_model,
     start,
@@ -39,11 +38,11 @@ async def create_completion(request: Request) -> Response:
     model = served.model
     params = body.to_sampling_params(served.defaults)
     # Every prompt is prepared before anything starts: one bad prompt is a 400 for the request.
-    prompts = [model.prepare([Message(role="user", content=text)], params)
+    prompts = [model.prepare(ChatRequest((Message(role="user", content=text),), params))
                for text in body.prompts]
 
     n = body.choices
-    jobs = [(prompt, p) for prompt in prompts for p in choice_params(params, n)]
+    jobs = [choice for prompt in prompts for choice in prompt.choices(n)]
     plan = completions.CompletionPlan(
         meta=CompletionMeta(id=legacy_completion_id(), created=now(), model=model.info.id,
                             system_fingerprint=fingerprint(model.info)),

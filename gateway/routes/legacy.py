@@ -20,15 +20,14 @@ from __future__ import annotations
 
 import datetime
 import logging
-from dataclasses import replace
 from typing import Any
 
 from fastapi import APIRouter, Depends, Request, Response
 from fastapi.responses import JSONResponse
 
-from adapters.base import Message, SamplingParams
+from adapters.base import ChatRequest, Message
 from gateway.choices import ChoiceStream
-from gateway.errors import RequestInvalid, validated
+from gateway.errors import validated
 from gateway.generation import CLIENT_CLOSED, admit, resolve_model, start, unless_disconnected
 from gateway.protocol import ChatGLMRequest, ChatGLMResponse, LegacyMessage
 from gateway.streaming import finish_reason
@@ -36,10 +35,8 @@ from gateway.streaming import finish_reason
 logger = logging.getLogger(__name__)
 router = APIRouter(dependencies=[Depends(admit)])
 
-# THUDM api.py's defaults.
+# THUDM api.py's default.
 MAX_LENGTH = 2048
-TOP_P = 0.7
-TEMPERATURE = 0.95
 
 
 @router.post("/", response_model=None)
@@ -48,17 +45,12 @@ async def chatglm_chat(request: Request) -> Response:
     served = resolve_model(request, body.model)
     model = served.model
     history = body.history or []
-    params = SamplingParams(temperature=body.temperature or TEMPERATURE, top_p=body.top_p or TOP_P)
-    prompt = model.prepare([*to_messages(history), Message("user", body.prompt)], params)
-    budget = (body.max_length or MAX_LENGTH) - len(prompt.token_ids)
-    if budget < 1:
-        raise RequestInvalid(
-            f"max_length ({body.max_length or MAX_LENGTH}) must exceed the prompt's "
-            f"{len(prompt.token_ids)} tokens (it counts the prompt and the answer).",
-            param="max_length", code="context_length_exceeded")
-    budget = min(budget, prompt.max_tokens)
-    params = replace(params, max_tokens=budget)
-    stream = await start(request, served, [(replace(prompt, max_tokens=budget), params)])
+    prompt = model.prepare(ChatRequest(
+        messages=(*to_messages(history), Message("user", body.prompt)),
+        params=body.to_sampling_params(served.defaults),
+        max_length=body.max_length or MAX_LENGTH,
+    ))
+    stream = await start(request, served, [prompt])
     try:
         answer = await unless_disconnected(request, _text(stream))
     finally:

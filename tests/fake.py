@@ -1,4 +1,4 @@
-"""A deterministic :class:`~adapters.base.ChatModel` for tests, shipped beside the real ones.
+"""A deterministic :class:`~adapters.base.ChatModel` for the gateway's tests.
 
 It needs no torch and no checkpoint.  One *piece* of text is one token.  The reply is either
 scripted (``reply`` / ``pieces``) or derived from the last user message (``transform="echo"`` or
@@ -19,18 +19,18 @@ from __future__ import annotations
 import asyncio
 import random
 from collections.abc import AsyncIterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Literal
 
 from adapters.base import (
     AdapterError,
-    ContextLengthExceeded,
+    ChatRequest,
     Delta,
-    FinishReason,
     InvalidRequest,
     Message,
     ModelInfo,
     ModelUnavailable,
+    Outcome,
     Overloaded,
     Prompt,
     SamplingParams,
@@ -40,6 +40,7 @@ from adapters.base import (
     TopLogprob,
     Usage,
 )
+from adapters.detokenize import StopMatcher
 
 Transform = Literal["echo", "reverse"]
 
@@ -107,10 +108,9 @@ class FakeChatModel:
 
     # ------------------------------------------------------------------ ChatModel
 
-    def prepare(
-        self, messages: Sequence[Message], params: SamplingParams, *, tools: Sequence[Tool] = ()
-    ) -> Prompt:
+    def prepare(self, request: ChatRequest) -> Prompt:
         """Fake tokenization: one token per character of ``"role: content"`` lines."""
+        messages, tools = request.messages, request.tools
         self.tools_seen.append(tuple(tools))
         self.conversations.append([(m.role, m.content) for m in messages])
         if self._closed:
@@ -125,17 +125,16 @@ class FakeChatModel:
             raise InvalidRequest("'messages' must contain at least one message.", param="messages")
         text = "\n".join(f"{m.role}: {m.content}" for m in messages)
         token_ids = tuple(ord(c) for c in text)
-        room = self.info.context_length - len(token_ids)
-        wanted = params.max_tokens if params.max_tokens is not None else room
-        if wanted > room or room <= 0:
-            raise ContextLengthExceeded(len(token_ids), max(wanted, 1), self.info.context_length)
+        wanted = request.completion_budget(len(token_ids), self.info.context_length)
         # The answer is a pure function of the messages, so a cache keyed by the prompt ids is
         # safe and keeps Prompt free of fake-only fields.
         self._answers[token_ids] = self._answer(messages)
-        return Prompt(token_ids=token_ids, max_tokens=wanted, text=text, tools=bool(tools))
+        return Prompt(token_ids=token_ids, params=replace(request.params, max_tokens=wanted),
+                      text=text, tools=bool(tools))
 
-    async def generate(self, prompt: Prompt, params: SamplingParams) -> AsyncIterator[Delta]:
+    async def generate(self, prompt: Prompt) -> AsyncIterator[Delta]:
         """Yield one Delta per piece; the last one carries finish_reason and usage."""
+        params = prompt.params
         self.calls.append(params)
         if prompt.tools and self._tool_call is not None:
             yield Delta(finish_reason="tool_calls", tool_calls=(self._tool_call,),
@@ -144,14 +143,14 @@ class FakeChatModel:
         answer = self._answers.get(prompt.token_ids, prompt.text)
         pieces = self._sample(self._split(answer), params)
         prompt_tokens = len(prompt.token_ids)
-        limit = min(prompt.max_tokens, params.max_tokens or prompt.max_tokens)
-        stop = _StopMatcher(params.stop)
+        limit = prompt.max_tokens
+        stop = StopMatcher(params.stop)
         self.counters.started += 1
         self.counters.active += 1
         produced = 0
         finished = False
         try:
-            finish: FinishReason = "length" if len(pieces) > limit else "stop"
+            finish: Outcome = "length" if len(pieces) > limit else "stop"
             for i, piece in enumerate(pieces[:limit]):
                 if self._fail_after is not None and i >= self._fail_after:
                     finish = "error"
@@ -160,9 +159,9 @@ class FakeChatModel:
                     await asyncio.sleep(self._delay)
                 produced += 1
                 self.counters.produced += 1
-                text, hit = stop.feed(piece)
+                text = stop.feed(piece)
                 logprobs = _logprobs(piece, i, params) if params.logprobs else ()
-                if hit:
+                if stop.stopped:
                     finish = "stop"
                     if text:
                         yield Delta(text=text, logprobs=logprobs)
@@ -243,27 +242,3 @@ def _logprobs(piece: str, index: int, params: SamplingParams) -> tuple[TokenLogp
             token=piece, logprob=logprob, bytes=tuple(piece.encode("utf-8")), top_logprobs=top
         ),
     )
-
-
-class _StopMatcher:
-    """Cut the text at the first stop string; hold back a suffix that may start one."""
-
-    def __init__(self, stops: Sequence[str]) -> None:
-        self._stops = tuple(s for s in stops if s)
-        self._pending = ""
-
-    def feed(self, text: str) -> tuple[str, bool]:
-        """Return (text safe to emit, whether a stop string was hit)."""
-        buf = self._pending + text
-        hits = [i for i in (buf.find(s) for s in self._stops) if i >= 0]
-        if hits:
-            self._pending = ""
-            return buf[: min(hits)], True
-        keep = max((k for s in self._stops for k in range(1, len(s)) if buf.endswith(s[:k])),
-                   default=0)
-        self._pending = buf[len(buf) - keep :]
-        return buf[: len(buf) - keep], False
-
-    def flush(self) -> str:
-        out, self._pending = self._pending, ""
-        return out
