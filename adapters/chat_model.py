@@ -20,9 +20,9 @@ from adapters.base import (
     ModelInfo,
     Prompt,
 )
-from adapters.conversation import SystemPolicy, to_pairs, to_turns
-from adapters.engine import Engine
+from adapters.conversation import SystemPolicy
 from adapters.family import CausalLM, FamilySpec, Tokenizer
+from adapters.runtime.engine import Engine
 
 logger = logging.getLogger(__name__)
 
@@ -57,10 +57,7 @@ class TorchChatModel:
     def prepare(self, request: ChatRequest) -> Prompt:
         params = request.params
         tools = request.tools if self.spec.supports_tools else ()  # no tool format: unused
-        if self.spec.conversation_style == "pairs":
-            conv = to_pairs(request.messages, self.system_policy)
-        else:
-            conv = to_turns(request.messages, tools)
+        conv = self.spec.to_conversation(request.messages, tools, self.system_policy)
         ids, text = self.spec.build_prompt(self.tokenizer, conv)
         for token_id, _ in params.logit_bias:
             if not 0 <= token_id < self.tokenizer.vocab_size:

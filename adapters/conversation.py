@@ -1,15 +1,15 @@
-"""OpenAI message lists -> what ChatGLM's official ``chat()`` takes.  Pure strings, no tokens.
+"""What THUDM's official ``chat()`` takes, and the mapping shared by the families that take a
+``(query, history)`` pair.  Pure strings, no tokens.  Each family picks its mapping in its
+:class:`~adapters.family.FamilySpec` (``to_conversation``).
 
-ChatGLM-6B and ChatGLM2-6B take ``(query, history)`` with history as ``[(question, answer), ...]``
-and have no system role.  Our policy (``SystemPolicy``), documented in the README:
+A pair family has no system role.  Our policy (``SystemPolicy``), documented in the README:
 
 * ``prepend`` (default): every system/developer message, in order, joined with ``"\\n"``, is put
   before the text of the *first* user turn, separated by ``"\\n"``.  Nothing is dropped silently.
 * ``reject``: a system/developer message is a 400.
 
-ChatGLM3-6B has native roles: system (and developer) -> ``system``, ``tool`` -> ``observation``.
-Consecutive messages of the same role are joined with ``"\\n"`` for the pair families (clients
-such as LangChain sometimes send two user messages in a row).
+Consecutive messages of the same role are joined with ``"\\n"`` (clients such as LangChain
+sometimes send two user messages in a row).
 """
 
 from __future__ import annotations
@@ -26,7 +26,7 @@ SYSTEM_ROLES = ("system", "developer")
 
 @dataclass(frozen=True)
 class Turn:
-    """A ChatGLM3 message: role in {system, user, assistant, observation}."""
+    """A message of a family with native roles, as its prompt builder takes it."""
 
     role: str
     content: str
@@ -35,8 +35,8 @@ class Turn:
 
 @dataclass(frozen=True)
 class Conversation:
-    """The official chat() arguments.  Pair families use ``query``/``history``; v3 uses ``turns``
-    (all messages before the last) and ``query``/``query_role`` (the last one)."""
+    """The official chat() arguments.  Pair families use ``query``/``history``; role families use
+    ``turns`` (all messages before the last) and ``query``/``query_role`` (the last one)."""
 
     query: str
     history: tuple[tuple[str, str], ...] = ()
@@ -44,8 +44,11 @@ class Conversation:
     query_role: str = "user"
 
 
-def to_pairs(messages: Sequence[Message], policy: SystemPolicy = "prepend") -> Conversation:
-    """Map messages to ``(query, history)`` for ChatGLM-6B / ChatGLM2-6B."""
+def to_pairs(
+    messages: Sequence[Message], tools: Sequence[Tool] = (), policy: SystemPolicy = "prepend"
+) -> Conversation:
+    """Map messages to ``(query, history)``.  ``tools`` is unused: a pair family has no tool
+    format."""
     if not messages:
         raise InvalidRequest("'messages' must contain at least one message.", param="messages")
     system_parts: list[str] = []
@@ -86,45 +89,3 @@ def to_pairs(messages: Sequence[Message], policy: SystemPolicy = "prepend") -> C
         (merged[j][1], merged[j + 1][1]) for j in range(0, len(merged) - 1, 2)
     )
     return Conversation(query=merged[-1][1], history=history)
-
-
-_V3_ROLES = {"system": "system", "developer": "system", "user": "user",
-             "assistant": "assistant", "tool": "observation", "observation": "observation"}
-
-
-def to_turns(messages: Sequence[Message], tools: Sequence[Tool] = ()) -> Conversation:
-    """Map messages to ChatGLM3's role list; the last message becomes the query.
-
-    Offered ``tools`` become a first system message in ChatGLM3's tool format; an assistant
-    message's ``tool_calls`` become assistant turns whose metadata is the tool name (THUDM's
-    openai_api_demo ``process_messages`` does the same).
-    """
-    from adapters.chatglm2.tools import call_text, tools_system_content
-
-    if not messages:
-        raise InvalidRequest("'messages' must contain at least one message.", param="messages")
-    turns: list[Turn] = []
-    if tools:
-        turns.append(Turn(role="system", content=tools_system_content(tools)))
-    for i, m in enumerate(messages):
-        role = _V3_ROLES.get(m.role)
-        if role is None:
-            raise InvalidRequest(f"Role '{m.role}' is not supported.", param=f"messages.[{i}].role")
-        if m.tool_calls:
-            if m.content:
-                turns.append(Turn(role=role, content=m.content))
-            for j, call in enumerate(m.tool_calls):
-                try:
-                    turns.append(Turn(role=role, content=call_text(call), metadata=call.name))
-                except ValueError as exc:
-                    raise InvalidRequest(
-                        str(exc), param=f"messages.[{i}].tool_calls.[{j}].function.arguments"
-                    ) from exc
-            continue
-        turns.append(Turn(role=role, content=m.content))
-    last = turns[-1]
-    if last.role not in ("user", "observation") or last.metadata:
-        raise InvalidRequest(
-            "The last message must be a user or tool message.", param="messages"
-        )
-    return Conversation(query=last.content, turns=tuple(turns[:-1]), query_role=last.role)

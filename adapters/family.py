@@ -19,8 +19,9 @@ from typing import TYPE_CHECKING, Any, Protocol
 if TYPE_CHECKING:
     import torch
 
-    from adapters.base import ToolCall
-    from adapters.conversation import Conversation
+    from adapters.base import Message, Tool, ToolCall
+    from adapters.conversation import Conversation, SystemPolicy
+    from adapters.weights.format import QuantLayout
 
 
 class Tokenizer(Protocol):
@@ -100,19 +101,25 @@ class StreamPostprocessor(Protocol):
 
 @dataclass(frozen=True)
 class FamilySpec:
-    """A ChatGLM family as data.  Variants (int4, int8, fp16, v2/v3) differ in rows, not classes."""
+    """A ChatGLM family as data.  Variants (int4, int8, fp16, v2/v3) differ in rows, not classes;
+    the registry names each row (``adapters/registry.py``), nothing else does."""
 
-    name: str  # "chatglm", "chatglm2", "chatglm3"
     description: str
+    #: Whether a checkpoint folder (its ``config.json`` already read) is of this family; the
+    #: registry asks the rows in order and takes the first that claims the folder.
+    claims: Callable[[Path, dict[str, Any]], bool]
     #: ids that end a generation (the reference's ``eos_token_id`` list for chat()).
     stop_ids: frozenset[int]
-    #: How the official chat() maps a conversation: "pairs" (query + history) or "roles" (v3).
-    conversation_style: str
     load_tokenizer: Callable[[Path], Tokenizer]
     load_model: Callable[..., CausalLM]  # (path, config, dtype=, device=, quantize=) -> CausalLM
     read_config: Callable[[Path], Any]
+    #: OpenAI messages (+ offered tools, + the server's system policy) -> what the official
+    #: chat() takes; raises InvalidRequest for a conversation the family cannot express.
+    to_conversation: Callable[[Sequence[Message], Sequence[Tool], SystemPolicy], Conversation]
     build_prompt: Callable[[Tokenizer, Conversation], tuple[list[int], str]]
     new_postprocessor: Callable[[bool], StreamPostprocessor]  # (tools offered) -> processor
+    #: the linears THUDM quantises in this family's checkpoints, and its reference rounding
+    quant_layout: QuantLayout
     #: ChatGLM3's chat() drops the last generated id, assuming it is eos
     #: (modeling_chatglm.py: ``outputs.tolist()[0][len(inputs["input_ids"][0]):-1]``), so a
     #: generation cut by the length limit loses its last token there; we reproduce that.
@@ -124,4 +131,3 @@ class FamilySpec:
     #: The model has a tool-call format (ChatGLM3): offered tools reach the prompt and answers
     #: may come back as tool calls.
     supports_tools: bool = False
-

@@ -1,8 +1,10 @@
-"""Which family a checkpoint folder is, and how to load it as a served ``ChatModel``.
+"""The one table of families, which family a checkpoint folder is, and how to load it as a served
+``ChatModel``.
 
-Families are rows (``FamilySpec``) in ``FAMILIES``; a folder is matched by what its own config.json says
-(ChatGLM-6B has ``position_encoding_2d``; ChatGLM2/3 have ``padded_vocab_size`` and tell v3 apart by
-their recorded name), overridable per model with ``family=``.
+Families are rows (:class:`~adapters.family.FamilySpec`) in :data:`FAMILIES`, the only place a
+family is named; a folder is matched by what its own metadata says (each row's ``claims``: the
+rows are asked in order), overridable per model with ``family=``.  Adding a family is a folder
+and a row here.
 """
 
 from __future__ import annotations
@@ -14,53 +16,34 @@ from pathlib import Path
 
 import torch
 
+from adapters import chatglm, chatglm2
 from adapters.base import ModelInfo
 from adapters.chat_model import TorchChatModel
-from adapters.checkpoint import CheckpointError, read_json, total_size
 from adapters.conversation import SystemPolicy
 from adapters.family import FamilySpec
+from adapters.runtime.dtypes import resolve_device, resolve_dtype
+from adapters.weights.checkpoint import CheckpointError, read_json, total_size
 
 logger = logging.getLogger(__name__)
 
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-
-
-def families() -> dict[str, FamilySpec]:
-    from adapters.chatglm import CHATGLM
-    from adapters.chatglm2 import CHATGLM2, CHATGLM3
-
-    return {spec.name: spec for spec in (CHATGLM, CHATGLM2, CHATGLM3)}
+#: Every served family by the name ``family=`` and ``/v1/models`` use, in detection order.
+FAMILIES: dict[str, FamilySpec] = {
+    "chatglm": chatglm.SPEC,
+    "chatglm3": chatglm2.V3_SPEC,
+    "chatglm2": chatglm2.V2_SPEC,
+}
 
 
 def detect_family(folder: Path) -> str:
+    """The name of the first family whose row claims ``folder``."""
     config = read_json(Path(folder) / "config.json")
-    if "position_encoding_2d" in config or "inner_hidden_size" in config:
-        return "chatglm"
-    if "padded_vocab_size" in config or "multi_query_attention" in config:
-        from adapters.chatglm2.config import detect_version
-
-        return detect_version(Path(folder))
+    for name, spec in FAMILIES.items():
+        if spec.claims(Path(folder), config):
+            return name
     raise CheckpointError(
         f"{folder}/config.json does not look like a ChatGLM checkpoint "
         "(no position_encoding_2d or padded_vocab_size); pass family= to say which it is"
     )
-
-
-def resolve_device(device: str) -> torch.device:
-    if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(device)
-
-
-def resolve_dtype(dtype: str, device: torch.device, weight_bytes: int) -> torch.dtype:
-    if dtype != "auto":
-        if dtype not in DTYPES:
-            raise ValueError(f"unknown dtype {dtype!r}; choose one of {sorted(DTYPES)} or auto")
-        return DTYPES[dtype]
-    if device.type == "cuda":
-        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-    # On a CPU, float32 doubles the memory of an fp16 checkpoint: keep it for small models only.
-    return torch.float32 if weight_bytes < 2 * 1024**3 else torch.bfloat16
 
 
 def load_chat_model(
@@ -87,11 +70,10 @@ def load_chat_model(
     folder = Path(path).expanduser()
     if not folder.is_dir():
         raise CheckpointError(f"model '{model_id}': {folder} is not a folder")
-    specs = families()
     name = family or detect_family(folder)
-    if name not in specs:
-        raise CheckpointError(f"unknown family {name!r}; choose one of {sorted(specs)}")
-    spec = specs[name]
+    if name not in FAMILIES:
+        raise CheckpointError(f"unknown family {name!r}; choose one of {sorted(FAMILIES)}")
+    spec = FAMILIES[name]
     dev = resolve_device(device)
     dt = resolve_dtype(dtype, dev, total_size(folder))
     started = time.monotonic()

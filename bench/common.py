@@ -3,7 +3,7 @@ the bandwidth bound of decoding, and timing helpers.
 
 The model is the project's own :class:`adapters.chatglm2.model.ChatGLM2Model`, built on the ``meta``
 device and materialised one tensor at a time with random values; the four linears of each layer
-go through :class:`adapters.quant.QuantizedLinearLoader` exactly as a checkpoint streams through
+go through :class:`adapters.weights.loader.QuantizedLinearLoader` exactly as a checkpoint streams through
 it, so the full-precision model never exists and the peak memory stays about the final size.
 No file is read or written.
 
@@ -26,9 +26,10 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from adapters.chatglm2 import V2_SPEC
 from adapters.chatglm2.config import ChatGLM2Config
 from adapters.chatglm2.model import ChatGLM2Model
-from adapters.quant import QuantizedLinearLoader
+from adapters.weights.loader import QuantizedLinearLoader
 
 logger = logging.getLogger(__name__)
 
@@ -65,7 +66,7 @@ PRESETS: dict[str, ChatGLM2Config] = {
     ),
 }
 
-#: Weight formats a benchmark can build: quantize mode of adapters.quant (None = plain bf16).
+#: Weight formats a benchmark can build: quantize mode of adapters.weights.format (None = plain bf16).
 MODES: dict[str, str | None] = {"bf16": None, "int8": "8", "int4": "4", "int4-g128": "int4-g128"}
 
 #: Random weights of the size a trained checkpoint has (THUDM initialises with std 0.02).
@@ -129,7 +130,7 @@ def build_model(shape: ModelShape, mode: str, *, seed: int = 0,
         model = ChatGLM2Model(cfg)
     quant = None
     if MODES[mode] is not None:
-        quant = QuantizedLinearLoader(model, "chatglm2", mode=MODES[mode], dtype=dtype,
+        quant = QuantizedLinearLoader(model, V2_SPEC.quant_layout, mode=MODES[mode], dtype=dtype,
                                       device=device)
     gen = torch.Generator().manual_seed(seed)
     for name, param in list(model.named_parameters()):

@@ -5,11 +5,11 @@
 For each of ChatGLM2-6B's four linear shapes and each number of activation rows (1 = batch-1
 decode, 8 = eight streams, 512 = a prefill chunk) it times, on bf16 activations:
 
-* ``native``: the gateway's own kernel (``adapters/native``; "-" where it cannot be built),
+* ``native``: the gateway's own kernel (``adapters/weights/native``; "-" where it cannot be built),
 * ``torch kernel``: torch's fused kernel (``_weight_int4pack_mm_for_cpu`` / ``_weight_int8pack_mm``),
 * ``dequant+gemm``: a bf16 copy of the weight + one GEMM (what ``forward`` does from the layer's
-  ``dequant_min_rows`` on: torch-kernel layers ``adapters.quant.DEQUANT_MIN_ROWS``, native layers
-  ``adapters.native.DEQUANT_MIN_ROWS``),
+  ``dequant_min_rows`` on: torch-kernel layers ``adapters.weights.layers.DEQUANT_MIN_ROWS``, native layers
+  ``adapters.weights.native.DEQUANT_MIN_ROWS``),
 * ``bf16 gemm``: a plain bf16 ``nn.Linear`` (the bf16 model; the floor the dequant path tends to),
 
 and prints the best of ``--repeats`` in milliseconds, summed over the four shapes (one layer), so
@@ -18,7 +18,7 @@ the crossover row count can be read off.
 ``--attention`` instead times one decode step's attention per layer (one query per sequence over
 ``L`` cached positions, 32 heads over 2 KV groups, bf16): ``scaled_dot_product_attention`` with
 ``enable_gqa`` and a padding mask vs :func:`adapters.chatglm2.model.decode_attention` (torch, on a
-padded batch) vs ``adapters.native.decode_attention`` (each sequence's cache read in place; the
+padded batch) vs ``adapters.weights.native.decode_attention`` (each sequence's cache read in place; the
 model's path in bf16 on a CPU with the kernels).  Asserts nothing.
 """
 
@@ -31,9 +31,9 @@ from collections.abc import Callable
 
 import torch
 
-from adapters import native
 from adapters.chatglm2.model import decode_attention
-from adapters.quant import quantize_weight
+from adapters.weights import native
+from adapters.weights.layers import quantize_weight
 from bench.common import PRESETS, machine_summary, markdown_table, timed
 
 logger = logging.getLogger("bench.kernels")

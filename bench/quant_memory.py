@@ -33,8 +33,9 @@ REPO = Path(__file__).resolve().parent.parent
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
-from adapters.checkpoint import CheckpointError  # noqa: E402
-from adapters.quant import to_thudm_layout  # noqa: E402
+from adapters.chatglm2 import V2_SPEC  # noqa: E402
+from adapters.weights.checkpoint import CheckpointError  # noqa: E402
+from adapters.weights.format import to_thudm_layout  # noqa: E402
 
 # THUDM/chatglm2-6b config.json (the values that shape the weights).
 CHATGLM2_6B = {
@@ -129,7 +130,7 @@ def quantized_shards(fp16: Path, cfg: dict) -> Iterator[tuple[str, dict[str, tor
 
         with safe_open(str(fp16 / fname), framework="pt") as f:
             tensors = ((k, f.get_tensor(k)) for k in f.keys())  # noqa: SIM118
-            yield fname, dict(to_thudm_layout(tensors, "chatglm2", 4))
+            yield fname, dict(to_thudm_layout(tensors, V2_SPEC.quant_layout, 4))
 
 
 def generate(out: Path, layers: int) -> tuple[Path, Path]:

@@ -23,7 +23,7 @@ from safetensors.torch import save_file
 
 from adapters.base import ChatRequest, Message, ModelInfo, SamplingParams
 from adapters.chat_model import TorchChatModel
-from adapters.chatglm2 import CHATGLM2
+from adapters.chatglm2 import V2_SPEC
 from adapters.chatglm2.model import ChatGLM2Model
 from adapters.demo import demo_config, demo_corpus, ensure_demo_checkpoint
 from adapters.family import Tokenizer
@@ -40,7 +40,7 @@ def demo_tokenizer_folder(cache_dir: Path) -> Path:
 
 
 def load_tokenizer(cache_dir: Path) -> Tokenizer:
-    return CHATGLM2.load_tokenizer(demo_tokenizer_folder(cache_dir))
+    return V2_SPEC.load_tokenizer(demo_tokenizer_folder(cache_dir))
 
 
 def write_checkpoint(folder: Path, shape: ModelShape, cache_dir: Path, *, seed: int = 0) -> Path:
@@ -81,7 +81,7 @@ def served(model: ChatGLM2Model, tokenizer: Tokenizer, model_id: str = "bench",
            **engine_options: Any) -> TorchChatModel:
     """An in-memory model served through the same ``ChatModel`` class the gateway uses."""
     info = ModelInfo(id=model_id, family="chatglm2", context_length=model.context_length)
-    return TorchChatModel(info, CHATGLM2, tokenizer, model, **engine_options)
+    return TorchChatModel(info, V2_SPEC, tokenizer, model, **engine_options)
 
 
 def user_text(tokenizer: Tokenizer, tokens: int, offset: int = 0) -> str:

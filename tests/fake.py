@@ -40,7 +40,7 @@ from adapters.base import (
     TopLogprob,
     Usage,
 )
-from adapters.detokenize import StopMatcher
+from adapters.runtime.detokenize import StopMatcher
 
 Transform = Literal["echo", "reverse"]
 

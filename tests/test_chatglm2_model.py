@@ -13,10 +13,10 @@ import torch.nn.functional as F
 from safetensors.torch import save_file
 from torch import nn
 
-from adapters.chatglm2 import CHATGLM2
+from adapters.chatglm2 import V2_SPEC
 from adapters.chatglm2.config import ChatGLM2Config, detect_version, read_config
 from adapters.chatglm2.model import ChatGLM2Model, load_model
-from adapters.checkpoint import CheckpointError
+from adapters.weights.checkpoint import CheckpointError
 from tests.conftest import checkpoint_dir, oracle
 
 BASE_CONFIG: dict = {
@@ -283,11 +283,11 @@ def test_the_four_linears_can_be_swapped_by_name(base_folder: Path) -> None:
 
 
 def test_family_row_loads_the_model(base_folder: Path) -> None:
-    cfg = CHATGLM2.read_config(base_folder)
-    model = CHATGLM2.load_model(base_folder, cfg, dtype=torch.float32, device="cpu")
+    cfg = V2_SPEC.read_config(base_folder)
+    model = V2_SPEC.load_model(base_folder, cfg, dtype=torch.float32, device="cpu")
     assert model.padded_vocab_size == 96 and model.context_length == 160
     with pytest.raises(ValueError, match="quantization"):
-        CHATGLM2.load_model(base_folder, cfg, dtype=torch.float32, device="cpu", quantize="int8")
+        V2_SPEC.load_model(base_folder, cfg, dtype=torch.float32, device="cpu", quantize="int8")
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")
@@ -438,7 +438,7 @@ def test_reference_logits_and_greedy(reference: tuple[ChatGLM2Model, dict]) -> N
 
 
 def test_reference_prequantized_folder_loads_weight_only_int8_layers() -> None:
-    from adapters.quant import Int8Linear
+    from adapters.weights.layers import Int8Linear
 
     model = load(checkpoint_dir("chatglm2-6b-int8-tiny"))
     layer = model.transformer.encoder.layers[0]

@@ -6,7 +6,7 @@ import random
 
 import pytest
 
-from adapters.chatglm2 import CHATGLM2, CHATGLM3
+from adapters.chatglm2 import V2_SPEC, V3_SPEC
 from adapters.chatglm2.postprocess import (
     ChatGLM2Postprocessor,
     ChatGLM3Postprocessor,
@@ -85,9 +85,9 @@ def test_v3_without_newline_releases_at_finish() -> None:
 
 
 def test_family_rows_make_fresh_postprocessors() -> None:
-    a, b = CHATGLM2.new_postprocessor(), CHATGLM2.new_postprocessor()
+    a, b = V2_SPEC.new_postprocessor(), V2_SPEC.new_postprocessor()
     assert a is not b
-    assert isinstance(CHATGLM3.new_postprocessor(), ChatGLM3Postprocessor)
+    assert isinstance(V3_SPEC.new_postprocessor(), ChatGLM3Postprocessor)
 
 
 @pytest.mark.parametrize("name,version,drop_last", [

@@ -8,9 +8,11 @@ from pathlib import Path
 import pytest
 import sentencepiece as spm
 
-from adapters.chatglm2 import CHATGLM2, CHATGLM3, EOS_ID, V3_OBSERVATION_ID, V3_USER_ID
+from adapters.chatglm2 import EOS_ID, V2_SPEC, V3_OBSERVATION_ID, V3_SPEC, V3_USER_ID
+from adapters.chatglm2.conversation import to_turns
 from adapters.chatglm2.tokenizer import ChatGLM2Tokenizer, load_tokenizer
-from adapters.checkpoint import CheckpointError
+from adapters.conversation import to_pairs
+from adapters.weights.checkpoint import CheckpointError
 from tests.conftest import checkpoint_dir, oracle, tokenizer_file
 
 REFERENCE_MODELS = [("chatglm2-6b-tiny", "chatglm2"), ("chatglm3-6b-tiny-safetensors", "chatglm3")]
@@ -167,16 +169,16 @@ def test_family_stop_ids_match_the_real_tokenizer_file() -> None:
     v3 = ChatGLM2Tokenizer(path, "chatglm3")
     assert EOS_ID == v3.eos_id
     assert (V3_USER_ID, V3_OBSERVATION_ID) == (v3.special("<|user|>"), v3.special("<|observation|>"))
-    assert CHATGLM3.stop_ids == {v3.eos_id, v3.special("<|user|>"), v3.special("<|observation|>")}
+    assert V3_SPEC.stop_ids == {v3.eos_id, v3.special("<|user|>"), v3.special("<|observation|>")}
     v2 = ChatGLM2Tokenizer(tokenizer_file("chatglm2-6b", "tokenizer.model"), "chatglm2")
-    assert CHATGLM2.stop_ids == {v2.eos_id}
+    assert V2_SPEC.stop_ids == {v2.eos_id}
     assert (v2.vocab_size, v3.vocab_size) == (64794, 64798)
 
 
 def test_family_rows_load_their_tokenizer(tmp_path: Path) -> None:
     write_tiny_sentencepiece(tmp_path)
-    v2 = CHATGLM2.load_tokenizer(tmp_path)
-    v3 = CHATGLM3.load_tokenizer(tmp_path)
+    v2 = V2_SPEC.load_tokenizer(tmp_path)
+    v3 = V3_SPEC.load_tokenizer(tmp_path)
     assert v3.vocab_size == v2.vocab_size + 4
-    assert CHATGLM3.drop_last_token_on_length and not CHATGLM2.drop_last_token_on_length
-    assert (CHATGLM2.conversation_style, CHATGLM3.conversation_style) == ("pairs", "roles")
+    assert V3_SPEC.drop_last_token_on_length and not V2_SPEC.drop_last_token_on_length
+    assert (V2_SPEC.to_conversation, V3_SPEC.to_conversation) == (to_pairs, to_turns)

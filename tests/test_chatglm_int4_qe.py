@@ -10,15 +10,10 @@ import torch
 from safetensors.torch import save_file
 
 from adapters.chatglm import load_model, read_config
-from adapters.checkpoint import iter_tensors
-from adapters.quant import (
-    ROWWISE_ARITHMETIC,
-    Int4Linear,
-    QuantizedEmbedding,
-    pack_int4_thudm,
-    quantize_rowwise,
-    to_thudm_layout,
-)
+from adapters.chatglm.model import QUANT_LAYOUT
+from adapters.weights.checkpoint import iter_tensors
+from adapters.weights.format import pack_int4_thudm, quantize_rowwise, to_thudm_layout
+from adapters.weights.layers import Int4Linear, QuantizedEmbedding
 from tests.conftest import checkpoint_dir
 
 EMBEDDING = "transformer.word_embeddings.weight"
@@ -29,7 +24,7 @@ def _folders(tmp_path: Path) -> tuple[Path, Path]:
     with the embedding replaced by its dequantized values (the reference to compare with)."""
     source = checkpoint_dir("chatglm-6b-tiny")
     tensors = dict(iter_tensors(source))
-    q, scale = quantize_rowwise(tensors[EMBEDDING], 4, ROWWISE_ARITHMETIC["chatglm"])
+    q, scale = quantize_rowwise(tensors[EMBEDDING], 4, QUANT_LAYOUT.arithmetic)
     qe, plain = tmp_path / "qe", tmp_path / "plain"
     for folder in (qe, plain):
         folder.mkdir()
@@ -42,7 +37,7 @@ def _folders(tmp_path: Path) -> tuple[Path, Path]:
     dequantized = q.float() * scale.float()[:, None]
     save_file({n: (dequantized if n == EMBEDDING else t).contiguous()
                for n, t in tensors.items()}, str(plain / "model.safetensors"))
-    quantized = dict(to_thudm_layout(tensors.items(), "chatglm", 4))
+    quantized = dict(to_thudm_layout(tensors.items(), QUANT_LAYOUT, 4))
     packed = pack_int4_thudm(q)
     quantized |= {EMBEDDING: packed, EMBEDDING + "_scale": scale,
                   "lm_head.weight": packed.clone(), "lm_head.weight_scale": scale.clone()}

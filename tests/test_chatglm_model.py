@@ -12,7 +12,7 @@ import torch
 
 from adapters.chatglm.config import ChatGLMConfig, read_config
 from adapters.chatglm.model import ChatGLMModel, load_model
-from adapters.checkpoint import CheckpointError
+from adapters.weights.checkpoint import CheckpointError
 from tests.conftest import checkpoint_dir, oracle
 
 TINY = ChatGLMConfig(
@@ -223,7 +223,7 @@ def test_reference_smallvocab_full_logits() -> None:
 
 
 def test_reference_int4_loads_weight_only_int4_layers() -> None:
-    from adapters.quant import Int4Linear
+    from adapters.weights.layers import Int4Linear
 
     folder = checkpoint_dir("chatglm-6b-int4-tiny")
     config = read_config(folder)

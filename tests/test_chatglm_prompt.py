@@ -4,10 +4,11 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from adapters.chatglm import CHATGLM, build_prompt, prompt_text
+from adapters.chatglm import SPEC, build_prompt, prompt_text
 from adapters.chatglm.postprocess import ChatGLMStreamPostprocessor
 from adapters.chatglm.tokenizer import load_tokenizer
-from adapters.conversation import Conversation
+from adapters.conversation import Conversation, to_pairs
+from adapters.registry import FAMILIES
 from tests.conftest import checkpoint_dir, oracle
 from tests.test_chatglm_tokenizer import write_tiny_tokenizer
 
@@ -35,23 +36,23 @@ def test_ids_end_with_gmask_sop(tmp_path: Path) -> None:
 
 
 def test_family_row() -> None:
-    assert CHATGLM.name == "chatglm"
-    assert CHATGLM.conversation_style == "pairs"
-    assert CHATGLM.stop_ids == frozenset({130005})
-    assert CHATGLM.build_prompt is build_prompt
-    assert isinstance(CHATGLM.new_postprocessor(), ChatGLMStreamPostprocessor)
-    assert not CHATGLM.drop_last_token_on_length
+    assert FAMILIES["chatglm"] is SPEC
+    assert SPEC.to_conversation is to_pairs
+    assert SPEC.stop_ids == frozenset({130005})
+    assert SPEC.build_prompt is build_prompt
+    assert isinstance(SPEC.new_postprocessor(), ChatGLMStreamPostprocessor)
+    assert not SPEC.drop_last_token_on_length
 
 
 def test_reference_prompts_and_input_ids() -> None:
     folder = checkpoint_dir("chatglm-6b-tiny")
-    assert CHATGLM.load_tokenizer is load_tokenizer
+    assert SPEC.load_tokenizer is load_tokenizer
     tok = load_tokenizer(folder)
-    config = CHATGLM.read_config(folder)
-    assert CHATGLM.stop_ids == {tok.eop_id} == {config.eos_token_id}
+    config = SPEC.read_config(folder)
+    assert SPEC.stop_ids == {tok.eop_id} == {config.eos_token_id}
     for case in oracle("chatglm-6b-tiny")["cases"]:
         conv = Conversation(query=case["query"], history=tuple(map(tuple, case["history"])))
-        ids, text = CHATGLM.build_prompt(tok, conv)
+        ids, text = SPEC.build_prompt(tok, conv)
         assert text == case["prompt"], case["case"]
         assert ids == case["inputs"]["input_ids"][0], case["case"]
         assert [tok.piece(i) for i in ids] == case["input_tokens"], case["case"]

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from adapters.chatglm.tokenizer import ChatGLMTokenizer, load_tokenizer, preprocess
-from adapters.checkpoint import CheckpointError
+from adapters.weights.checkpoint import CheckpointError
 from tests.conftest import checkpoint_dir, oracle, tokenizer_file
 
 CONTROL_PIECES = ["[MASK]", "[gMASK]", "[sMASK]", "<unused_0>", "<sop>", "<eop>", "<ENC>", "<dBLOCK>"]

@@ -7,7 +7,7 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from adapters.checkpoint import CheckpointError, iter_tensors, shard_files
+from adapters.weights.checkpoint import CheckpointError, iter_tensors, shard_files
 
 
 def _tensors() -> dict[str, torch.Tensor]:

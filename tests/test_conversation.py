@@ -3,7 +3,8 @@ from __future__ import annotations
 import pytest
 
 from adapters.base import InvalidRequest, Message
-from adapters.conversation import Turn, to_pairs, to_turns
+from adapters.chatglm2.conversation import to_turns
+from adapters.conversation import Turn, to_pairs
 
 
 def m(role: str, content: str) -> Message:

@@ -12,7 +12,6 @@ import sentencepiece as spm
 import torch
 
 from adapters import demo
-from adapters.checkpoint import iter_tensors
 from adapters.demo import (
     DEMO_DESCRIPTION,
     DEMO_FOLDER_NAME,
@@ -22,6 +21,7 @@ from adapters.demo import (
     DemoRecipe,
     ensure_demo_checkpoint,
 )
+from adapters.weights.checkpoint import iter_tensors
 from tests.conftest import checkpoint_dir, oracle
 
 EXPECTED_FILES = {

@@ -4,7 +4,7 @@ import random
 
 import pytest
 
-from adapters.detokenize import REPLACEMENT, IncrementalDecoder, StopMatcher
+from adapters.runtime.detokenize import REPLACEMENT, IncrementalDecoder, StopMatcher
 from tests.toys import ByteTokenizer
 
 TEXTS = ["Hello, world", "你好，世界！", "Emoji 😀🚀🇨🇳 end", "👨‍👩‍👧 family", "tab\tand\nnewline"]

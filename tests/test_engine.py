@@ -4,10 +4,13 @@ import threading
 import time
 
 import pytest
+import torch
 
 from adapters.base import Delta, Overloaded, Prompt, SamplingParams
-from adapters.engine import Engine
+from adapters.conversation import to_pairs
 from adapters.family import FamilySpec
+from adapters.runtime.engine import Engine
+from adapters.weights.format import QuantLayout
 from tests.toys import ByteTokenizer, ScriptedLM
 
 
@@ -24,9 +27,11 @@ class Identity:
 
 def spec(drop_last: bool = False) -> FamilySpec:
     return FamilySpec(
-        name="toy", description="toy", stop_ids=frozenset({ByteTokenizer.eos}),
-        conversation_style="pairs", load_tokenizer=None, load_model=None,  # type: ignore[arg-type]
-        read_config=None, build_prompt=None, new_postprocessor=Identity,  # type: ignore[arg-type]
+        description="toy", claims=lambda folder, config: False,
+        stop_ids=frozenset({ByteTokenizer.eos}), load_tokenizer=None,  # type: ignore[arg-type]
+        load_model=None, read_config=None, to_conversation=to_pairs,  # type: ignore[arg-type]
+        build_prompt=None, new_postprocessor=Identity,  # type: ignore[arg-type]
+        quant_layout=QuantLayout("layers.", ("dense",), torch.float32),
         drop_last_token_on_length=drop_last,
     )
 

@@ -10,8 +10,8 @@ import pytest
 import torch
 
 from adapters.base import Delta, Prompt, SamplingParams
-from adapters.chatglm import CHATGLM, load_tokenizer, process_response
-from adapters.engine import Engine
+from adapters.chatglm import SPEC, load_tokenizer, process_response
+from adapters.runtime.engine import Engine
 from tests.conftest import checkpoint_dir
 from tests.toys import ToyCache
 
@@ -55,7 +55,7 @@ class IdsLM:
 def test_streamed_v1_answer_equals_official_chat(text: str) -> None:
     tok = load_tokenizer(checkpoint_dir("chatglm-6b-tiny"))
     ids = tok.encode(text)
-    engine = Engine(IdsLM(ids, 130005), tok, CHATGLM, name="v1")
+    engine = Engine(IdsLM(ids, 130005), tok, SPEC, name="v1")
     deltas: list[Delta] = []
     done = threading.Event()
 

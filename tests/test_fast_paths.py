@@ -14,15 +14,15 @@ import pytest
 import torch
 from torch import nn
 
-from adapters import quant
 from adapters.chatglm2.config import ChatGLM2Config
 from adapters.chatglm2.model import ChatGLM2Model
-from adapters.quant import (
+from adapters.weights import layers
+from adapters.weights.format import quantize_rowwise
+from adapters.weights.layers import (
     DEQUANT_MIN_ROWS,
     Int4Linear,
     Int8Linear,
     int4_cpu_block,
-    quantize_rowwise,
     quantize_weight,
     unpack_int4_cpu,
 )
@@ -59,7 +59,7 @@ def test_unpack_int4_cpu_inverts_the_documented_layout(block: int) -> None:
 def test_dequant_gemm_path_equals_kernel_path(bits: int, extra_rows: int, chunk: int | None,
                                               monkeypatch: pytest.MonkeyPatch) -> None:
     if chunk is not None:  # several weight chunks of 64 rows (the last one shorter for 200 rows)
-        monkeypatch.setattr(quant, "_DEQUANT_CHUNK_ELEMENTS", chunk)
+        monkeypatch.setattr(layers, "_DEQUANT_CHUNK_ELEMENTS", chunk)
     layer = _layer(bits, 200 if bits == 8 else 192, 256)
     assert isinstance(layer, (Int4Linear, Int8Linear)) and layer.kernel
     assert layer.dequant_min_rows == DEQUANT_MIN_ROWS[f"int{bits}"]

@@ -1,4 +1,4 @@
-"""The gateway's own int4 CPU kernel (adapters/native): built, loaded, and computing what THUDM's
+"""The gateway's own int4 CPU kernel (adapters/weights/native): built, loaded, and computing what THUDM's
 per-row int4 weights mean, through the layers the models use.
 
 Where the kernel cannot be built (no compiler, a CPU without AVX512-BF16) the layers use torch's
@@ -20,8 +20,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from adapters import native
-from adapters.quant import Int4Linear, quantize_rowwise, quantize_weight
+from adapters.weights import native
+from adapters.weights.format import quantize_rowwise
+from adapters.weights.layers import Int4Linear, quantize_weight
 
 
 def _cpu_flags() -> set[str]:
@@ -147,7 +148,7 @@ def test_dequant_path_equals_kernel_path(bits: int, monkeypatch: pytest.MonkeyPa
     layer = quantize_weight(torch.randn(96, 192) * 0.05, str(bits), kernel=True,
                             native_kernel=True)
     assert layer.native
-    monkeypatch.setattr("adapters.quant._DEQUANT_CHUNK_ELEMENTS", 192 * 32)  # several chunks
+    monkeypatch.setattr("adapters.weights.layers._DEQUANT_CHUNK_ELEMENTS", 192 * 32)  # several chunks
     x = torch.randn(40, 192, generator=torch.Generator().manual_seed(5)).to(torch.bfloat16)
     via_gemm = layer._dequant_matmul(x)
     assert via_gemm is not None
@@ -173,7 +174,7 @@ def _run(code: str, env: dict[str, str]) -> subprocess.CompletedProcess[str]:
 
 @needs_kernel
 def test_compiled_once_into_the_cache(tmp_path: Path) -> None:
-    code = "from adapters import native; print(native.library() is not None)"
+    code = "from adapters.weights import native; print(native.library() is not None)"
     env = {"CHATGLM_GATEWAY_CACHE": str(tmp_path)}
     first = _run(code, env)
     assert first.stdout.strip() == "True", first.stderr
@@ -188,7 +189,7 @@ def test_compiled_once_into_the_cache(tmp_path: Path) -> None:
 
 def test_switched_off_by_the_environment(tmp_path: Path) -> None:
     code = ("import logging; logging.basicConfig(level=logging.INFO)\n"
-            "from adapters import native; print(native.library() is None)")
+            "from adapters.weights import native; print(native.library() is None)")
     done = _run(code, {"CHATGLM_GATEWAY_NATIVE": "0", "CHATGLM_GATEWAY_CACHE": str(tmp_path)})
     assert done.stdout.strip() == "True", done.stderr
     assert "CHATGLM_GATEWAY_NATIVE=0" in done.stderr
@@ -202,7 +203,7 @@ def test_no_compiler_falls_back_with_a_reason(tmp_path: Path, caplog: pytest.Log
     monkeypatch.setenv("CHATGLM_GATEWAY_CACHE", str(tmp_path))
     native.library.cache_clear()
     try:
-        with caplog.at_level(logging.INFO, logger="adapters.native"):
+        with caplog.at_level(logging.INFO, logger="adapters.weights.native"):
             assert native.library() is None
         assert "unavailable" in caplog.text or "x86-64" in caplog.text
         # the int4 layers still work, on torch's kernel

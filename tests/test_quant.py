@@ -15,21 +15,22 @@ import pytest
 import torch
 from torch import nn
 
-from adapters.checkpoint import CheckpointError, iter_tensors
-from adapters.quant import (
+from adapters.registry import FAMILIES
+from adapters.weights.checkpoint import CheckpointError, iter_tensors
+from adapters.weights.format import (
     QUANT_SCHEMES,
+    pack_int4_thudm,
+    quantize_groupwise,
+    quantize_rowwise,
+    to_thudm_layout,
+    unpack_int4_thudm,
+)
+from adapters.weights.layers import (
     Int4Linear,
     Int8Linear,
     from_thudm,
-    is_quantized_linear,
     kernel_available,
-    pack_int4_thudm,
-    quantize_groupwise,
-    quantize_linear,
-    quantize_rowwise,
     quantize_weight,
-    to_thudm_layout,
-    unpack_int4_thudm,
 )
 from tests.conftest import checkpoint_dir, oracle
 
@@ -219,7 +220,13 @@ def test_groupwise_more_accurate_than_per_row() -> None:
     assert errors["8"] < errors["int4-g128"]
 
 
-def test_quantize_linear_replaces_nn_linear() -> None:
+def quantize_linear(linear: nn.Linear, mode: str) -> nn.Module:
+    with torch.no_grad():
+        bias = None if linear.bias is None else linear.bias.detach().clone()
+        return quantize_weight(linear.weight.detach(), mode, bias)
+
+
+def test_quantize_weight_replaces_nn_linear() -> None:
     torch.manual_seed(14)
     linear = nn.Linear(64, 48, bias=True).half()
     for mode in QUANT_SCHEMES:
@@ -236,6 +243,10 @@ def test_quantize_linear_replaces_nn_linear() -> None:
         quantize_linear(linear, "3")
 
 
+def is_quantized_linear(name: str, family: str) -> bool:
+    return FAMILIES[family].quant_layout.covers(name)
+
+
 def test_is_quantized_linear_per_family() -> None:
     assert is_quantized_linear("transformer.layers.0.attention.query_key_value", "chatglm")
     assert is_quantized_linear("transformer.layers.27.mlp.dense_4h_to_h.weight_scale", "chatglm")
@@ -246,7 +257,7 @@ def test_is_quantized_linear_per_family() -> None:
     assert is_quantized_linear(name, "chatglm2") and is_quantized_linear(name, "chatglm3")
     assert not is_quantized_linear(name, "chatglm")
     assert not is_quantized_linear("transformer.output_layer.weight", "chatglm2")
-    with pytest.raises(ValueError):
+    with pytest.raises(KeyError):
         is_quantized_linear(name, "llama")
 
 
@@ -368,12 +379,12 @@ def test_quantize_on_load_8_reproduces_thudm_int8_folder() -> None:
 
 def test_quantize_on_load_4_reproduces_thudm_chatglm_6b_int4_folder() -> None:
     # chatglm-6b-int4-tiny is THUDM's quantize(4) of chatglm-6b-tiny, computed in float32 with
-    # the unrounded scale (ROWWISE_ARITHMETIC): every packed weight and scale must be equal.
-    from adapters.checkpoint import iter_tensors
+    # the unrounded scale (QuantLayout.arithmetic): every packed weight and scale must be equal.
+    from adapters.weights.checkpoint import iter_tensors
 
     fp = dict(iter_tensors(checkpoint_dir("chatglm-6b-tiny")))
     stored = dict(iter_tensors(checkpoint_dir("chatglm-6b-int4-tiny")))
-    rewritten = dict(to_thudm_layout(fp.items(), "chatglm", 4))
+    rewritten = dict(to_thudm_layout(fp.items(), FAMILIES["chatglm"].quant_layout, 4))
     quantized = [n for n in stored if n.endswith("weight_scale")]
     assert len(quantized) == 8
     for name in quantized:
@@ -428,7 +439,7 @@ def v2_folders(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     sd = random_state_dict(VARIANT_CONFIG, seed=3)
     folders = {"fp16": write_checkpoint(root / "fp16", VARIANT_CONFIG, sd, "safetensors")}
     for bits in (4, 8):
-        qsd = dict(to_thudm_layout(sd.items(), "chatglm2", bits))
+        qsd = dict(to_thudm_layout(sd.items(), FAMILIES["chatglm2"].quant_layout, bits))
         cfg = VARIANT_CONFIG | {"quantization_bit": bits}
         folders[str(bits)] = write_checkpoint(root / f"int{bits}", cfg, qsd, "bin")
     return folders

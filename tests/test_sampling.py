@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from adapters.base import SamplingParams
-from adapters.sampling import SamplerState, choose, logprob_entries
+from adapters.runtime.sampler import SamplerState, choose, logprob_entries
 
 
 def _state(**kw) -> SamplerState:
@@ -80,7 +80,7 @@ def test_invalid_scores_fall_back_like_the_reference() -> None:
 
 @pytest.mark.parametrize("n", [10, 4096, 65024, 65024 + 77])
 def test_fast_argmax_is_torchs_first_index_of_the_maximum(n: int) -> None:
-    from adapters.sampling import argmax
+    from adapters.runtime.sampler import argmax
 
     gen = torch.Generator().manual_seed(n)
     for trial in range(50):
@@ -95,7 +95,7 @@ def test_fast_argmax_is_torchs_first_index_of_the_maximum(n: int) -> None:
 
 
 def test_invalid_scores_are_still_detected() -> None:
-    from adapters.sampling import _no_valid_scores
+    from adapters.runtime.sampler import _no_valid_scores
 
     x = torch.zeros(65024)
     assert not _no_valid_scores(x)

@@ -9,9 +9,10 @@ import openai
 import pytest
 
 from adapters.base import Message, Tool, ToolCall
+from adapters.chatglm2.conversation import to_turns
 from adapters.chatglm2.postprocess import ChatGLM3Postprocessor
 from adapters.chatglm2.tools import TOOLS_PROMPT, call_text, parse_call, tools_system_content
-from adapters.conversation import Turn, to_turns
+from adapters.conversation import Turn
 from gateway.app import create_app
 from gateway.settings import ServerSettings
 from tests.fake import FakeChatModel

@@ -3,11 +3,12 @@ with 2-D rotary, unigram ``ice_text.model`` tokenizer."""
 
 from __future__ import annotations
 
-from adapters.chatglm.config import ChatGLMConfig, read_config
-from adapters.chatglm.model import ChatGLMCache, ChatGLMModel, load_model
+from adapters.chatglm.config import ChatGLMConfig, claims, read_config
+from adapters.chatglm.model import QUANT_LAYOUT, ChatGLMCache, ChatGLMModel, load_model
 from adapters.chatglm.postprocess import ChatGLMStreamPostprocessor, process_response
 from adapters.chatglm.prompt import build_prompt, prompt_text
 from adapters.chatglm.tokenizer import ChatGLMTokenizer, load_tokenizer
+from adapters.conversation import to_pairs
 from adapters.family import FamilySpec
 
 # <eop>, the eos of chatglm-6b's config.json.  chat() passes no eos_token_id of its own, so
@@ -15,21 +16,22 @@ from adapters.family import FamilySpec
 # nothing and does not stop the reference, so it does not stop us either.
 EOP_ID = 130005
 
-CHATGLM = FamilySpec(
-    name="chatglm",
+SPEC = FamilySpec(
     description="ChatGLM-6B: [Round n] prompt ending in [gMASK] <sop>, 2-D rotary GLM blocks",
+    claims=claims,
     stop_ids=frozenset({EOP_ID}),
-    conversation_style="pairs",
     load_tokenizer=load_tokenizer,
     load_model=load_model,
     read_config=read_config,
+    to_conversation=to_pairs,
     build_prompt=build_prompt,  # type: ignore[arg-type]
     new_postprocessor=ChatGLMStreamPostprocessor,
+    quant_layout=QUANT_LAYOUT,
     causal_prompt=False,  # prefix-LM: bidirectional attention over the whole context
 )
 
 __all__ = [
-    "CHATGLM",
+    "SPEC",
     "ChatGLMCache",
     "ChatGLMConfig",
     "ChatGLMModel",

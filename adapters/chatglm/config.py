@@ -11,7 +11,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from adapters.checkpoint import CheckpointError, read_json
+from adapters.weights.checkpoint import CheckpointError, read_json
 
 _TORCH_DTYPES = ("float32", "float16", "bfloat16")
 
@@ -112,3 +112,8 @@ def _validate(config: ChatGLMConfig, source: Path) -> None:
             raise CheckpointError(
                 f"{source}: key '{key}' ({value}) is outside the vocabulary (0..{config.vocab_size - 1})"
             )
+
+
+def claims(folder: Path, config: dict[str, Any]) -> bool:
+    """ChatGLM-6B's config.json has keys of its own (``configuration_chatglm.py`` of chatglm-6b)."""
+    return "position_encoding_2d" in config or "inner_hidden_size" in config

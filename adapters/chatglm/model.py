@@ -32,14 +32,15 @@ import torch.nn.functional as F
 from torch import nn
 
 from adapters.chatglm.config import ChatGLMConfig
-from adapters.checkpoint import CheckpointError
 from adapters.family import KVCache
-from adapters.quant import QuantizedEmbedding, from_thudm
-from adapters.weights import load_weights
+from adapters.runtime.dtypes import resolve_dtype
+from adapters.weights.checkpoint import CheckpointError
+from adapters.weights.format import QuantLayout
+from adapters.weights.layers import QuantizedEmbedding, from_thudm
+from adapters.weights.loader import load_weights
 
 logger = logging.getLogger(__name__)
 
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 _INITIAL_CAPACITY = 64
 _MASKED_SCORE = -10000.0  # attention_fn: attention_scores.masked_fill_(attention_mask, -10000.0)
 _ROTARY_BASE = 10000
@@ -49,6 +50,14 @@ _RESIDUAL_NUM_LAYERS = 28
 # buffer (recomputed, fp16-rounded, as RotaryEmbedding does).
 _IGNORED_SUFFIXES = (".rotary_emb.inv_freq",)
 _IGNORED_NAMES = ("lm_head.weight",)
+#: The four linears THUDM's quantization.py replaces in each layer; its quantize() runs on the
+#: float32 weights with the float32 scale (stored as fp16 afterwards).
+QUANT_LAYOUT = QuantLayout(
+    layer_prefix="transformer.layers.",
+    linears=("attention.query_key_value", "attention.dense", "mlp.dense_h_to_4h",
+             "mlp.dense_4h_to_h"),
+    arithmetic=torch.float32,
+)
 
 # (layer, q, k, v) -> (keys, values, mask): appends k/v to the cache(s), returns what to attend.
 Attend = Callable[[int, torch.Tensor, torch.Tensor, torch.Tensor],
@@ -360,21 +369,11 @@ class ChatGLMModel(nn.Module):
         return logits
 
 
-def resolve_dtype(dtype: torch.dtype | str) -> torch.dtype:
-    if isinstance(dtype, str):
-        if dtype not in DTYPES:
-            raise ValueError(f"dtype must be one of {sorted(DTYPES)}, got {dtype!r}")
-        return DTYPES[dtype]
-    if dtype not in DTYPES.values():
-        raise ValueError(f"dtype must be one of {sorted(DTYPES)}, got {dtype}")
-    return dtype
-
-
 class _QuantizedEmbeddings:
     """The int4-qe part of a load: THUDM's ``quantize(..., quantize_embeddings=True)`` stores
     ``transformer.word_embeddings.weight`` packed like the linears, with ``weight_scale``, and
     an ``lm_head`` quantized from the same tensor (chatglm-6b-int4-qe modeling_chatglm.py).  The
-    embedding becomes a :class:`~adapters.quant.QuantizedEmbedding` and the output layer the
+    embedding becomes a :class:`~adapters.weights.layers.QuantizedEmbedding` and the output layer the
     matching weight-only linear; a stored ``lm_head`` copy is not needed (it is tied)."""
 
     NAMES = ("transformer.word_embeddings.weight", "transformer.word_embeddings.weight_scale")
@@ -415,7 +414,7 @@ def load_model(folder: Path, config: ChatGLMConfig, *, dtype: torch.dtype | str 
 
     Unknown, duplicate, missing or mis-shaped tensors are a :class:`CheckpointError`.  THUDM
     pre-quantized folders (``quantization_bit`` 4/8) and ``quantize`` go through
-    :class:`adapters.quant.QuantizedLinearLoader`.
+    :class:`adapters.weights.loader.QuantizedLinearLoader`.
     """
     folder = Path(folder)
     dtype = resolve_dtype(dtype)
@@ -424,7 +423,7 @@ def load_model(folder: Path, config: ChatGLMConfig, *, dtype: torch.dtype | str 
         model = ChatGLMModel(config)
     embeddings = _QuantizedEmbeddings(model, config, dtype, device) if (
         config.quantization_embeddings) else None
-    count = load_weights(model, folder, "chatglm", quantization_bit=config.quantization_bit,
+    count = load_weights(model, folder, QUANT_LAYOUT, quantization_bit=config.quantization_bit,
                          quantize=quantize, dtype=dtype, device=device,
                          consume=lambda name, tensor: (
                              embeddings is not None and embeddings.take(name, tensor))

@@ -37,7 +37,7 @@ from pathlib import Path
 
 import sentencepiece as spm
 
-from adapters.checkpoint import CheckpointError, read_json
+from adapters.weights.checkpoint import CheckpointError, read_json
 
 logger = logging.getLogger(__name__)
 

@@ -7,7 +7,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
-from adapters.checkpoint import CheckpointError, read_json
+from adapters.weights.checkpoint import CheckpointError, read_json
 
 Version = Literal["chatglm2", "chatglm3"]
 
@@ -166,3 +166,16 @@ def detect_version(folder: Path) -> Version:
         if path.exists() and any(t in path.read_text(encoding="utf-8") for t in _V3_ROLE_TOKENS):
             return "chatglm3"
     return "chatglm2"
+
+
+def is_chatglm2_architecture(config: dict[str, Any]) -> bool:
+    """ChatGLM2/3 config.json keys (``configuration_chatglm.py`` of chatglm2-6b / chatglm3-6b)."""
+    return "padded_vocab_size" in config or "multi_query_attention" in config
+
+
+def claims_v2(folder: Path, config: dict[str, Any]) -> bool:
+    return is_chatglm2_architecture(config) and detect_version(folder) == "chatglm2"
+
+
+def claims_v3(folder: Path, config: dict[str, Any]) -> bool:
+    return is_chatglm2_architecture(config) and detect_version(folder) == "chatglm3"

@@ -17,15 +17,24 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from adapters import native
 from adapters.chatglm2.config import ChatGLM2Config
 from adapters.family import KVCache
-from adapters.weights import load_weights
+from adapters.runtime.dtypes import resolve_dtype
+from adapters.weights import native
+from adapters.weights.format import QuantLayout
+from adapters.weights.loader import load_weights
 
 logger = logging.getLogger(__name__)
 
-_SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 _INITIAL_CACHE = 64
+#: The four linears THUDM's quantization.py replaces in each layer; chatglm2-6b quantises the
+#: fp16 weights in fp16 arithmetic (``weight.abs().max() / qmax``, ``weight / scale``).
+QUANT_LAYOUT = QuantLayout(
+    layer_prefix="transformer.encoder.layers.",
+    linears=("self_attention.query_key_value", "self_attention.dense", "mlp.dense_h_to_4h",
+             "mlp.dense_4h_to_h"),
+    arithmetic=torch.float16,
+)
 
 
 # --------------------------------------------------------------------------- cache
@@ -464,12 +473,11 @@ def load_model(folder: Path, config: ChatGLM2Config, *, dtype: torch.dtype,
     or mis-shaped tensor is a :class:`CheckpointError`.
     """
     device = torch.device(device)
-    if dtype not in _SUPPORTED_DTYPES:
-        raise ValueError(f"dtype must be one of {_SUPPORTED_DTYPES}, got {dtype}")
+    dtype = resolve_dtype(dtype)
     with torch.device("meta"):
         model = ChatGLM2Model(config)
     # modeling_chatglm.py recomputes rotary_pos_emb.inv_freq; the stored copy is fp16-rounded
-    count = load_weights(model, Path(folder), "chatglm2",
+    count = load_weights(model, Path(folder), QUANT_LAYOUT,
                          quantization_bit=config.quantization_bit, quantize=quantize,
                          dtype=dtype, device=device,
                          consume=lambda name, _: name.endswith("rotary_pos_emb.inv_freq"))

@@ -15,7 +15,7 @@ from pathlib import Path
 import sentencepiece as spm
 
 from adapters.chatglm2.config import Version
-from adapters.checkpoint import CheckpointError
+from adapters.weights.checkpoint import CheckpointError
 
 _COMMON_SPECIALS = ("[MASK]", "[gMASK]", "[sMASK]", "sop", "eop")
 _V3_ROLE_SPECIALS = ("<|system|>", "<|user|>", "<|assistant|>", "<|observation|>")

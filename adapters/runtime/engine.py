@@ -38,10 +38,10 @@ from adapters.base import (
     TopLogprob,
     Usage,
 )
-from adapters.detokenize import IncrementalDecoder, StopMatcher
 from adapters.family import CausalLM, FamilySpec, KVCache, StreamPostprocessor, Tokenizer
-from adapters.prefix_cache import PrefixCache
-from adapters.sampling import SamplerState, choose, logprob_entries
+from adapters.runtime.detokenize import IncrementalDecoder, StopMatcher
+from adapters.runtime.prefix_cache import PrefixCache
+from adapters.runtime.sampler import SamplerState, choose, logprob_entries
 
 logger = logging.getLogger(__name__)
 

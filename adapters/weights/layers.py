@@ -1,11 +1,6 @@
-"""Weight-only int8/int4 linear layers on torch's own kernels, and THUDM's quantized layout.
+"""Weight-only int8/int4 linear layers on torch's own kernels and the native ones.
 
-THUDM's ``model.quantize(bits)`` (quantization.py of chatglm-6b-int4 / chatglm2-6b-int4) keeps, per
-output row r of the four linears of every layer, an fp16 ``weight_scale[r] = absmax_r / (2**(bits-1) - 1)``
-and ``q = round(w / scale)`` as int8; int4 packs two columns per byte, the EVEN column in the HIGH
-nibble.  Dequantised, ``w[r, c] = q[r, c] * scale[r]``.
-
-The layers here reproduce that dequantised weight exactly on torch's CPU kernels:
+The weights are THUDM's (see :mod:`adapters.weights.format`).  The layers here reproduce that dequantised weight exactly on torch's CPU kernels:
 
 * :class:`Int8Linear` runs ``aten._weight_int8pack_mm`` with a unit scale, then multiplies the fp32
   accumulator by the fp16 row scale in fp32: the bf16 kernel only takes bf16 scales, and rounding an
@@ -20,22 +15,24 @@ measured with torch 2.13), so activations are cast to bf16 for the kernel and th
 caller's dtype.  Where a kernel is unavailable (other devices, older torch) the layers fall back to
 dequantising per call and a plain matmul in the activation dtype.
 """
-
 from __future__ import annotations
 
 import functools
 import logging
-import re
-from collections.abc import Callable, Iterable, Iterator
-from dataclasses import dataclass
-from pathlib import Path
+from collections.abc import Callable, Iterator
 
 import torch
 from torch import nn
-from tqdm import tqdm
 
-from adapters import native
-from adapters.checkpoint import CheckpointError, total_size
+from adapters.weights import native
+from adapters.weights.format import (
+    CONVERT_ROWS,
+    QUANT_SCHEMES,
+    pack_int4_thudm,
+    quantize_groupwise,
+    quantize_rowwise,
+    unpack_int4_thudm,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -46,9 +43,6 @@ _INT4_N_MULTIPLE = 16
 #: ``_weight_int8pack_mm`` on CPU reads past the row when K % 16 != 0 (garbage or a segfault with
 #: torch 2.13, found by a shape sweep), so the kernel path pads K with zero columns.
 _INT8_K_MULTIPLE = 16
-#: Rows per block when quantising / packing (a multiple of the CPU int4 packing's 64-row blocks):
-#: bounds the per-layer transient at a few tens of MB for 6B-sized linears.
-_CONVERT_ROWS = 4096
 _KERNEL_DTYPE = torch.bfloat16
 #: From this many activation rows (tokens in one call: a prefill chunk) on, a kernel-path layer
 #: dequantises its weight to bf16 (in chunks) and runs bf16 GEMMs (oneDNN/MKL) instead of the
@@ -63,141 +57,6 @@ DEQUANT_MIN_ROWS = {"int8": 32, "int4": 96}
 #: glibc's largest mmap threshold (32 MB), so chunks are recycled from the heap instead of being
 #: fresh zero-filled pages on every call (page faults dominated the one-shot dequantisation).
 _DEQUANT_CHUNK_ELEMENTS = 2**23
-
-
-@dataclass(frozen=True)
-class QuantScheme:
-    """A quantisation mode as data: bit width and group size (``None``: one scale per output row)."""
-
-    bits: int
-    group_size: int | None
-
-
-#: ``quantize=`` modes a loader accepts.
-QUANT_SCHEMES: dict[str, QuantScheme] = {
-    "8": QuantScheme(bits=8, group_size=None),  # THUDM int8 (model.quantize(8))
-    "4": QuantScheme(bits=4, group_size=None),  # THUDM int4 (model.quantize(4))
-    "int4-g128": QuantScheme(bits=4, group_size=128),  # symmetric absmax/7 per 128 columns
-}
-
-#: Where the quantised linears of each family live: layer prefix and the four linear suffixes.
-_LAYER_PREFIX = {
-    "chatglm": "transformer.layers.",
-    "chatglm2": "transformer.encoder.layers.",
-    "chatglm3": "transformer.encoder.layers.",
-}
-QUANTIZED_SUFFIXES: dict[str, tuple[str, ...]] = {
-    "chatglm": (
-        "attention.query_key_value",
-        "attention.dense",
-        "mlp.dense_h_to_4h",
-        "mlp.dense_4h_to_h",
-    ),
-    "chatglm2": (
-        "self_attention.query_key_value",
-        "self_attention.dense",
-        "mlp.dense_h_to_4h",
-        "mlp.dense_4h_to_h",
-    ),
-}
-QUANTIZED_SUFFIXES["chatglm3"] = QUANTIZED_SUFFIXES["chatglm2"]
-
-
-@functools.cache
-def _quantized_pattern(family: str) -> re.Pattern[str]:
-    suffixes = "|".join(re.escape(s) for s in QUANTIZED_SUFFIXES[family])
-    prefix = re.escape(_LAYER_PREFIX[family])
-    return re.compile(rf"{prefix}\d+\.(?:{suffixes})(?:\.(?:weight|weight_scale|bias))?")
-
-
-def is_quantized_linear(name: str, family: str) -> bool:
-    """Whether ``name`` (a module name, or one of its ``.weight`` / ``.weight_scale`` / ``.bias``
-    tensors) is one of the four per-layer linears THUDM quantises for ``family``."""
-    if family not in QUANTIZED_SUFFIXES:
-        raise ValueError(f"unknown family {family!r}; known: {sorted(QUANTIZED_SUFFIXES)}")
-    return _quantized_pattern(family).fullmatch(name) is not None
-
-
-# --------------------------------------------------------------------------- THUDM format
-
-
-def pack_int4_thudm(q: torch.Tensor) -> torch.Tensor:
-    """int8 ``[out, in]`` with values in [-8, 7] -> int8 ``[out, in/2]`` in THUDM's byte layout:
-    ``(q[2j] << 4) | (q[2j+1] & 0xF)`` (quantization.py ``compress_int4_weight``)."""
-    if q.dtype != torch.int8 or q.dim() != 2 or q.shape[1] % 2:
-        raise ValueError(f"expected int8 [out, even in], got {q.dtype} {tuple(q.shape)}")
-    return (q[:, 0::2] << 4) | (q[:, 1::2] & 0xF)
-
-
-def unpack_int4_thudm(packed: torch.Tensor) -> torch.Tensor:
-    """int8 ``[out, in/2]`` THUDM int4 bytes -> int8 ``[out, in]``: high nibble = even column,
-    both nibbles sign-extended (``hi = b >> 4``, ``lo = (b << 4) >> 4`` on int8)."""
-    if packed.dtype != torch.int8 or packed.dim() != 2:
-        raise ValueError(f"expected int8 [out, in/2], got {packed.dtype} {tuple(packed.shape)}")
-    out = torch.empty(packed.shape[0], packed.shape[1] * 2, dtype=torch.int8, device=packed.device)
-    out[:, 0::2] = packed >> 4
-    out[:, 1::2] = (packed << 4) >> 4
-    return out
-
-
-#: How each family's reference ``quantize`` rounds (read off THUDM's pre-quantized fixtures):
-#: ChatGLM2/3 quantise the fp16 model in fp16 arithmetic (chatglm2-6b quantization.py computes
-#: ``weight.abs().max() / qmax`` and ``weight / scale`` on the half weights); ChatGLM-6B's
-#: quantisation runs on float32 weights with the float32 scale and stores the scale as fp16
-#: afterwards, so ``round(w / scale)`` there uses the unrounded scale.
-ROWWISE_ARITHMETIC: dict[str, torch.dtype] = {
-    "chatglm": torch.float32,
-    "chatglm2": torch.float16,
-    "chatglm3": torch.float16,
-}
-
-
-def quantize_rowwise(
-    w: torch.Tensor, bits: int, arithmetic: torch.dtype = torch.float16
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """THUDM's ``QuantizedLinear.__init__`` bit for bit: ``(q int8 [out, in], scale fp16 [out])``.
-
-    ``arithmetic`` is the dtype the reference computes in (:data:`ROWWISE_ARITHMETIC`): with fp16
-    the scale is an fp16 division and ``w / scale`` is rounded to fp16 BEFORE ``torch.round``;
-    with fp32 both happen in fp32 and only the stored scale is rounded to fp16.
-    An all-zero row (scale 0) gets q = 0 where THUDM would cast NaN to int8.
-    """
-    if bits not in (4, 8):
-        raise ValueError(f"bits must be 4 or 8, got {bits}")
-    q = torch.empty(w.shape, dtype=torch.int8, device=w.device)
-    scale = torch.empty(w.shape[0], dtype=torch.float16, device=w.device)
-    for i in range(
-        0, w.shape[0], _CONVERT_ROWS
-    ):  # rows are independent: blocks bound the transient
-        block = w[i : i + _CONVERT_ROWS].to(arithmetic)
-        s = block.abs().max(dim=-1).values / ((2 ** (bits - 1)) - 1)
-        qb = torch.round(block / s[:, None])
-        q[i : i + _CONVERT_ROWS] = qb.masked_fill_(s[:, None] == 0, 0).to(torch.int8)
-        scale[i : i + _CONVERT_ROWS] = s
-    return q, scale
-
-
-def quantize_groupwise(
-    w: torch.Tensor, group_size: int, bits: int = 4
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Symmetric absmax quantisation per ``group_size`` columns (the last group may be shorter).
-
-    Returns ``(q int8 [out, in], scales float32 [out, ceil(in / group_size)])``.  Scales are rounded
-    to bf16 values first (the int4 kernel holds its group scales in bf16, so this keeps the kernel
-    lossless); q is then clamped to [-(2**(bits-1) - 1), 2**(bits-1) - 1].
-    """
-    out_f, in_f = w.shape
-    qmax = 2 ** (bits - 1) - 1
-    n_groups = -(-in_f // group_size)
-    w32 = w.to(torch.float32)
-    padded = torch.nn.functional.pad(w32, (0, n_groups * group_size - in_f))
-    absmax = padded.view(out_f, n_groups, group_size).abs().amax(dim=-1)
-    scales = (absmax / qmax).to(torch.bfloat16).to(torch.float32)
-    safe = torch.where(scales == 0, torch.ones_like(scales), scales)
-    q = torch.round(w32 / safe.repeat_interleave(group_size, dim=1)[:, :in_f])
-    return q.clamp_(-qmax, qmax).to(torch.int8), scales
-
-
 # --------------------------------------------------------------------------- kernels
 
 
@@ -223,8 +82,8 @@ def _int4_pack_for_kernel(
     to ``[n_pad, k_pad]`` with u = 8, i.e. q = 0), converted in row blocks to bound the transient."""
     convert = _int4_kernel_ops(device_type)[0]
     parts = []
-    for i in range(0, n_pad, _CONVERT_ROWS):
-        rows = min(_CONVERT_ROWS, n_pad - i)
+    for i in range(0, n_pad, CONVERT_ROWS):
+        rows = min(CONVERT_ROWS, n_pad - i)
         block = q[i : i + rows]
         u = nn.functional.pad(
             block.to(torch.int32) + 8, (0, k_pad - q.shape[1], 0, rows - block.shape[0]), value=8
@@ -348,7 +207,7 @@ class _WeightOnlyLinear(nn.Module):
     bias: torch.Tensor | None
     dequant_min_rows: int
 
-    # native kernel path (adapters/native): weights in its interleaved layout, fp32 row scales
+    # native kernel path (adapters/weights/native): weights in its interleaved layout, fp32 row scales
     native: bool = False
     packed: torch.Tensor
     native_scale: torch.Tensor
@@ -477,7 +336,7 @@ class Int8Linear(_WeightOnlyLinear):
         self.register_buffer("weight_scale", scale)
         self.register_buffer("bias", bias)
         if self.native:
-            # the gateway's own kernel (adapters/native): 4-row interleaved layout only
+            # the gateway's own kernel (adapters/weights/native): 4-row interleaved layout only
             self.dequant_min_rows = native.DEQUANT_MIN_ROWS["int8"]
             self._init_native(lambda n_pad, k_pad: native.pack_int8(weight, n_pad, k_pad),
                               scale, bias)
@@ -573,7 +432,7 @@ class Int4Linear(_WeightOnlyLinear):
             self.register_buffer("scales", None if self.per_row else scales.float())
             return
         # THUDM's per-row int4 on a CPU with AVX512-BF16: the gateway's own kernel
-        # (adapters/native), ~1.5x torch's at one row and ~2x with 8-16 rows.
+        # (adapters/weights/native), ~1.5x torch's at one row and ~2x with 8-16 rows.
         if native_kernel and not self.per_row:
             raise ValueError("the native int4 kernel needs per-row scales")
         self.native = self.per_row and _use_native(bool(kernel), device, native_kernel)
@@ -699,7 +558,7 @@ def quantize_weight(
 ) -> Int8Linear | Int4Linear:
     """Quantise one linear's full-precision ``weight [out, in]`` with a :data:`QUANT_SCHEMES` mode
     (``arithmetic``: the family's reference rounding for the THUDM modes, see
-    :data:`ROWWISE_ARITHMETIC`)."""
+    :attr:`~adapters.weights.format.QuantLayout.arithmetic`)."""
     scheme = QUANT_SCHEMES.get(mode)
     if scheme is None:
         raise ValueError(f"unknown quantization mode {mode!r}; known: {sorted(QUANT_SCHEMES)}")
@@ -713,173 +572,3 @@ def quantize_weight(
                           native_kernel=native_kernel)
     q, scales = quantize_groupwise(weight.to(device), scheme.group_size, scheme.bits)
     return Int4Linear(q, scales, group_size=scheme.group_size, bias=bias, kernel=kernel)
-
-
-def quantize_linear(linear: nn.Linear, mode: str) -> Int8Linear | Int4Linear:
-    """Replacement for ``linear`` quantised with ``mode`` ("8", "4" or "int4-g128")."""
-    with torch.no_grad():
-        bias = None if linear.bias is None else linear.bias.detach().clone()
-        return quantize_weight(linear.weight.detach(), mode, bias)
-
-
-# --------------------------------------------------------------------------- loading
-
-
-@dataclass
-class _Pending:
-    linear: nn.Linear  # the meta-device placeholder: its shapes say what to expect
-    parts: dict[str, torch.Tensor]
-
-
-class QuantizedLinearLoader:
-    """Swaps the four linears of each layer for quantised ones while a checkpoint streams in.
-
-    A model loader hands every ``(name, tensor)`` to :meth:`take` first.  Tensors of a quantised
-    linear are kept only until that linear is complete (its parts are adjacent in THUDM's
-    files), then turned into an :class:`Int8Linear` / :class:`Int4Linear` on ``device`` and set
-    on the model.  With ``bits`` (a THUDM pre-quantised folder) the parts are ``weight`` (int8),
-    ``weight_scale`` and ``bias``; with ``mode`` (quantise on load) ``weight`` and ``bias`` in
-    full precision, quantised as they arrive: the full-precision model never exists.
-    """
-
-    def __init__(
-        self,
-        model: nn.Module,
-        family: str,
-        *,
-        bits: int = 0,
-        mode: str | None = None,
-        dtype: torch.dtype,
-        device: torch.device,
-    ) -> None:
-        if bool(bits) == (mode is not None):
-            raise ValueError("give exactly one of bits (pre-quantised folder) or mode")
-        if mode is not None and mode not in QUANT_SCHEMES:
-            raise ValueError(f"unknown quantization mode {mode!r}; known: {sorted(QUANT_SCHEMES)}")
-        self.model, self.family, self.bits, self.mode = model, family, bits, mode
-        self.dtype, self.device = dtype, device
-        # A float32 model is the reference-precision mode: its layers dequantise per call in
-        # float32 (matches THUDM's fp32 logits to ~1e-4).  The bf16 kernels would round every
-        # activation to bf16, which moves logprobs as much as a bf16 model does (up to ~0.3 on
-        # the tiny reference checkpoints); bf16/fp16 models take the kernels.
-        self.kernel = False if dtype == torch.float32 else None
-        self._pending: dict[str, _Pending] = {}
-        self._done: set[str] = set()
-        self._replaced: set[str] = set()
-
-    @classmethod
-    def for_config(
-        cls,
-        model: nn.Module,
-        family: str,
-        quantization_bit: int,
-        quantize: str | None,
-        *,
-        dtype: torch.dtype,
-        device: torch.device,
-    ) -> QuantizedLinearLoader | None:
-        """The loader a checkpoint needs, or ``None`` for a plain full-precision load."""
-        if quantization_bit and quantize is not None:
-            raise ValueError(
-                f"the checkpoint is already quantised to int{quantization_bit}; "
-                f"quantize={quantize!r} cannot apply"
-            )
-        if not quantization_bit and quantize is None:
-            return None
-        return cls(model, family, bits=quantization_bit, mode=quantize, dtype=dtype, device=device)
-
-    def _required(self, linear: nn.Linear) -> set[str]:
-        parts = {"weight", "weight_scale"} if self.bits else {"weight"}
-        return parts | ({"bias"} if linear.bias is not None else set())
-
-    def _check(self, name: str, part: str, tensor: torch.Tensor, linear: nn.Linear) -> None:
-        out_f, in_f = linear.out_features, linear.in_features
-        what = f"a THUDM pre-quantized int{self.bits} checkpoint" if self.bits else "this config"
-        expected: tuple[int, ...] = (out_f,)
-        if part == "weight":
-            expected = (out_f, in_f * self.bits // 8) if self.bits else (out_f, in_f)
-            if self.bits and tensor.dtype != torch.int8:
-                raise CheckpointError(f"{name}: {what} stores int8 weights, got {tensor.dtype}")
-        if tuple(tensor.shape) != expected:
-            raise CheckpointError(
-                f"{name} has shape {tuple(tensor.shape)}, {what} implies {expected}"
-            )
-
-    def take(self, name: str, tensor: torch.Tensor) -> bool:
-        """Consume ``name`` if it belongs to a quantised linear; ``False`` leaves it to the caller.
-        A duplicate, unexpected part or wrong shape is a :class:`CheckpointError`."""
-        if not is_quantized_linear(name, self.family):
-            return False
-        module_name, _, part = name.rpartition(".")
-        if module_name in self._done:
-            raise CheckpointError(f"tensor {name} appears after its linear was complete")
-        pending = self._pending.get(module_name)
-        if pending is None:
-            linear = self.model.get_submodule(module_name)
-            assert isinstance(linear, nn.Linear), module_name
-            pending = self._pending[module_name] = _Pending(linear, {})
-        if part not in self._required(pending.linear) or part in pending.parts:
-            raise CheckpointError(f"unexpected or duplicate tensor {name}")
-        self._check(name, part, tensor, pending.linear)
-        pending.parts[part] = tensor
-        if set(pending.parts) == self._required(pending.linear):
-            self._build(module_name, self._pending.pop(module_name))
-        return True
-
-    def _build(self, module_name: str, pending: _Pending) -> None:
-        parts = pending.parts
-        bias = parts.get("bias")
-        if bias is not None:
-            bias = bias.to(device=self.device, dtype=self.dtype)
-        layer: nn.Module
-        if self.bits:
-            layer = from_thudm(
-                parts["weight"],
-                parts["weight_scale"],
-                self.bits,
-                bias,
-                device=self.device,
-                kernel=self.kernel,
-            )
-        else:
-            assert self.mode is not None
-            layer = quantize_weight(
-                parts["weight"], self.mode, bias, device=self.device, kernel=self.kernel,
-                arithmetic=ROWWISE_ARITHMETIC[self.family],
-            )
-        parent_name, _, child = module_name.rpartition(".")
-        setattr(self.model.get_submodule(parent_name), child, layer)
-        self._done.add(module_name)
-        self._replaced |= {f"{module_name}.{p}" for p in ("weight", "bias") if p in parts}
-
-    def finish(self) -> set[str]:
-        """Names of the placeholder parameters now replaced (for the caller's missing check);
-        raises :class:`CheckpointError` if a linear is incomplete."""
-        if self._pending:
-            raise CheckpointError(f"incomplete quantised linears: {sorted(self._pending)}")
-        return set(self._replaced)
-
-
-def loading_progress(
-    folder: Path, tensors: Iterable[tuple[str, torch.Tensor]], desc: str
-) -> Iterator[tuple[str, torch.Tensor]]:
-    """Pass ``tensors`` through with a tqdm bar over the checkpoint's bytes (hidden off a TTY)."""
-    with tqdm(total=total_size(folder), desc=desc, unit="B", unit_scale=True, disable=None) as bar:
-        for name, tensor in tensors:
-            yield name, tensor
-            bar.update(tensor.nbytes)
-
-
-def to_thudm_layout(
-    tensors: Iterable[tuple[str, torch.Tensor]], family: str, bits: int
-) -> Iterator[tuple[str, torch.Tensor]]:
-    """Rewrite a full-precision tensor stream as THUDM's pre-quantised folder holds it: each
-    quantised ``<linear>.weight`` becomes int8 (packed for int4) plus ``<linear>.weight_scale``;
-    everything else passes through.  One linear at a time: for writing int4/int8 folders."""
-    for name, tensor in tensors:
-        if is_quantized_linear(name, family) and name.endswith(".weight"):
-            q, scale = quantize_rowwise(tensor, bits, ROWWISE_ARITHMETIC[family])
-            yield name, q if bits == 8 else pack_int4_thudm(q)
-            yield f"{name}_scale", scale
-        else:
-            yield name, tensor
