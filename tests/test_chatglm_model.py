@@ -97,8 +97,7 @@ def test_incremental_equals_full_prefill(tiny_model: ChatGLMModel) -> None:
 def _layer1_keys(model: ChatGLMModel, ids: list[int]) -> torch.Tensor:
     cache = model.new_cache()
     model.forward(ids, cache)
-    assert cache._keys is not None
-    return cache._keys[1, :, : len(ids)]  # second layer: depends on what the first attended
+    return cache.storage[1, 0, :, : len(ids)]  # second layer's keys: depend on the first's attention
 
 
 def test_context_is_bidirectional_and_answer_causal(tiny_model: ChatGLMModel) -> None:

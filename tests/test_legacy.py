@@ -170,7 +170,10 @@ def test_api_py_client_against_the_demo_checkpoint(tmp_path: Path) -> None:
         with running_server(create_app(ServerSettings(), models={"demo": model})) as url:
             first = httpx.post(url, json={"prompt": "你好", "history": [], "max_length": 40,
                                           "temperature": 0.01}, timeout=30).json()
-            generated_first = model.engine.stats.generated_tokens
+            metrics = httpx.get(f"{url}/metrics").text
+            generated_first = float(re.search(
+                r'^chatglm_gateway_generated_tokens_total\{model="demo"\} (\S+)$', metrics,
+                re.M).group(1))  # type: ignore[union-attr]
             second = httpx.post(url, json={"prompt": "再见", "history": first["history"],
                                            "max_length": 80}, timeout=30).json()
         assert first["status"] == second["status"] == 200

@@ -11,7 +11,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from adapters.weights.checkpoint import CheckpointError, read_json
+from adapters.weights.checkpoint import CheckpointError, config_value, read_json
 
 _TORCH_DTYPES = ("float32", "float16", "bfloat16")
 
@@ -49,25 +49,6 @@ class ChatGLMConfig:
 _DEFAULTS = ChatGLMConfig()
 
 
-def _get(data: dict[str, Any], key: str, kind: type, source: Path) -> Any:
-    if key not in data or data[key] is None:
-        return getattr(_DEFAULTS, key)
-    value = data[key]
-    # bool is an int subclass: a JSON true must not pass as a size, nor 1 as a flag.
-    if kind is bool:
-        ok = isinstance(value, bool)
-    elif kind is float:
-        ok = isinstance(value, (int, float)) and not isinstance(value, bool)
-        value = float(value) if ok else value
-    else:
-        ok = isinstance(value, kind) and not isinstance(value, bool)
-    if not ok:
-        raise CheckpointError(
-            f"{source}: key '{key}' must be {kind.__name__}, got {type(value).__name__} {value!r}"
-        )
-    return value
-
-
 def read_config(folder: Path) -> ChatGLMConfig:
     """Read and validate ``folder/config.json`` of a ChatGLM-6B checkpoint."""
     source = Path(folder) / "config.json"
@@ -79,7 +60,7 @@ def read_config(folder: Path) -> ChatGLMConfig:
         "mask_token_id": int, "gmask_token_id": int, "pad_token_id": int,
         "quantization_bit": int, "quantization_embeddings": bool, "torch_dtype": str,
     }
-    values = {key: _get(data, key, kind, source) for key, kind in fields.items()}
+    values = {key: config_value(data, key, kind, source, getattr(_DEFAULTS, key)) for key, kind in fields.items()}
     config = ChatGLMConfig(**values)
     _validate(config, source)
     return config

@@ -34,6 +34,7 @@ from torch import nn
 from adapters.chatglm.config import ChatGLMConfig
 from adapters.family import KVCache
 from adapters.runtime.dtypes import resolve_dtype
+from adapters.runtime.kv_cache import KVCacheBase, batch_caches, own
 from adapters.weights.checkpoint import CheckpointError
 from adapters.weights.format import QuantLayout
 from adapters.weights.layers import QuantizedEmbedding, from_thudm
@@ -41,7 +42,6 @@ from adapters.weights.loader import load_weights
 
 logger = logging.getLogger(__name__)
 
-_INITIAL_CAPACITY = 64
 _MASKED_SCORE = -10000.0  # attention_fn: attention_scores.masked_fill_(attention_mask, -10000.0)
 _ROTARY_BASE = 10000
 # GLMBlock.__init__(..., num_layers=28): ChatGLMModel.get_layer does not pass config.num_layers.
@@ -64,72 +64,24 @@ Attend = Callable[[int, torch.Tensor, torch.Tensor, torch.Tensor],
                   tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]]
 
 
-class ChatGLMCache:
-    """One sequence's keys and values, ``[layers, heads, capacity, head_dim]``, grown by doubling,
-    plus the two facts its later positions depend on (context length, mask position)."""
+class ChatGLMCache(KVCacheBase):
+    """One sequence's keys and values, ``[layers, 2, heads, capacity, head_dim]``, plus the two
+    facts its later positions depend on (context length, mask position)."""
 
     def __init__(self, config: ChatGLMConfig, dtype: torch.dtype, device: torch.device):
-        self._config = config
-        self._dtype = dtype
-        self._device = device
-        self._keys: torch.Tensor | None = None
-        self._values: torch.Tensor | None = None
-        self._length = 0
+        super().__init__(config.num_layers, config.num_attention_heads, config.head_dim,
+                         config.max_sequence_length, dtype, device)
         #: index of <sop> in the prompt: keys before it are seen by every position.
         self.context_length = 0
         #: index of [MASK]/[gMASK]: rotary row 0 of every position from <sop> on.
         self.mask_position: int | None = None
-
-    @property
-    def length(self) -> int:
-        return self._length
-
-    @property
-    def capacity(self) -> int:
-        return 0 if self._keys is None else self._keys.shape[2]
-
-    def reserve(self, n: int) -> None:
-        need = self._length + n
-        if need <= self.capacity:
-            return
-        capacity = max(_INITIAL_CAPACITY, self.capacity)
-        while capacity < need:
-            capacity *= 2
-        c = self._config
-        shape = (c.num_layers, c.num_attention_heads, capacity, c.head_dim)
-        keys = torch.empty(shape, dtype=self._dtype, device=self._device)
-        values = torch.empty(shape, dtype=self._dtype, device=self._device)
-        if self._keys is not None and self._values is not None and self._length:
-            keys[:, :, : self._length] = self._keys[:, :, : self._length]
-            values[:, :, : self._length] = self._values[:, :, : self._length]
-        self._keys, self._values = keys, values
-
-    def write(self, layer: int, start: int, k: torch.Tensor, v: torch.Tensor) -> tuple[
-            torch.Tensor, torch.Tensor]:
-        """Store ``k``/``v`` (``[heads, n, head_dim]``) at ``start``; return keys/values
-        ``[heads, start + n, head_dim]`` of this layer."""
-        assert self._keys is not None and self._values is not None, "reserve() first"
-        end = start + k.shape[1]
-        self._keys[layer, :, start:end] = k
-        self._values[layer, :, start:end] = v
-        return self._keys[layer, :, :end], self._values[layer, :, :end]
-
-    def commit(self, n: int) -> None:
-        self._length += n
-
-    @property
-    def nbytes(self) -> int:
-        """Memory held by this cache (its allocated capacity, not just the used length)."""
-        if self._keys is None or self._values is None:
-            return 0
-        return 2 * self._keys.numel() * self._keys.element_size()
 
     def truncate(self, n: int) -> None:
         """Forget generated positions from ``n`` on.  The context itself cannot be cut: it is
         attended bidirectionally, so its keys depend on all of it."""
         if n < self.context_length:
             raise ValueError("a ChatGLM-6B cache cannot be cut inside its context")
-        self._length = min(self._length, n)
+        super().truncate(n)
 
     def positions(self, index: int) -> tuple[int, int]:
         """The 2-D position of the token at ``index`` (tokenizer ``_pad`` and
@@ -138,12 +90,6 @@ class ChatGLMCache:
             return index, 0
         row0 = index if self.mask_position is None else self.mask_position
         return row0, index - self.context_length + 1
-
-
-def _own(cache: KVCache) -> ChatGLMCache:
-    if not isinstance(cache, ChatGLMCache):
-        raise TypeError(f"expected a ChatGLMCache from ChatGLMModel.new_cache(), got {type(cache)}")
-    return cache
 
 
 def _rotate_half(x: torch.Tensor) -> torch.Tensor:
@@ -291,7 +237,7 @@ class ChatGLMModel(nn.Module):
         context (everything before ``<sop>``, seen bidirectionally) and the mask position.
         Later calls append generated ids, causally.
         """
-        kv = _own(cache)
+        kv = own(cache, ChatGLMCache)
         ids = [int(i) for i in ids]
         n = len(ids)
         if n == 0:
@@ -315,7 +261,7 @@ class ChatGLMModel(nn.Module):
 
         def attend(layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> tuple[
                 torch.Tensor, torch.Tensor, torch.Tensor | None]:
-            keys, values = kv.write(layer, start, k[0], v[0])
+            keys, values = kv.write(layer, k[0], v[0])
             return keys[None], values[None], mask
 
         logits = self._run(tokens, positions, attend)
@@ -330,22 +276,14 @@ class ChatGLMModel(nn.Module):
         Sequences may have different lengths: histories are right-padded to the longest and the
         padding is masked, so each row equals a solo :meth:`forward`.
         """
-        if not caches or len(ids_per_seq) != len(caches):
-            raise ValueError("forward_batch needs one id list per cache (and at least one)")
-        if any(len(ids) != 1 for ids in ids_per_seq):
-            raise ValueError("forward_batch decodes exactly one new id per sequence")
-        own = [_own(cache) for cache in caches]
-        if len({id(cache) for cache in own}) != len(own):
-            raise ValueError("forward_batch got the same cache twice")
-        if any(cache.length == 0 for cache in own):
-            raise ValueError("forward_batch continues sequences; prefill each with forward()")
-        starts = [cache.length for cache in own]
-        for cache in own:
+        owned = batch_caches(ids_per_seq, caches, ChatGLMCache)
+        starts = [cache.length for cache in owned]
+        for cache in owned:
             cache.reserve(1)
-        batch, total = len(own), max(starts) + 1
+        batch, total = len(owned), max(starts) + 1
         tokens = torch.tensor([[int(ids[0])] for ids in ids_per_seq], dtype=torch.long,
                               device=self.device)
-        positions = torch.tensor([[cache.positions(s)] for cache, s in zip(own, starts, strict=True)],
+        positions = torch.tensor([[cache.positions(s)] for cache, s in zip(owned, starts, strict=True)],
                                  dtype=torch.long, device=self.device)
         lengths = torch.tensor(starts, device=self.device)[:, None] + 1
         padding = torch.arange(total, device=self.device)[None, :] >= lengths  # [B, total]
@@ -357,14 +295,14 @@ class ChatGLMModel(nn.Module):
             shape = (batch, c.num_attention_heads, total, c.head_dim)
             keys = torch.zeros(shape, dtype=k.dtype, device=k.device)
             values = torch.zeros(shape, dtype=v.dtype, device=v.device)
-            for b, (cache, start) in enumerate(zip(own, starts, strict=True)):
-                kb, vb = cache.write(layer, start, k[b], v[b])
+            for b, (cache, start) in enumerate(zip(owned, starts, strict=True)):
+                kb, vb = cache.write(layer, k[b], v[b])
                 keys[b, :, : start + 1] = kb
                 values[b, :, : start + 1] = vb
             return keys, values, mask
 
         logits = self._run(tokens, positions, attend)
-        for cache in own:
+        for cache in owned:
             cache.commit(1)
         return logits
 

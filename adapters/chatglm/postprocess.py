@@ -14,6 +14,7 @@ from __future__ import annotations
 import re
 
 from adapters.base import ToolCall
+from adapters.runtime.detokenize import held_suffix
 
 TRAINING_TIME = "[[训练时间]]"
 TRAINING_TIME_VALUE = "2023年"
@@ -37,14 +38,6 @@ def _is_cjk(char: str | None) -> bool:
     return char is not None and "\u4e00" <= char <= "\u9fff"
 
 
-def _partial_training_time(text: str) -> int:
-    """Length of the longest suffix of ``text`` that is a proper prefix of ``[[训练时间]]``."""
-    for size in range(min(len(text), len(TRAINING_TIME) - 1), 0, -1):
-        if TRAINING_TIME.startswith(text[-size:]):
-            return size
-    return 0
-
-
 class ChatGLMStreamPostprocessor:
     """:class:`adapters.family.StreamPostprocessor` for ChatGLM-6B.
 
@@ -66,7 +59,7 @@ class ChatGLMStreamPostprocessor:
         pending = self._pending
         if not pending:
             return ""
-        held = _partial_training_time(pending)
+        held = held_suffix(pending, (TRAINING_TIME,))
         # Whitespace before a held "[[..." is not trailing: only hold it when nothing is held.
         cut = len(pending) - held if held else len(pending.rstrip())
         if cut == len(pending) and pending[-1] in _WIDE and not _is_cjk(self._before(pending, cut - 1)):

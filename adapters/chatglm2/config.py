@@ -7,7 +7,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
-from adapters.weights.checkpoint import CheckpointError, read_json
+from adapters.weights.checkpoint import CheckpointError, config_value, read_json
 
 Version = Literal["chatglm2", "chatglm3"]
 
@@ -51,56 +51,34 @@ class ChatGLM2Config:
         return self.seq_length
 
 
-def _get(data: dict[str, Any], key: str, kind: type, source: Path, default: Any = None) -> Any:
-    if key not in data or data[key] is None:
-        if default is not None:
-            return default
-        raise CheckpointError(f"{source}: required key '{key}' is missing")
-    value = data[key]
-    if kind is bool:
-        ok = isinstance(value, bool)
-    elif kind is float:
-        ok = isinstance(value, (int, float)) and not isinstance(value, bool)
-        value = float(value) if ok else value
-    elif kind is int:
-        ok = isinstance(value, int) and not isinstance(value, bool)
-    else:
-        ok = isinstance(value, kind)
-    if not ok:
-        raise CheckpointError(
-            f"{source}: key '{key}' must be {kind.__name__}, got {type(value).__name__} {value!r}"
-        )
-    return value
-
-
 def read_config(folder: Path) -> ChatGLM2Config:
     """Read ``folder/config.json``; a missing or ill-typed key is a :class:`CheckpointError`
     naming it."""
     source = Path(folder) / "config.json"
     data = read_json(source)
     cfg = ChatGLM2Config(
-        padded_vocab_size=_get(data, "padded_vocab_size", int, source),
-        hidden_size=_get(data, "hidden_size", int, source),
-        num_layers=_get(data, "num_layers", int, source),
-        num_attention_heads=_get(data, "num_attention_heads", int, source),
-        kv_channels=_get(data, "kv_channels", int, source),
-        multi_query_attention=_get(data, "multi_query_attention", bool, source),
-        multi_query_group_num=_get(data, "multi_query_group_num", int, source),
-        ffn_hidden_size=_get(data, "ffn_hidden_size", int, source),
-        add_qkv_bias=_get(data, "add_qkv_bias", bool, source),
-        add_bias_linear=_get(data, "add_bias_linear", bool, source),
-        rmsnorm=_get(data, "rmsnorm", bool, source),
-        post_layer_norm=_get(data, "post_layer_norm", bool, source),
-        layernorm_epsilon=_get(data, "layernorm_epsilon", float, source),
-        seq_length=_get(data, "seq_length", int, source),
-        eos_token_id=_get(data, "eos_token_id", int, source),
-        pad_token_id=_get(data, "pad_token_id", int, source),
-        torch_dtype=_get(data, "torch_dtype", str, source),
-        apply_residual_connection_post_layernorm=_get(
+        padded_vocab_size=config_value(data, "padded_vocab_size", int, source),
+        hidden_size=config_value(data, "hidden_size", int, source),
+        num_layers=config_value(data, "num_layers", int, source),
+        num_attention_heads=config_value(data, "num_attention_heads", int, source),
+        kv_channels=config_value(data, "kv_channels", int, source),
+        multi_query_attention=config_value(data, "multi_query_attention", bool, source),
+        multi_query_group_num=config_value(data, "multi_query_group_num", int, source),
+        ffn_hidden_size=config_value(data, "ffn_hidden_size", int, source),
+        add_qkv_bias=config_value(data, "add_qkv_bias", bool, source),
+        add_bias_linear=config_value(data, "add_bias_linear", bool, source),
+        rmsnorm=config_value(data, "rmsnorm", bool, source),
+        post_layer_norm=config_value(data, "post_layer_norm", bool, source),
+        layernorm_epsilon=config_value(data, "layernorm_epsilon", float, source),
+        seq_length=config_value(data, "seq_length", int, source),
+        eos_token_id=config_value(data, "eos_token_id", int, source),
+        pad_token_id=config_value(data, "pad_token_id", int, source),
+        torch_dtype=config_value(data, "torch_dtype", str, source),
+        apply_residual_connection_post_layernorm=config_value(
             data, "apply_residual_connection_post_layernorm", bool, source
         ),
-        rope_ratio=_get(data, "rope_ratio", float, source, default=1.0),
-        quantization_bit=_get(data, "quantization_bit", int, source, default=0),
+        rope_ratio=config_value(data, "rope_ratio", float, source, default=1.0),
+        quantization_bit=config_value(data, "quantization_bit", int, source, default=0),
     )
     _validate(cfg, source)
     return cfg

@@ -20,13 +20,13 @@ from torch import nn
 from adapters.chatglm2.config import ChatGLM2Config
 from adapters.family import KVCache
 from adapters.runtime.dtypes import resolve_dtype
+from adapters.runtime.kv_cache import KVCacheBase, batch_caches, own
 from adapters.weights import native
 from adapters.weights.format import QuantLayout
 from adapters.weights.loader import load_weights
 
 logger = logging.getLogger(__name__)
 
-_INITIAL_CACHE = 64
 #: The four linears THUDM's quantization.py replaces in each layer; chatglm2-6b quantises the
 #: fp16 weights in fp16 arithmetic (``weight.abs().max() / qmax``, ``weight / scale``).
 QUANT_LAYOUT = QuantLayout(
@@ -40,82 +40,8 @@ QUANT_LAYOUT = QuantLayout(
 # --------------------------------------------------------------------------- cache
 
 
-class ChatGLM2Cache:
-    """Keys and values of one sequence for every layer: ``[layers, 2, groups, capacity, head]``.
-
-    Capacity grows geometrically (doubling, capped at the context length) so appending a token
-    is a slice write, never a ``torch.cat`` of the whole history.
-    """
-
-    def __init__(self, layers: int, groups: int, head_dim: int, max_length: int,
-                 dtype: torch.dtype, device: torch.device):
-        self._shape = (layers, 2, groups)
-        self._head_dim = head_dim
-        self._max_length = max_length
-        self._dtype = dtype
-        self._device = device
-        self._kv = self._alloc(min(_INITIAL_CACHE, max_length))
-        self._length = 0
-
-    def _alloc(self, capacity: int) -> torch.Tensor:
-        with torch.inference_mode():
-            return torch.zeros(*self._shape, capacity, self._head_dim, dtype=self._dtype,
-                               device=self._device)
-
-    @property
-    def length(self) -> int:
-        """Number of positions already in the cache."""
-        return self._length
-
-    @property
-    def capacity(self) -> int:
-        return self._kv.shape[3]
-
-    def reserve(self, n: int) -> None:
-        """Make room for ``n`` more positions."""
-        needed = self._length + n
-        if needed > self._max_length:
-            raise ValueError(
-                f"sequence of {needed} positions exceeds the context length {self._max_length}"
-            )
-        if needed <= self.capacity:
-            return
-        grown = self._alloc(max(needed, min(2 * self.capacity, self._max_length)))
-        grown[:, :, :, : self._length] = self._kv[:, :, :, : self._length]
-        self._kv = grown
-
-    def write(self, layer: int, keys: torch.Tensor, values: torch.Tensor) -> tuple[
-            torch.Tensor, torch.Tensor]:
-        """Store ``[groups, n, head]`` keys/values after the committed positions; return views of
-        everything up to them (``[groups, length + n, head]``)."""
-        end = self._length + keys.shape[1]
-        self._kv[layer, 0, :, self._length:end] = keys
-        self._kv[layer, 1, :, self._length:end] = values
-        return self._kv[layer, 0, :, :end], self._kv[layer, 1, :, :end]
-
-    def commit(self, n: int) -> None:
-        self._length += n
-
-    def truncate(self, n: int) -> None:
-        """Forget every position from ``n`` on (prefix reuse: keep the shared prefix only).
-        Causal attention makes the first ``n`` positions independent of what followed them."""
-        self._length = min(self._length, max(n, 0))
-
-    @property
-    def storage(self) -> torch.Tensor:
-        """``[layers, 2, groups, capacity, head]``: where the keys/values live (moves on growth)."""
-        return self._kv
-
-    @property
-    def nbytes(self) -> int:
-        """Memory held by this cache (its allocated capacity, not just the used length)."""
-        return self._kv.numel() * self._kv.element_size()
-
-
-def _own(cache: KVCache) -> ChatGLM2Cache:
-    if not isinstance(cache, ChatGLM2Cache):
-        raise TypeError(f"expected a cache from ChatGLM2Model.new_cache(), got {type(cache).__name__}")
-    return cache
+class ChatGLM2Cache(KVCacheBase):
+    """Keys and values of one sequence: ``[layers, 2, kv groups, capacity, head]``."""
 
 
 # --------------------------------------------------------------------------- layers
@@ -179,10 +105,9 @@ def decode_attention(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor,
     ``[B, groups, L, hd]`` (``mask [B, 1, 1, L]``, True = attend); returns ``[B, heads, 1, hd]``.
 
     Why not ``scaled_dot_product_attention``: on CPU (torch 2.13) a single-query call with
-    ``enable_gqa`` costs ~30 ms per layer in bf16 at 8 x 500 positions (~4 ms at 1 x 256), more
-    than the layer's int4 matmuls; grouping the query heads of each KV group into the rows of one
-    matmul (the MQA layout: query head h reads group h // (heads / groups), as ``enable_gqa``) is
-    ~0.5-1 ms (``python -m bench.kernels --attention``).  Computed in fp32 whatever the model dtype,
+    ``enable_gqa`` costs more than the layer's int4 matmuls; grouping the query heads of each KV
+    group into the rows of one matmul (the MQA layout: query head h reads group h // (heads /
+    groups), as ``enable_gqa``) is far cheaper (``python -m bench.kernels --attention``).  Computed in fp32 whatever the model dtype,
     like the CPU flash kernel's accumulators; scale 1/sqrt(hd) as SDPA's default.
     """
     b, _, heads, hd = q.shape
@@ -334,7 +259,7 @@ class ChatGLM2Model(nn.Module):
         self.rope = rope_table(self.context_length, self.config.kv_channels,
                                self.config.rope_ratio, dtype, device)
         # The output layer (kept in bf16 even in THUDM's int4/int8 checkpoints) runs with one row
-        # per sequence: the native bf16 kernel streams it ~1.8x faster than oneDNN's GEMM.
+        # per sequence: the native bf16 kernel streams it faster than oneDNN's GEMM (bench.kernels).
         t = self.transformer
         t.output_layer = native.NativeLinear.replacing(t.output_layer)
         # bf16 on the CPU: the element-wise parts of each layer (norms, rotary, SwiGLU) run as one
@@ -393,7 +318,7 @@ class ChatGLM2Model(nn.Module):
         Prefill (many ids) and decode (one id) take the same path; a prefill that continues a
         non-empty cache gets an explicit causal mask offset by the cached length.
         """
-        cache = _own(cache)
+        cache = own(cache, ChatGLM2Cache)
         n = len(ids)
         if n == 0:
             raise ValueError("forward needs at least one id")
@@ -424,16 +349,10 @@ class ChatGLM2Model(nn.Module):
         Sequences may have different cached lengths: their histories are right-padded to the
         longest and the padding is masked out, so each row equals a solo :meth:`forward`.
         """
-        if len(ids_per_seq) != len(caches) or not caches:
-            raise ValueError("forward_batch needs one id list per cache (and at least one)")
-        if any(len(ids) != 1 for ids in ids_per_seq):
-            raise ValueError("forward_batch decodes exactly one new id per sequence")
-        own = [_own(c) for c in caches]
-        if len({id(c) for c in own}) != len(own):
-            raise ValueError("forward_batch got the same cache twice")
-        for cache in own:
+        owned = batch_caches(ids_per_seq, caches, ChatGLM2Cache)
+        for cache in owned:
             cache.reserve(1)
-        starts = [c.length for c in own]
+        starts = [c.length for c in owned]
         total = max(starts) + 1
         tokens = torch.tensor([[ids[0]] for ids in ids_per_seq], dtype=torch.long,
                               device=self.device)
@@ -448,15 +367,15 @@ class ChatGLM2Model(nn.Module):
             keys = torch.zeros(batch, c.kv_groups, total, c.kv_channels, dtype=k.dtype,
                                device=k.device)
             values = torch.zeros_like(keys)
-            for b, cache in enumerate(own):
+            for b, cache in enumerate(owned):
                 kb, vb = cache.write(layer, k[b].transpose(0, 1), v[b].transpose(0, 1))
                 keys[b, :, : kb.shape[1]] = kb
                 values[b, :, : vb.shape[1]] = vb
             return keys, values
 
         logits = self._run(tokens, rope, store, mask, is_causal=False,
-                           attend=self._native_attend(own))
-        for cache in own:
+                           attend=self._native_attend(owned))
+        for cache in owned:
             cache.commit(1)
         return logits
 

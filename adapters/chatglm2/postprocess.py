@@ -7,6 +7,7 @@ from __future__ import annotations
 
 from adapters.base import ToolCall
 from adapters.chatglm2.tools import parse_call
+from adapters.runtime.detokenize import held_suffix
 
 #: Both models' process_response rewrite this placeholder (modeling_chatglm.py).
 PLACEHOLDER = "[[训练时间]]"
@@ -43,14 +44,6 @@ def process_response_v3(text: str) -> str:
     return process_response_v2(content)
 
 
-def _pattern_prefix_start(text: str) -> int:
-    """Index of the longest suffix of ``text`` that is a proper prefix of the placeholder."""
-    for k in range(min(len(PLACEHOLDER) - 1, len(text)), 0, -1):
-        if text.endswith(PLACEHOLDER[:k]):
-            return len(text) - k
-    return len(text)
-
-
 class StripReplace:
     """Streaming ``text.strip().replace(PLACEHOLDER, REPLACEMENT)``.
 
@@ -75,7 +68,7 @@ class StripReplace:
             out.append(pending[:i] + REPLACEMENT)
             pending = pending[i + len(PLACEHOLDER):]
         # str.replace scans left to right, so a match can only still start inside the held tail.
-        hold = min(len(pending.rstrip()), _pattern_prefix_start(pending))
+        hold = min(len(pending.rstrip()), len(pending) - held_suffix(pending, (PLACEHOLDER,)))
         out.append(pending[:hold])
         self._pending = pending[hold:]
         return "".join(out)

@@ -71,7 +71,7 @@ class StopMatcher:
             self.stopped = True
             out, self._buf = self._buf[: min(hits)], ""
             return out
-        hold = self._held_suffix()
+        hold = held_suffix(self._buf, self._stops)
         out = self._buf[: len(self._buf) - hold]
         self._buf = self._buf[len(self._buf) - hold :]
         return out
@@ -80,12 +80,15 @@ class StopMatcher:
         out, self._buf = ("" if self.stopped else self._buf), ""
         return out
 
-    def _held_suffix(self) -> int:
-        """Length of the longest suffix of the buffer that is a proper prefix of a stop string."""
-        best = 0
-        for s in self._stops:
-            for n in range(min(len(s) - 1, len(self._buf)), best, -1):
-                if self._buf.endswith(s[:n]):
-                    best = n
-                    break
-        return best
+
+def held_suffix(text: str, patterns: Sequence[str]) -> int:
+    """Length of the longest suffix of ``text`` that is a proper prefix of one of ``patterns``:
+    how much streamed text must be held back because the next piece may complete a pattern (a
+    stop string, a placeholder a family's post-processing rewrites)."""
+    best = 0
+    for pattern in patterns:
+        for n in range(min(len(pattern) - 1, len(text)), best, -1):
+            if text.endswith(pattern[:n]):
+                best = n
+                break
+    return best

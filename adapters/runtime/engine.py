@@ -65,14 +65,6 @@ class Sequence:
     done: bool = False
 
 
-@dataclass
-class EngineStats:
-    """Totals for tests and benchmarks (latency metrics are measured at the gateway)."""
-
-    generated_tokens: int = 0
-    preempted: int = 0
-
-
 class Engine:
     def __init__(
         self,
@@ -97,7 +89,7 @@ class Engine:
         # Chunking and reuse need causal attention over the prompt (not ChatGLM-6B's prefix-LM).
         self.prefill_chunk = prefill_chunk if spec.causal_prompt else 0
         self.prefix = PrefixCache(kv_cache_bytes if prefix_cache and spec.causal_prompt else 0)
-        self.stats = EngineStats()
+        self.preempted = 0  # requests preempted so far (KV budget), for logs and tests
         self._waiting: collections.deque[Sequence] = collections.deque()
         self._running: list[Sequence] = []
         self._cv = threading.Condition()
@@ -258,7 +250,7 @@ class Engine:
         while len(self._running) > 1 and self._running_bytes() > self.kv_cache_bytes:
             victim = self._running.pop()
             victim.cache, victim.ready, victim.pending = None, False, []
-            self.stats.preempted += 1
+            self.preempted += 1
             logger.info("engine %s: KV budget exceeded, preempting a request (%d tokens so far)",
                         self.name, len(victim.generated))
             with self._cv:
@@ -271,7 +263,6 @@ class Engine:
         token = choose(logits, seq.sampler)
         seq.sampler.record(token)
         seq.generated.append(token)
-        self.stats.generated_tokens += 1
 
         if token in self.spec.stop_ids:
             self._finish(seq, "stop")

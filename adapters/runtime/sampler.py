@@ -57,10 +57,10 @@ _ARGMAX_BLOCK = 256
 def argmax(x: torch.Tensor) -> int:
     """``int(torch.argmax(x))`` (first index of the maximum) of a NaN-free 1-D tensor.
 
-    Why: torch 2.13's CPU argmax over a 65024-long vocabulary row is a scalar loop (~110 us,
-    measured), paid per sequence per decode step; a row-wise ``amax`` over blocks of 256, then an
-    argmax inside the winning block, is vectorised (~19 us) and picks the same index: the first
-    block holding the maximum, and its first position there.
+    Why: torch 2.13's CPU argmax over a 65024-long vocabulary row is a scalar loop, paid per
+    sequence per decode step; a row-wise ``amax`` over blocks of 256, then an argmax inside the
+    winning block, is vectorised (several times faster; figures in bench/README.md) and picks the
+    same index: the first block holding the maximum, and its first position there.
     """
     n = x.numel()
     rows = n // _ARGMAX_BLOCK

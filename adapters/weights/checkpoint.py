@@ -28,6 +28,7 @@ import struct
 import sys
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -181,3 +182,27 @@ def release_free_memory() -> None:
 def total_size(folder: Path) -> int:
     """Bytes on disk of the weight files (for progress bars)."""
     return sum(p.stat().st_size for p in shard_files(Path(folder)))
+
+
+def config_value(data: dict[str, Any], key: str, kind: type, source: Path,
+                 default: Any = None) -> Any:
+    """``data[key]`` checked to be a ``kind`` (bool, int, float, str), or ``default`` when it is
+    absent or null; absent without a default is a :class:`CheckpointError` naming the key."""
+    if key not in data or data[key] is None:
+        if default is not None:
+            return default
+        raise CheckpointError(f"{source}: required key '{key}' is missing")
+    value = data[key]
+    # bool is an int subclass: a JSON true must not pass as a size, nor 1 as a flag.
+    if kind is bool:
+        ok = isinstance(value, bool)
+    elif kind is float:
+        ok = isinstance(value, (int, float)) and not isinstance(value, bool)
+        value = float(value) if ok else value
+    else:
+        ok = isinstance(value, kind) and not isinstance(value, bool)
+    if not ok:
+        raise CheckpointError(
+            f"{source}: key '{key}' must be {kind.__name__}, got {type(value).__name__} {value!r}"
+        )
+    return value

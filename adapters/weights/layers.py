@@ -10,8 +10,8 @@ The weights are THUDM's (see :mod:`adapters.weights.format`).  The layers here r
   applied after the kernel as for int8 (kernel group scales are 1); group-wise scales are chosen
   bf16-exact by :func:`quantize_groupwise`, so the kernel holds them without rounding.
 
-The kernels are fast only with bf16 activations (fp16/fp32 are 10-60x slower reference loops on CPU,
-measured with torch 2.13), so activations are cast to bf16 for the kernel and the result back to the
+The kernels are fast only with bf16 activations (fp16/fp32 run reference loops on CPU in torch
+2.13), so activations are cast to bf16 for the kernel and the result back to the
 caller's dtype.  Where a kernel is unavailable (other devices, older torch) the layers fall back to
 dequantising per call and a plain matmul in the activation dtype.
 """
@@ -48,10 +48,9 @@ _KERNEL_DTYPE = torch.bfloat16
 #: dequantises its weight to bf16 (in chunks) and runs bf16 GEMMs (oneDNN/MKL) instead of the
 #: fused kernel: ``_weight_int4pack_mm_for_cpu`` re-dequantises the weight for every block of 4
 #: rows (int4mm_kernel.cpp ``BLOCK_M = 4``) and ``_weight_int8pack_mm`` grows alike, so their cost
-#: is linear in the rows (~3 ms per row per ChatGLM2-6B layer), while dequantising costs a fixed
-#: ~145 ms (int4) / ~45 ms (int8) per layer and the GEMM ~1 ms per row.  Crossovers measured with
-#: ``python -m bench.kernels`` (2-core AVX-512 CPU, torch 2.13; bench/README.md).  Batched decode
-#: (at most ``max_running`` rows) stays below them.
+#: is linear in the rows, while dequantising costs a fixed time per layer and the GEMM less per
+#: row.  Crossovers measured with ``python -m bench.kernels`` (figures in bench/README.md).
+#: Batched decode (at most ``max_running`` rows) stays below them.
 DEQUANT_MIN_ROWS = {"int8": 32, "int4": 96}
 #: Weight elements dequantised at a time on that path: 8 Mi bf16 = 16 MB per chunk stays under
 #: glibc's largest mmap threshold (32 MB), so chunks are recycled from the heap instead of being
@@ -142,7 +141,7 @@ def unpack_int4_cpu(packed: torch.Tensor, n: int, k: int, block: int) -> torch.T
     int4mm_kernel.cpp ``weight_to_int4pack_kernel``: rows are packed in blocks of ``block`` (64 with
     AVX-512, 32 with AVX2) as ``[n / block, k, block / 2]`` bytes whose LOW nibble is row ``j`` and
     HIGH nibble row ``j + block / 2`` of the block.  Writing ``[k, n]`` keeps both the reads and the
-    writes in contiguous runs of ``block / 2`` (the ``[n, k]`` order is ~1.5x slower), and
+    writes in contiguous runs of ``block / 2`` (the ``[n, k]`` order measured slower), and
     ``x @ wt`` takes the transposed operand as is.
     """
     half = block // 2
@@ -432,7 +431,7 @@ class Int4Linear(_WeightOnlyLinear):
             self.register_buffer("scales", None if self.per_row else scales.float())
             return
         # THUDM's per-row int4 on a CPU with AVX512-BF16: the gateway's own kernel
-        # (adapters/weights/native), ~1.5x torch's at one row and ~2x with 8-16 rows.
+        # (adapters/weights/native), faster than torch's at every batch size (bench/README.md).
         if native_kernel and not self.per_row:
             raise ValueError("the native int4 kernel needs per-row scales")
         self.native = self.per_row and _use_native(bool(kernel), device, native_kernel)

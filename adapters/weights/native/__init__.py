@@ -9,7 +9,7 @@ output layer at half the memory's rate.  No library on PyPI ships such kernels f
 
 * int4 / int8 / bf16 weight GEMMs on AVX512-BF16 dot products (exact bf16 integers for the
   quantised weights: 2x the fp32 FMA rate, the same products) reading each thread's weights as
-  one sequential stream (``python -m bench.kernels``: 1.4-2.5x torch's kernels);
+  one sequential stream (``python -m bench.kernels`` compares them with torch's kernels);
 * decode attention over each sequence's own KV cache, in place;
 * RMSNorm, rotary embedding and SwiGLU, each one call, with torch's bf16 roundings.
 

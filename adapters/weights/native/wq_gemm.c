@@ -13,7 +13,7 @@
  *     and every product is exact (a bf16 times an integer in [-8, 7] fits fp32), so the result is
  *     the fp32 kernel's sum up to accumulation order;
  *   - the NB weight rows of a register block are interleaved in memory, so each thread reads one
- *     sequential stream (2x the bandwidth of NB separate row streams at one activation row,
+ *     sequential stream (measured faster than NB separate row streams at one activation row,
  *     measured on a 2-core AVX-512 EPYC).
  *
  * Weight layout (adapters/native.py pack_int4): blocks of NB rows; a block is K/64 chunks; a chunk
@@ -29,8 +29,8 @@
 
 #define NB 4 /* weight rows (output columns) per register block */
 /* Software prefetch distance into a thread's weight stream, in bytes.  The hardware prefetcher
- * alone left the int4 kernel at ~26 GB/s; 2-8 KB ahead gave 3.2 vs 3.9 ms per ChatGLM2-6B layer
- * at one row and 9.7 vs 12.5 ms at eight (python -m bench.kernels; 512 B ahead was slower). */
+ * alone left the int4 kernel well under the memory's rate; 2-8 KB ahead measured best, 512 B
+ * slower (python -m bench.kernels; figures in bench/README.md). */
 #define PREFETCH_AHEAD 4096
 #define PREFETCH(p, bytes)                                                                     \
     for (int _l = 0; _l < (bytes); _l += 64)                                                    \
@@ -190,7 +190,8 @@ void wq_int4_dequant(const uint8_t *w, int64_t K, int64_t n0, int64_t n1, bf16_t
 
 /* ---------------------------------------------------------------------------------------------
  * bf16 weights (the output layer, which THUDM keeps unquantized): y[M, N] = x[M, K] . w[N, K]^T.
- * oneDNN's bf16 GEMM reads a 65024 x 4096 weight at ~17 GB/s for one activation row; the same
+ * oneDNN's bf16 GEMM reads a 65024 x 4096 weight well under the memory's rate for one activation
+ * row; the same
  * interleaved layout as above (chunks of 32 columns: NB runs of 32 bf16, one per row) streams it
  * at the memory's rate.  K must be a multiple of 32 and N of NB.
  */
@@ -261,8 +262,8 @@ static inline __m512 round_bf16x16(__m512 v) {
 /* ---------------------------------------------------------------------------------------------
  * Decode attention: one new query per sequence over that sequence's own KV cache, for a batch of
  * sequences whose caches are separate tensors of different lengths.  Replaces "copy every history
- * into a padded [B, groups, L, hd] tensor, convert to fp32, two batched matmuls" (about 1.2 ms per
- * ChatGLM2-6B layer at 8 x 256 positions, measured) with reads in place.
+ * into a padded [B, groups, L, hd] tensor, convert to fp32, two batched matmuls" (copies that grow
+ * with the histories) with reads in place.
  *
  *   q      bf16 [B, heads, hd]            (heads = groups * per_group; head h reads group h / per_group)
  *   cache  bf16 per sequence b: base[b] + layer * 2 * groups * cap[b] * hd, laid out
@@ -347,7 +348,7 @@ void wq_decode_attention(const bf16_t *q, const bf16_t *k_new, const bf16_t *v_n
 
 /* ---------------------------------------------------------------------------------------------
  * The element-wise parts of a ChatGLM2/3 layer in bf16, one call each instead of 8-24 small torch
- * ops (~0.6 ms of dispatch per layer per decode step, measured).  Each reproduces modeling_chatglm.py
+ * ops (whose dispatch cost showed in every decode step).  Each reproduces modeling_chatglm.py
  * as torch evaluates it in bf16: every torch op computes in fp32 and rounds to bf16, so the same
  * roundings happen here at the same points (RNE, as torch's conversion).  Rows are independent,
  * so results do not depend on how many rows are passed together.
