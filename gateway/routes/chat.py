@@ -8,7 +8,6 @@ from fastapi import APIRouter, Depends, Request, Response
 from fastapi.responses import JSONResponse
 
 from adapters.base import ChatRequest
-from gateway.errors import validated
 from gateway.generation import (
     CLIENT_CLOSED,
     admit,
@@ -17,7 +16,7 @@ from gateway.generation import (
     start,
     unless_disconnected,
 )
-from gateway.protocol import ChatCompletionRequest, completion_id, now
+from gateway.protocol import ChatCompletionRequest, completion_id, now, validated
 from gateway.settings import ServerSettings
 from gateway.streaming import CompletionMeta, collect, event_response, sse_events
 

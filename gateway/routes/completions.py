@@ -13,7 +13,6 @@ from fastapi.responses import JSONResponse
 
 from adapters.base import ChatRequest, Message
 from gateway import completions
-from gateway.errors import validated
 from gateway.generation import (
     CLIENT_CLOSED,
     admit,
@@ -22,7 +21,7 @@ from gateway.generation import (
     start,
     unless_disconnected,
 )
-from gateway.protocol import CompletionRequest, legacy_completion_id, now
+from gateway.protocol import CompletionRequest, legacy_completion_id, now, validated
 from gateway.settings import ServerSettings
 from gateway.streaming import CompletionMeta, event_response
 

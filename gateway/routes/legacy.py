@@ -27,9 +27,8 @@ from fastapi.responses import JSONResponse
 
 from adapters.base import ChatRequest, Message
 from gateway.choices import ChoiceStream
-from gateway.errors import validated
 from gateway.generation import CLIENT_CLOSED, admit, resolve_model, start, unless_disconnected
-from gateway.protocol import ChatGLMRequest, ChatGLMResponse, LegacyMessage
+from gateway.protocol import ChatGLMRequest, ChatGLMResponse, LegacyMessage, validated
 from gateway.streaming import finish_reason
 
 logger = logging.getLogger(__name__)
