@@ -1,10 +1,10 @@
 """OpenAI's chat-completion wire format as pydantic v2 models: the one wire-schema file.
 
 Fields are ordered like OpenAI's API reference, the sampling fields both completion routes
-share (:class:`SamplingRequest`) before each route's own.  Requests are validated strictly (a string is
-not a number, ``1.0`` is not an integer, NaN/Infinity are rejected); every failure becomes a
-400 ``invalid_request_error`` naming the field in ``param`` (:func:`validated`, mapped in
-``gateway/errors.py``).
+share (:class:`SamplingRequest`) after a route's inputs and before its other fields.  Requests
+are validated strictly (a string is not a number, ``1.0`` is not an integer, NaN/Infinity are
+rejected); every failure becomes a 400 ``invalid_request_error`` naming the field in ``param``
+(:func:`validated`, mapped in ``gateway/errors.py``).
 
 Documented choices:
 
