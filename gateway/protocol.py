@@ -429,21 +429,26 @@ class CompletionChoice(BaseModel):
     finish_reason: FinishReason | None
 
 
-class _OmitsNullUsage(BaseModel):
-    """OpenAI leaves ``usage`` out of objects that have none (most stream chunks)."""
+class _OmitsNulls(BaseModel):
+    """A response object from which OpenAI leaves the fields in ``omitted_if_null`` out,
+    rather than sending null, when they have no value."""
+
+    model_config = _RESPONSE_CONFIG
+    omitted_if_null: ClassVar[tuple[str, ...]] = ()
 
     @model_serializer(mode="wrap")
-    def _drop_null_usage(self, handler: Any) -> dict[str, Any]:
+    def _drop_nulls(self, handler: Any) -> dict[str, Any]:
         data: dict[str, Any] = handler(self)
-        if data.get("usage") is None:
-            data.pop("usage", None)
+        for key in self.omitted_if_null:
+            if data.get(key) is None:
+                data.pop(key, None)
         return data
 
 
-class Completion(_OmitsNullUsage):
+class Completion(_OmitsNulls):
     """A legacy completion; also each streamed chunk (OpenAI uses one shape for both)."""
 
-    model_config = _RESPONSE_CONFIG
+    omitted_if_null = ("usage",)  # most stream chunks have none
 
     id: str
     object: Literal["text_completion"] = "text_completion"
@@ -544,20 +549,13 @@ def tool_call_id() -> str:
     return f"call_{uuid.uuid4().hex[:24]}"
 
 
-class AssistantMessage(BaseModel):
-    model_config = _RESPONSE_CONFIG
+class AssistantMessage(_OmitsNulls):
+    omitted_if_null = ("tool_calls",)
 
     role: Literal["assistant"] = "assistant"
     content: str | None
     refusal: str | None = None
     tool_calls: list[ResponseToolCall] | None = None
-
-    @model_serializer(mode="wrap")
-    def _drop_unset_tool_calls(self, handler: Any) -> dict[str, Any]:
-        data: dict[str, Any] = handler(self)
-        if data.get("tool_calls") is None:
-            data.pop("tool_calls", None)
-        return data
 
 
 class Choice(BaseModel):
@@ -581,18 +579,14 @@ class ChatCompletion(BaseModel):
     system_fingerprint: str | None = None
 
 
-class ChoiceDelta(BaseModel):
+class ChoiceDelta(_OmitsNulls):
     """A chunk's delta; unset fields are left out, like OpenAI's ``{}`` finish delta."""
 
-    model_config = _RESPONSE_CONFIG
+    omitted_if_null = ("role", "content", "tool_calls")
 
     role: Literal["assistant"] | None = None
     content: str | None = None
     tool_calls: list[ChunkToolCall] | None = None
-
-    @model_serializer(mode="wrap")
-    def _drop_none(self, handler: Any) -> dict[str, Any]:
-        return {k: v for k, v in handler(self).items() if v is not None}
 
 
 class ChunkChoice(BaseModel):
@@ -604,8 +598,8 @@ class ChunkChoice(BaseModel):
     finish_reason: FinishReason | None = None
 
 
-class ChatCompletionChunk(_OmitsNullUsage):
-    model_config = _RESPONSE_CONFIG
+class ChatCompletionChunk(_OmitsNulls):
+    omitted_if_null = ("usage",)  # only the last chunk, with include_usage, has one
 
     id: str
     object: Literal["chat.completion.chunk"] = "chat.completion.chunk"
