@@ -43,22 +43,6 @@ class ChoiceStream:
         return self._primed
 
     async def __anext__(self) -> tuple[int, Delta]:
-        item = await self.next(timeout=None)
-        assert item is not None  # no timeout, so never idle
-        return item
-
-    async def with_pings(self, ping_seconds: float) -> AsyncIterator[tuple[int, Delta] | None]:
-        """Every item, with a None after each ``ping_seconds`` without one (0 = never): the
-        moments a stream sends a keep-alive comment."""
-        while True:
-            try:
-                yield await self.next(timeout=ping_seconds or None)
-            except StopAsyncIteration:
-                return
-
-    async def next(self, timeout: float | None) -> tuple[int, Delta] | None:
-        """The next item, or None when ``timeout`` seconds pass without one (the pending reads
-        keep running; call again).  Raises StopAsyncIteration at the end."""
         if self._primed is not None:
             item, self._primed = self._primed, None
             return item
@@ -68,11 +52,7 @@ class ChoiceStream:
             self._reads[index] = asyncio.ensure_future(_next_delta(self._generations[index]))
         if not self._reads:
             raise StopAsyncIteration
-        done, _ = await asyncio.wait(
-            self._reads.values(), timeout=timeout, return_when=asyncio.FIRST_COMPLETED
-        )
-        if not done:
-            return None
+        done, _ = await asyncio.wait(self._reads.values(), return_when=asyncio.FIRST_COMPLETED)
         # Lowest index first among the finished reads: deterministic order in tests.
         index = min(i for i, task in self._reads.items() if task in done)
         delta = self._reads.pop(index).result()

@@ -21,16 +21,15 @@ from __future__ import annotations
 import logging
 import math
 from collections.abc import Sequence
-from typing import Any, TypeVar
+from typing import Any
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
-from pydantic import BaseModel, ValidationError
+from pydantic import ValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from adapters.base import AdapterError, InvalidRequest, ModelUnavailable, Overloaded
-from gateway.protocol import FieldError
 
 logger = logging.getLogger(__name__)
 
@@ -131,6 +130,15 @@ class InternalError(GatewayError):
         )
 
 
+class FieldError(ValueError):
+    """Raised by a cross-field check of the wire schema to name its field: pydantic reports
+    model-level errors without a location, so :func:`from_validation` reads ``param`` from it."""
+
+    def __init__(self, param: str, message: str) -> None:
+        super().__init__(message)
+        self.param = param
+
+
 # --------------------------------------------------------------------------- mapping
 
 
@@ -177,17 +185,6 @@ def from_validation(err: ValidationError) -> RequestInvalid:
     messages = _dedupe(_message(e) for e in chosen if _param(e) == param)
     where = f"Invalid '{param}': " if param else "Invalid request: "
     return RequestInvalid(where + "; or ".join(messages), param=param, code="invalid_value")
-
-
-M = TypeVar("M", bound=BaseModel)
-
-
-def validated(model: type[M], raw: bytes) -> M:
-    """Parse a JSON body into ``model``; any failure is a :class:`RequestInvalid` (400)."""
-    try:
-        return model.model_validate_json(raw)
-    except ValidationError as err:
-        raise from_validation(err) from None
 
 
 def _field_error(error: Any) -> FieldError | None:

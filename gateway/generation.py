@@ -1,5 +1,6 @@
-"""What every model route shares: resolve the model, start its generations, wait for them.
+"""What every model route shares: resolve the model, start its generations, respond.
 
+A route reads: ``accept`` (body + model) -> ``model.prepare`` -> ``start`` -> ``respond``.
 Every error that can be known before the first token (an unknown model, a conversation the model
 rejects, a full queue, even a failure at the first generation step) is raised before the response
 starts, so it reaches the client as a real status code.
@@ -9,21 +10,33 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import logging
 import time
-from collections.abc import Awaitable, Sequence
+from collections.abc import AsyncIterable, AsyncIterator, Awaitable, Callable, Sequence
+from dataclasses import dataclass
 from typing import TypeVar
 
 import anyio
-from fastapi import Request
+from fastapi import Request, Response
+from fastapi.responses import JSONResponse
+from pydantic import BaseModel
 
-from adapters.base import ModelInfo, Prompt
+from adapters.base import Delta, FinishReason, ModelInfo, Outcome, Prompt
+from gateway import sse
 from gateway.catalog import ModelCatalog, ServedModel
 from gateway.choices import ChoiceStream
+from gateway.errors import InternalError, ServiceUnavailable
 from gateway.lifecycle import Lifecycle
 from gateway.metrics import GatewayMetrics
-from gateway.streaming import finish_reason
+from gateway.protocol import SamplingRequest, now, validated
+from gateway.settings import ServerSettings
+
+logger = logging.getLogger(__name__)
 
 T = TypeVar("T")
+R = TypeVar("R", bound=SamplingRequest)
+#: What a route's chunk generator and collector read: ``(choice index, Delta)``.
+Deltas = AsyncIterable[tuple[int, Delta]]
 
 #: nginx's code for "client closed the request"; nobody reads it, it only shows in access logs.
 CLIENT_CLOSED = 499
@@ -33,6 +46,27 @@ def admit(request: Request) -> None:
     """A router dependency of the model routes: 503 while the server drains."""
     lifecycle: Lifecycle = request.app.state.lifecycle
     lifecycle.check_admission()
+
+
+@dataclass(frozen=True)
+class CompletionMeta:
+    """What every chunk (and the final object) of one completion repeats."""
+
+    id: str
+    created: int
+    model: str
+    system_fingerprint: str | None = None
+
+
+async def accept(request: Request, schema: type[R],
+                 new_id: Callable[[], str]) -> tuple[R, ServedModel, CompletionMeta]:
+    """The first steps of an OpenAI completion route: the validated body (else 400), the model
+    it names (else 404) and the meta of the completion (``new_id()`` makes its id)."""
+    body = validated(schema, await request.body())
+    served = resolve_model(request, body.model)
+    info = served.model.info
+    return body, served, CompletionMeta(id=new_id(), created=now(), model=info.id,
+                                        system_fingerprint=fingerprint(info))
 
 
 def resolve_model(request: Request, name: str | None) -> ServedModel:
@@ -63,6 +97,47 @@ async def start(request: Request, served: ServedModel, prompts: Sequence[Prompt]
         await stream.aclose()
         raise
     return stream
+
+
+async def respond(
+    request: Request, stream: ChoiceStream, name: str, *, streaming: bool = False,
+    chunks: Callable[[Deltas], AsyncIterator[BaseModel]] | None = None,
+    collect: Callable[[Deltas], Awaitable[BaseModel]],
+) -> Response:
+    """The response to started generations: ``streaming``, the SSE stream of
+    ``chunks(stream)``; else ``collect(stream)`` as JSON, or a bare 499 when the client leaves
+    first (the generations are cancelled).  ``stream`` is closed in every case; ``name`` (the
+    completion id) names the response in logs."""
+    if streaming:
+        assert chunks is not None, "a streamed response needs its chunk generator"
+        settings: ServerSettings = request.app.state.settings
+        return sse.response(chunks(stream), stream, name=name,
+                            ping_seconds=settings.sse_ping_seconds,
+                            shutdown_grace=settings.shutdown_grace)
+    try:
+        result = await unless_disconnected(request, collect(stream))
+    finally:
+        await stream.aclose()
+    if result is None:
+        logger.info("client left before %s finished; generation cancelled", name)
+        return Response(status_code=CLIENT_CLOSED)
+    return JSONResponse(result.model_dump(mode="json"))
+
+
+def finish_reason(outcome: Outcome) -> FinishReason:
+    """A generation's outcome -> OpenAI's finish reason; a failed or cancelled generation
+    raises the error the client gets."""
+    if outcome == "stop":
+        return "stop"
+    if outcome == "length":
+        return "length"
+    if outcome == "tool_calls":
+        return "tool_calls"
+    if outcome == "cancelled":
+        raise ServiceUnavailable(
+            "The generation was cancelled by the server (it is shutting down or the model "
+            "stopped).", code="generation_cancelled")
+    raise InternalError()
 
 
 def fingerprint(info: ModelInfo) -> str:

@@ -1,8 +1,10 @@
 """OpenAI's chat-completion wire format as pydantic v2 models: the one wire-schema file.
 
-Fields are ordered like OpenAI's API reference.  Requests are validated strictly (a string is
-not a number, ``1.0`` is not an integer, NaN/Infinity are rejected); every failure becomes a
-400 ``invalid_request_error`` naming the field in ``param`` (see ``gateway/errors.py``).
+Fields are ordered like OpenAI's API reference, the sampling fields both completion routes
+share (:class:`SamplingRequest`) after a route's inputs and before its other fields.  Requests
+are validated strictly (a string is not a number, ``1.0`` is not an integer, NaN/Infinity are
+rejected); every failure becomes a 400 ``invalid_request_error`` naming the field in ``param``
+(:func:`validated`, mapped in ``gateway/errors.py``).
 
 Documented choices:
 
@@ -20,12 +22,14 @@ import re
 import time
 import uuid
 from collections.abc import Mapping
-from typing import Annotated, Any, Literal
+from dataclasses import replace
+from typing import Annotated, Any, ClassVar, Literal, TypeVar
 
 from pydantic import (
     BaseModel,
     ConfigDict,
     Field,
+    ValidationError,
     field_validator,
     model_serializer,
     model_validator,
@@ -40,6 +44,7 @@ from adapters.base import (
     ToolCall,
     Usage,
 )
+from gateway.errors import FieldError, from_validation
 
 #: OpenAI request fields this gateway accepts and ignores (documented in the README).
 IGNORED_FIELDS: tuple[str, ...] = (
@@ -66,6 +71,18 @@ MAX_TOP_LOGPROBS = 20
 
 _REQUEST_CONFIG = ConfigDict(strict=True, allow_inf_nan=False, extra="allow")
 _RESPONSE_CONFIG = ConfigDict(extra="forbid")
+
+M = TypeVar("M", bound=BaseModel)
+T = TypeVar("T")
+
+
+def validated(model: type[M], raw: bytes) -> M:
+    """Parse a JSON body into ``model``; any failure is a
+    :class:`~gateway.errors.RequestInvalid` (400)."""
+    try:
+        return model.model_validate_json(raw)
+    except ValidationError as err:
+        raise from_validation(err) from None
 
 
 # --------------------------------------------------------------------------- request
@@ -157,70 +174,67 @@ class StreamOptions(BaseModel):
 Probability = Annotated[float, Field(ge=-2.0, le=2.0)]
 
 
-class ChatCompletionRequest(BaseModel):
-    """POST /v1/chat/completions."""
+class SamplingRequest(BaseModel):
+    """What chat and legacy completions share: the model, the sampling fields with their
+    checks, and the translation to the adapters' :class:`~adapters.base.SamplingParams`.
+
+    Field order is validation order, and a 400 names the first invalid field: a route lists
+    its inputs (``messages``, ``prompt``) in a base named after this one, whose fields pydantic
+    puts first, so a missing input is named before a bad sampling value.
+    """
 
     model_config = _REQUEST_CONFIG
 
-    messages: list[ChatMessage] = Field(min_length=1)
     model: str
-    audio: Any | None = None
     frequency_penalty: Probability | None = None
-    function_call: Any | None = None
-    functions: Any | None = None
     logit_bias: dict[str, Annotated[float, Field(ge=-100.0, le=100.0)]] | None = None
-    logprobs: bool | None = None
-    max_completion_tokens: int | None = Field(default=None, ge=1)
     max_tokens: int | None = Field(default=None, ge=1)
-    metadata: Any | None = None
-    modalities: Any | None = None
     n: int | None = Field(default=None, ge=1, le=MAX_N)
-    parallel_tool_calls: Any | None = None
-    prediction: Any | None = None
     presence_penalty: Probability | None = None
-    prompt_cache_key: Any | None = None
-    reasoning_effort: Any | None = None
-    response_format: Any | None = None
-    safety_identifier: Any | None = None
     seed: int | None = None
-    service_tier: Any | None = None
     stop: str | list[str] | None = None
-    store: Any | None = None
     stream: bool | None = None
     stream_options: StreamOptions | None = None
     temperature: float | None = Field(default=None, ge=0.0, le=2.0)
-    tool_choice: Any | None = None
-    tools: list[ToolDefinition] | None = None
-    top_logprobs: int | None = Field(default=None, ge=0, le=MAX_TOP_LOGPROBS)
     top_p: float | None = Field(default=None, gt=0.0, le=1.0)
     user: str | None = None
-    verbosity: Any | None = None
-    web_search_options: Any | None = None
     # extensions (vLLM / THUDM demo names)
     top_k: int | None = Field(default=None, ge=0)
     repetition_penalty: float | None = Field(default=None, gt=0.0)
 
+    #: The route's own values for fields a request leaves out; the model's configured
+    #: defaults take precedence over them.
+    route_defaults: ClassVar[SamplingParams] = SamplingParams()
+
     @field_validator("stop")
     @classmethod
     def _stop(cls, v: str | list[str] | None) -> str | list[str] | None:
-        return _check_stop(v)
+        stops = [v] if isinstance(v, str) else (v or [])
+        if len(stops) > MAX_STOP:
+            raise ValueError(f"At most {MAX_STOP} stop sequences are allowed.")
+        if any(s == "" for s in stops):
+            raise ValueError("Stop sequences must be non-empty strings.")
+        return v
 
     @field_validator("logit_bias")
     @classmethod
     def _bias(cls, v: dict[str, float] | None) -> dict[str, float] | None:
-        return _check_logit_bias(v)
+        for key in v or {}:
+            if not re.fullmatch(r"[0-9]+", key):
+                raise ValueError(f"Logit bias keys must be token ids (integers); got '{key}'.")
+        return v
 
     @model_validator(mode="after")
-    def _check_combinations(self) -> ChatCompletionRequest:
-        if self.top_logprobs is not None and not self.logprobs:
-            raise FieldError("top_logprobs", "'top_logprobs' requires 'logprobs' to be true.")
+    def _check_combinations(self) -> SamplingRequest:
+        self.check_route_fields()  # first, so a 400 names the same field as before the merge
         if self.stream_options is not None and not self.stream:
             raise FieldError(
                 "stream_options", "'stream_options' is only allowed when 'stream' is true."
             )
         return self
 
-    # ---------------------------------------------------------------- translation
+    def check_route_fields(self) -> None:
+        """The route's own cross-field rules (raise :class:`FieldError`)."""
 
     @property
     def choices(self) -> int:
@@ -229,6 +243,90 @@ class ChatCompletionRequest(BaseModel):
     @property
     def include_usage(self) -> bool:
         return bool(self.stream_options and self.stream_options.include_usage)
+
+    def requested_max_tokens(self) -> int | None:
+        return self.max_tokens
+
+    def requested_logprobs(self) -> tuple[bool | None, int | None]:
+        """``(logprobs, top_logprobs)`` as asked; None: not given."""
+        return None, None
+
+    def to_sampling_params(self, defaults: Mapping[str, Any] | None = None) -> SamplingParams:
+        """The adapter's frozen params.  A field the request leaves out takes the model's
+        configured default, else the route's, else the SamplingParams default (OpenAI's
+        semantics)."""
+        base = with_defaults(self.route_defaults, defaults)
+        logprobs, top_logprobs = self.requested_logprobs()
+        return SamplingParams(
+            max_tokens=_given(self.requested_max_tokens(), base.max_tokens),
+            temperature=_given(self.temperature, base.temperature),
+            top_p=_given(self.top_p, base.top_p),
+            top_k=_given(self.top_k, base.top_k),
+            stop=base.stop if self.stop is None else (
+                (self.stop,) if isinstance(self.stop, str) else tuple(self.stop)),
+            seed=_given(self.seed, base.seed),
+            presence_penalty=_given(self.presence_penalty, base.presence_penalty),
+            frequency_penalty=_given(self.frequency_penalty, base.frequency_penalty),
+            repetition_penalty=_given(self.repetition_penalty, base.repetition_penalty),
+            logit_bias=tuple(sorted((int(k), float(b)) for k, b in self.logit_bias.items()))
+            if self.logit_bias else base.logit_bias,
+            logprobs=_given(logprobs, base.logprobs),
+            top_logprobs=_given(top_logprobs, base.top_logprobs),
+        )
+
+
+def with_defaults(route: SamplingParams, configured: Mapping[str, Any] | None) -> SamplingParams:
+    """A route's defaults with the model's configured ones (settings) over them."""
+    return replace(route, **(configured or {}))
+
+
+def _given(value: T | None, default: T) -> T:
+    return default if value is None else value
+
+
+class _ChatInput(BaseModel):
+    """The first fields of a chat request (see :class:`SamplingRequest`)."""
+
+    model_config = _REQUEST_CONFIG
+
+    messages: list[ChatMessage] = Field(min_length=1)
+
+
+class ChatCompletionRequest(SamplingRequest, _ChatInput):
+    """POST /v1/chat/completions."""
+
+    audio: Any | None = None
+    function_call: Any | None = None
+    functions: Any | None = None
+    logprobs: bool | None = None
+    max_completion_tokens: int | None = Field(default=None, ge=1)
+    metadata: Any | None = None
+    modalities: Any | None = None
+    parallel_tool_calls: Any | None = None
+    prediction: Any | None = None
+    prompt_cache_key: Any | None = None
+    reasoning_effort: Any | None = None
+    response_format: Any | None = None
+    safety_identifier: Any | None = None
+    service_tier: Any | None = None
+    store: Any | None = None
+    tool_choice: Any | None = None
+    tools: list[ToolDefinition] | None = None
+    top_logprobs: int | None = Field(default=None, ge=0, le=MAX_TOP_LOGPROBS)
+    verbosity: Any | None = None
+    web_search_options: Any | None = None
+
+    def check_route_fields(self) -> None:
+        if self.top_logprobs is not None and not self.logprobs:
+            raise FieldError("top_logprobs", "'top_logprobs' requires 'logprobs' to be true.")
+
+    # ---------------------------------------------------------------- translation
+
+    def requested_max_tokens(self) -> int | None:
+        return self.max_completion_tokens or self.max_tokens
+
+    def requested_logprobs(self) -> tuple[bool | None, int | None]:
+        return self.logprobs, self.top_logprobs
 
     def to_messages(self) -> tuple[Message, ...]:
         return tuple(
@@ -249,52 +347,6 @@ class ChatCompletionRequest(BaseModel):
             for t in self.tools
         )
 
-    def to_sampling_params(self, defaults: Mapping[str, Any] | None = None) -> SamplingParams:
-        """The adapter's frozen params.  A field the request leaves out takes the model's
-        configured default, else the SamplingParams default (OpenAI's semantics)."""
-        return sampling_params({
-            "max_tokens": self.max_completion_tokens or self.max_tokens,
-            "temperature": self.temperature,
-            "top_p": self.top_p,
-            "top_k": self.top_k,
-            "seed": self.seed,
-            "presence_penalty": self.presence_penalty,
-            "frequency_penalty": self.frequency_penalty,
-            "repetition_penalty": self.repetition_penalty,
-            "logprobs": self.logprobs,
-            "top_logprobs": self.top_logprobs,
-        }, self.stop, self.logit_bias, defaults)
-
-
-def sampling_params(
-    given: Mapping[str, Any],
-    stop: str | list[str] | None,
-    logit_bias: Mapping[str, float] | None,
-    defaults: Mapping[str, Any] | None,
-) -> SamplingParams:
-    kwargs = {**(defaults or {}), **{k: v for k, v in given.items() if v is not None}}
-    if stop is not None:
-        kwargs["stop"] = (stop,) if isinstance(stop, str) else tuple(stop)
-    if logit_bias:
-        kwargs["logit_bias"] = tuple(sorted((int(k), float(b)) for k, b in logit_bias.items()))
-    return SamplingParams(**kwargs)
-
-
-def _check_stop(v: str | list[str] | None) -> str | list[str] | None:
-    stops = [v] if isinstance(v, str) else (v or [])
-    if len(stops) > MAX_STOP:
-        raise ValueError(f"At most {MAX_STOP} stop sequences are allowed.")
-    if any(s == "" for s in stops):
-        raise ValueError("Stop sequences must be non-empty strings.")
-    return v
-
-
-def _check_logit_bias(v: dict[str, float] | None) -> dict[str, float] | None:
-    for key in v or {}:
-        if not re.fullmatch(r"[0-9]+", key):
-            raise ValueError(f"Logit bias keys must be token ids (integers); got '{key}'.")
-    return v
-
 
 # --------------------------------------------------------------------------- legacy completions
 
@@ -303,37 +355,13 @@ COMPLETION_MAX_TOKENS = 16
 MAX_LEGACY_LOGPROBS = 5
 
 
-class CompletionRequest(BaseModel):
-    """POST /v1/completions (OpenAI's legacy completions).
-
-    The prompt is fed to the chat model as ONE user turn through its chat format.  Not supported
-    (400): token-id prompts, ``suffix``, ``best_of`` other than ``n``, ``echo`` together with
-    ``logprobs`` (the engine does not score prompt tokens).
-    """
+class _CompletionInput(BaseModel):
+    """The first fields of a legacy completion request (see :class:`SamplingRequest`)."""
 
     model_config = _REQUEST_CONFIG
 
-    model: str
+    model: str  # before the prompt, as OpenAI lists them
     prompt: str | list[str]
-    best_of: int | None = Field(default=None, ge=1, le=MAX_N)
-    echo: bool | None = None
-    frequency_penalty: Probability | None = None
-    logit_bias: dict[str, Annotated[float, Field(ge=-100.0, le=100.0)]] | None = None
-    logprobs: int | None = Field(default=None, ge=0, le=MAX_LEGACY_LOGPROBS)
-    max_tokens: int | None = Field(default=None, ge=1)
-    n: int | None = Field(default=None, ge=1, le=MAX_N)
-    presence_penalty: Probability | None = None
-    seed: int | None = None
-    stop: str | list[str] | None = None
-    stream: bool | None = None
-    stream_options: StreamOptions | None = None
-    suffix: str | None = None
-    temperature: float | None = Field(default=None, ge=0.0, le=2.0)
-    top_p: float | None = Field(default=None, gt=0.0, le=1.0)
-    user: str | None = None
-    # extensions (vLLM / THUDM demo names)
-    top_k: int | None = Field(default=None, ge=0)
-    repetition_penalty: float | None = Field(default=None, gt=0.0)
 
     @field_validator("prompt", mode="before")
     @classmethod
@@ -346,18 +374,24 @@ class CompletionRequest(BaseModel):
                                  "prompt goes through the model's chat format); send text.")
         return v
 
-    @field_validator("stop")
-    @classmethod
-    def _stop(cls, v: str | list[str] | None) -> str | list[str] | None:
-        return _check_stop(v)
 
-    @field_validator("logit_bias")
-    @classmethod
-    def _bias(cls, v: dict[str, float] | None) -> dict[str, float] | None:
-        return _check_logit_bias(v)
+class CompletionRequest(SamplingRequest, _CompletionInput):
+    """POST /v1/completions (OpenAI's legacy completions).
 
-    @model_validator(mode="after")
-    def _check_combinations(self) -> CompletionRequest:
+    The prompt is fed to the chat model as ONE user turn through its chat format.  Not supported
+    (400): token-id prompts, ``suffix``, ``best_of`` other than ``n``, ``echo`` together with
+    ``logprobs`` (the engine does not score prompt tokens).  ``max_tokens`` falls back to the
+    model default, then OpenAI's 16.
+    """
+
+    route_defaults: ClassVar[SamplingParams] = SamplingParams(max_tokens=COMPLETION_MAX_TOKENS)
+
+    best_of: int | None = Field(default=None, ge=1, le=MAX_N)
+    echo: bool | None = None
+    logprobs: int | None = Field(default=None, ge=0, le=MAX_LEGACY_LOGPROBS)
+    suffix: str | None = None
+
+    def check_route_fields(self) -> None:
         if self.suffix:
             raise FieldError("suffix", "'suffix' (insertion) is not supported by ChatGLM models.")
         if self.best_of is not None and self.best_of != self.choices:
@@ -365,39 +399,14 @@ class CompletionRequest(BaseModel):
         if self.echo and self.logprobs is not None:
             raise FieldError("logprobs", "'logprobs' together with 'echo' is not supported "
                              "(prompt tokens are not scored).")
-        if self.stream_options is not None and not self.stream:
-            raise FieldError(
-                "stream_options", "'stream_options' is only allowed when 'stream' is true."
-            )
-        return self
-
-    @property
-    def choices(self) -> int:
-        return self.n or 1
 
     @property
     def prompts(self) -> list[str]:
         return [self.prompt] if isinstance(self.prompt, str) else list(self.prompt)
 
-    @property
-    def include_usage(self) -> bool:
-        return bool(self.stream_options and self.stream_options.include_usage)
-
-    def to_sampling_params(self, defaults: Mapping[str, Any] | None = None) -> SamplingParams:
-        """As chat; ``max_tokens`` falls back to the model default, then OpenAI's 16."""
-        defaults = {"max_tokens": COMPLETION_MAX_TOKENS, **(defaults or {})}
-        return sampling_params({
-            "max_tokens": self.max_tokens,
-            "temperature": self.temperature,
-            "top_p": self.top_p,
-            "top_k": self.top_k,
-            "seed": self.seed,
-            "presence_penalty": self.presence_penalty,
-            "frequency_penalty": self.frequency_penalty,
-            "repetition_penalty": self.repetition_penalty,
-            "logprobs": True if self.logprobs is not None else None,
-            "top_logprobs": self.logprobs,
-        }, self.stop, self.logit_bias, defaults)
+    def requested_logprobs(self) -> tuple[bool | None, int | None]:
+        # The legacy ``logprobs`` is the number of alternatives; any number turns them on.
+        return (True if self.logprobs is not None else None), self.logprobs
 
 
 class CompletionLogprobs(BaseModel):
@@ -420,21 +429,26 @@ class CompletionChoice(BaseModel):
     finish_reason: FinishReason | None
 
 
-class _OmitsNullUsage(BaseModel):
-    """OpenAI leaves ``usage`` out of objects that have none (most stream chunks)."""
+class _OmitsNulls(BaseModel):
+    """A response object from which OpenAI leaves the fields in ``omitted_if_null`` out,
+    rather than sending null, when they have no value."""
+
+    model_config = _RESPONSE_CONFIG
+    omitted_if_null: ClassVar[tuple[str, ...]] = ()
 
     @model_serializer(mode="wrap")
-    def _drop_null_usage(self, handler: Any) -> dict[str, Any]:
+    def _drop_nulls(self, handler: Any) -> dict[str, Any]:
         data: dict[str, Any] = handler(self)
-        if data.get("usage") is None:
-            data.pop("usage", None)
+        for key in self.omitted_if_null:
+            if data.get(key) is None:
+                data.pop(key, None)
         return data
 
 
-class Completion(_OmitsNullUsage):
+class Completion(_OmitsNulls):
     """A legacy completion; also each streamed chunk (OpenAI uses one shape for both)."""
 
-    model_config = _RESPONSE_CONFIG
+    omitted_if_null = ("usage",)  # most stream chunks have none
 
     id: str
     object: Literal["text_completion"] = "text_completion"
@@ -476,13 +490,13 @@ class ChatGLMRequest(BaseModel):
     def to_sampling_params(self, defaults: Mapping[str, Any] | None = None) -> SamplingParams:
         """api.py's ``x if x else default``: 0 or null takes the model's configured default,
         else api.py's own."""
-        return sampling_params({"temperature": self.temperature or None,
-                                "top_p": self.top_p or None},
-                               None, None, {**CHATGLM_API_DEFAULTS, **(defaults or {})})
+        base = with_defaults(CHATGLM_API_DEFAULTS, defaults)
+        return replace(base, temperature=self.temperature or base.temperature,
+                       top_p=self.top_p or base.top_p)
 
 
 #: THUDM api.py's sampling defaults (``top_p if top_p else 0.7``, ...).
-CHATGLM_API_DEFAULTS = {"top_p": 0.7, "temperature": 0.95}
+CHATGLM_API_DEFAULTS = SamplingParams(top_p=0.7, temperature=0.95)
 
 
 class ChatGLMResponse(BaseModel):
@@ -492,15 +506,6 @@ class ChatGLMResponse(BaseModel):
     history: list[Any]
     status: int
     time: str
-
-
-class FieldError(ValueError):
-    """A cross-field check failing on one named field; ``gateway/errors.py`` reads ``param``
-    from it (pydantic reports model-level errors without a location)."""
-
-    def __init__(self, param: str, message: str) -> None:
-        super().__init__(message)
-        self.param = param
 
 
 # --------------------------------------------------------------------------- responses
@@ -544,20 +549,13 @@ def tool_call_id() -> str:
     return f"call_{uuid.uuid4().hex[:24]}"
 
 
-class AssistantMessage(BaseModel):
-    model_config = _RESPONSE_CONFIG
+class AssistantMessage(_OmitsNulls):
+    omitted_if_null = ("tool_calls",)
 
     role: Literal["assistant"] = "assistant"
     content: str | None
     refusal: str | None = None
     tool_calls: list[ResponseToolCall] | None = None
-
-    @model_serializer(mode="wrap")
-    def _drop_unset_tool_calls(self, handler: Any) -> dict[str, Any]:
-        data: dict[str, Any] = handler(self)
-        if data.get("tool_calls") is None:
-            data.pop("tool_calls", None)
-        return data
 
 
 class Choice(BaseModel):
@@ -581,18 +579,14 @@ class ChatCompletion(BaseModel):
     system_fingerprint: str | None = None
 
 
-class ChoiceDelta(BaseModel):
+class ChoiceDelta(_OmitsNulls):
     """A chunk's delta; unset fields are left out, like OpenAI's ``{}`` finish delta."""
 
-    model_config = _RESPONSE_CONFIG
+    omitted_if_null = ("role", "content", "tool_calls")
 
     role: Literal["assistant"] | None = None
     content: str | None = None
     tool_calls: list[ChunkToolCall] | None = None
-
-    @model_serializer(mode="wrap")
-    def _drop_none(self, handler: Any) -> dict[str, Any]:
-        return {k: v for k, v in handler(self).items() if v is not None}
 
 
 class ChunkChoice(BaseModel):
@@ -604,8 +598,8 @@ class ChunkChoice(BaseModel):
     finish_reason: FinishReason | None = None
 
 
-class ChatCompletionChunk(_OmitsNullUsage):
-    model_config = _RESPONSE_CONFIG
+class ChatCompletionChunk(_OmitsNulls):
+    omitted_if_null = ("usage",)  # only the last chunk, with include_usage, has one
 
     id: str
     object: Literal["chat.completion.chunk"] = "chat.completion.chunk"

@@ -10,7 +10,8 @@ import pytest
 
 from adapters.base import Message, SamplingParams, Tool, ToolCall
 from gateway import protocol as p
-from gateway.errors import RequestInvalid, validated
+from gateway.errors import RequestInvalid
+from gateway.protocol import validated
 
 USER = {"role": "user", "content": "hi"}
 

@@ -12,10 +12,12 @@ import httpx
 import pytest
 
 from adapters.base import ChatRequest, Delta, Usage
+from gateway import sse
 from gateway.app import create_app
+from gateway.chat_stream import chunks, collect
 from gateway.choices import ChoiceStream
+from gateway.generation import CompletionMeta
 from gateway.settings import ServerSettings
-from gateway.streaming import CompletionMeta, collect, sse_events
 from tests.fake import FakeChatModel
 from tests.server import running_server
 
@@ -54,7 +56,8 @@ def finished(reason: str = "stop", completion: int = 2) -> Delta:
 async def events(*generations: Scripted, include_usage: bool = False) -> list[Any]:
     stream = ChoiceStream(generations)
     await stream.prime()
-    out = [e async for e in sse_events(stream, META, len(generations), include_usage)]
+    out = [e async for e in sse.events(chunks(stream, META, len(generations), include_usage),
+                                        stream)]
     return [e if e == "[DONE]" else json.loads(e) for e in out]
 
 

@@ -6,60 +6,34 @@ format (``model.prepare([Message("user", prompt)])``), not as raw text to contin
 
 from __future__ import annotations
 
-import logging
-
 from fastapi import APIRouter, Depends, Request, Response
-from fastapi.responses import JSONResponse
 
 from adapters.base import ChatRequest, Message
-from gateway import completions
-from gateway.errors import validated
-from gateway.generation import (
-    CLIENT_CLOSED,
-    admit,
-    fingerprint,
-    resolve_model,
-    start,
-    unless_disconnected,
-)
-from gateway.protocol import CompletionRequest, legacy_completion_id, now
-from gateway.settings import ServerSettings
-from gateway.streaming import CompletionMeta, event_response
+from gateway import completion_stream
+from gateway.completion_stream import CompletionPlan
+from gateway.generation import accept, admit, respond, start
+from gateway.protocol import CompletionRequest, legacy_completion_id
 
-logger = logging.getLogger(__name__)
 router = APIRouter(dependencies=[Depends(admit)])
 
 
 @router.post("/v1/completions", response_model=None)
 async def create_completion(request: Request) -> Response:
-    body = validated(CompletionRequest, await request.body())
-    settings: ServerSettings = request.app.state.settings
-    served = resolve_model(request, body.model)
-    model = served.model
+    body, served, meta = await accept(request, CompletionRequest, legacy_completion_id)
     params = body.to_sampling_params(served.defaults)
     # Every prompt is prepared before anything starts: one bad prompt is a 400 for the request.
-    prompts = [model.prepare(ChatRequest((Message(role="user", content=text),), params))
+    prompts = [served.model.prepare(ChatRequest((Message(role="user", content=text),), params))
                for text in body.prompts]
-
     n = body.choices
-    jobs = [choice for prompt in prompts for choice in prompt.choices(n)]
-    plan = completions.CompletionPlan(
-        meta=CompletionMeta(id=legacy_completion_id(), created=now(), model=model.info.id,
-                            system_fingerprint=fingerprint(model.info)),
+    plan = CompletionPlan(
+        meta=meta,
         echoes=tuple(text if body.echo else "" for text in body.prompts for _ in range(n)),
         prompt_tokens=sum(len(prompt.token_ids) for prompt in prompts),
         logprobs=body.logprobs is not None,
     )
-    stream = await start(request, served, jobs)
-    if body.stream:
-        events = completions.sse_events(stream, plan, include_usage=body.include_usage,
-                                        ping_seconds=settings.sse_ping_seconds)
-        return event_response(events, stream, settings.shutdown_grace)
-    try:
-        completion = await unless_disconnected(request, completions.collect(stream, plan))
-    finally:
-        await stream.aclose()
-    if completion is None:
-        logger.info("client left before %s finished; generation cancelled", plan.meta.id)
-        return Response(status_code=CLIENT_CLOSED)
-    return JSONResponse(completion.model_dump(mode="json"))
+    stream = await start(request, served, [job for prompt in prompts for job in prompt.choices(n)])
+    return await respond(
+        request, stream, meta.id, streaming=bool(body.stream),
+        chunks=lambda deltas: completion_stream.chunks(deltas, plan, body.include_usage),
+        collect=lambda deltas: completion_stream.collect(deltas, plan),
+    )

@@ -4,7 +4,7 @@ The page is plain HTML/CSS/JS shipped inside the package (``gateway/static``, de
 package data) and talks to the ordinary OpenAI endpoints like any other client, so it needs no
 server-side state.  Nothing is loaded from outside the gateway: no CDN, no web fonts.
 
-``POST /`` (ChatGLM's legacy API) lives in another router; only ``GET`` is claimed here.
+``POST /`` (ChatGLM's own API, ``routes/chatglm.py``) lives in another router; only ``GET`` is claimed here.
 """
 
 from __future__ import annotations

@@ -19,20 +19,14 @@ Errors keep OpenAI's error shape and status (api.py itself only ever failed with
 from __future__ import annotations
 
 import datetime
-import logging
 from typing import Any
 
 from fastapi import APIRouter, Depends, Request, Response
-from fastapi.responses import JSONResponse
 
 from adapters.base import ChatRequest, Message
-from gateway.choices import ChoiceStream
-from gateway.errors import validated
-from gateway.generation import CLIENT_CLOSED, admit, resolve_model, start, unless_disconnected
-from gateway.protocol import ChatGLMRequest, ChatGLMResponse, LegacyMessage
-from gateway.streaming import finish_reason
+from gateway.generation import Deltas, admit, finish_reason, resolve_model, respond, start
+from gateway.protocol import ChatGLMRequest, ChatGLMResponse, LegacyMessage, validated
 
-logger = logging.getLogger(__name__)
 router = APIRouter(dependencies=[Depends(admit)])
 
 # THUDM api.py's default.
@@ -51,20 +45,8 @@ async def chatglm_chat(request: Request) -> Response:
         max_length=body.max_length or MAX_LENGTH,
     ))
     stream = await start(request, served, [prompt])
-    try:
-        answer = await unless_disconnected(request, _text(stream))
-    finally:
-        await stream.aclose()
-    if answer is None:
-        logger.info("client left before the answer to POST / finished; generation cancelled")
-        return Response(status_code=CLIENT_CLOSED)
-    reply = ChatGLMResponse(
-        response=answer,
-        history=extended(history, body.prompt, answer),
-        status=200,
-        time=datetime.datetime.now().strftime("%Y-%m-%d %H:%M:%S"),
-    )
-    return JSONResponse(reply.model_dump(mode="json"))
+    return await respond(request, stream, "the answer to POST /",
+                         collect=lambda deltas: _reply(deltas, body, history))
 
 
 def to_messages(history: list[list[str]] | list[LegacyMessage]) -> list[Message]:
@@ -88,10 +70,16 @@ def extended(history: list[list[str]] | list[LegacyMessage], query: str,
     return [*history, [query, response]]
 
 
-async def _text(stream: ChoiceStream) -> str:
-    text = ""
-    async for _, delta in stream:
-        text += delta.text
+async def _reply(deltas: Deltas, body: ChatGLMRequest,
+                 history: list[list[str]] | list[LegacyMessage]) -> ChatGLMResponse:
+    answer = ""
+    async for _, delta in deltas:
+        answer += delta.text
         if delta.finish_reason is not None:
             finish_reason(delta.finish_reason)  # a failed generation raises its error
-    return text
+    return ChatGLMResponse(
+        response=answer,
+        history=extended(history, body.prompt, answer),
+        status=200,
+        time=datetime.datetime.now().strftime("%Y-%m-%d %H:%M:%S"),
+    )

@@ -1,10 +1,10 @@
 """Adapter Deltas -> OpenAI legacy ``text_completion`` objects, streamed or aggregated.
 
 Choice ``i * n + j`` is the ``j``-th sample of prompt ``i`` (OpenAI's numbering for a list of
-prompts).  A stream sends, per choice, the echoed prompt first (with ``echo``), then text chunks,
+prompts).  The chunks are, per choice, the echoed prompt first (with ``echo``), then text chunks,
 then a chunk with empty text and ``finish_reason``; with ``stream_options.include_usage`` a chunk
-with ``choices: []`` and ``usage``; then ``data: [DONE]``.  No role chunk: legacy completions
-have none.
+with ``choices: []`` and ``usage`` (``gateway/sse.py`` sends them, then ``data: [DONE]``).  No
+role chunk: legacy completions have none.
 
 ``logprobs`` uses the legacy shape: parallel lists ``tokens``, ``token_logprobs``,
 ``top_logprobs`` (per token a ``{token: logprob}`` dict of the top alternatives plus the chosen
@@ -14,19 +14,12 @@ token starts in the choice's text, echoed prompt included).
 
 from __future__ import annotations
 
-import logging
 from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass
 
-from sse_starlette import ServerSentEvent
-
 from adapters.base import FinishReason, TokenLogprob, Usage
 from gateway import protocol as p
-from gateway.choices import ChoiceStream
-from gateway.errors import from_exception
-from gateway.streaming import DONE, CompletionMeta, finish_reason, json_event
-
-logger = logging.getLogger(__name__)
+from gateway.generation import CompletionMeta, Deltas, finish_reason
 
 
 @dataclass(frozen=True)
@@ -69,7 +62,7 @@ def _extend(into: p.CompletionLogprobs, more: p.CompletionLogprobs) -> None:
     into.text_offset.extend(more.text_offset)
 
 
-async def collect(stream: ChoiceStream, plan: CompletionPlan) -> p.Completion:
+async def collect(deltas: Deltas, plan: CompletionPlan) -> p.Completion:
     """Aggregate every choice into one non-streamed Completion."""
     n = len(plan.echoes)
     texts = list(plan.echoes)
@@ -77,7 +70,7 @@ async def collect(stream: ChoiceStream, plan: CompletionPlan) -> p.Completion:
     trackers = [_LegacyLogprobs(len(echo)) for echo in plan.echoes]
     logprobs = [_empty_logprobs() for _ in range(n)]
     completion_tokens = 0
-    async for index, delta in stream:
+    async for index, delta in deltas:
         texts[index] += delta.text
         if delta.logprobs:
             _extend(logprobs[index], trackers[index].convert(delta.logprobs))
@@ -96,51 +89,39 @@ async def collect(stream: ChoiceStream, plan: CompletionPlan) -> p.Completion:
     )
 
 
-async def sse_events(
-    stream: ChoiceStream, plan: CompletionPlan, include_usage: bool, ping_seconds: float = 0.0,
-) -> AsyncIterator[str | ServerSentEvent]:
-    """The data of each SSE event, in order (see the module docstring)."""
+async def chunks(deltas: Deltas, plan: CompletionPlan,
+                 include_usage: bool) -> AsyncIterator[p.Completion]:
+    """The chunks of every choice, in order (see the module docstring); ``deltas`` is
+    ``(choice index, Delta)``."""
     trackers = [_LegacyLogprobs(len(echo)) for echo in plan.echoes]
     completion_tokens = 0
-    try:
-        for index, echo in enumerate(plan.echoes):
-            if echo:
-                yield _chunk(plan, p.CompletionChoice(text=echo, index=index, finish_reason=None))
-        async for item in stream.with_pings(ping_seconds):
-            if item is None:
-                yield ServerSentEvent(comment="ping", sep="\n")
-                continue
-            index, delta = item
-            if delta.text or delta.logprobs:
-                yield _chunk(plan, p.CompletionChoice(
-                    text=delta.text, index=index, finish_reason=None,
-                    logprobs=trackers[index].convert(delta.logprobs) if plan.logprobs else None,
-                ))
-            if delta.finish_reason is not None:
-                completion_tokens += delta.usage.completion_tokens if delta.usage else 0
-                yield _chunk(plan, p.CompletionChoice(
-                    text="", index=index, finish_reason=finish_reason(delta.finish_reason)))
-        if include_usage:
-            yield p.Completion(
-                id=plan.meta.id, created=plan.meta.created, model=plan.meta.model, choices=[],
-                usage=_usage(plan, completion_tokens),
-                system_fingerprint=plan.meta.system_fingerprint,
-            ).model_dump_json()
-        yield DONE
-    except Exception as exc:  # the status is sent already: report in-band, then stop
-        error = from_exception(exc)
-        logger.warning("stream %s ended with an error: %s", plan.meta.id, error.message)
-        yield json_event(error.body())
-    finally:
-        await stream.aclose()
+    for index, echo in enumerate(plan.echoes):
+        if echo:
+            yield _chunk(plan, p.CompletionChoice(text=echo, index=index, finish_reason=None))
+    async for index, delta in deltas:
+        if delta.text or delta.logprobs:
+            yield _chunk(plan, p.CompletionChoice(
+                text=delta.text, index=index, finish_reason=None,
+                logprobs=trackers[index].convert(delta.logprobs) if plan.logprobs else None,
+            ))
+        if delta.finish_reason is not None:
+            completion_tokens += delta.usage.completion_tokens if delta.usage else 0
+            yield _chunk(plan, p.CompletionChoice(
+                text="", index=index, finish_reason=finish_reason(delta.finish_reason)))
+    if include_usage:
+        yield p.Completion(
+            id=plan.meta.id, created=plan.meta.created, model=plan.meta.model, choices=[],
+            usage=_usage(plan, completion_tokens),
+            system_fingerprint=plan.meta.system_fingerprint,
+        )
 
 
 def _usage(plan: CompletionPlan, completion_tokens: int) -> Usage:
     return Usage(prompt_tokens=plan.prompt_tokens, completion_tokens=completion_tokens)
 
 
-def _chunk(plan: CompletionPlan, choice: p.CompletionChoice) -> str:
+def _chunk(plan: CompletionPlan, choice: p.CompletionChoice) -> p.Completion:
     return p.Completion(
         id=plan.meta.id, created=plan.meta.created, model=plan.meta.model, choices=[choice],
         system_fingerprint=plan.meta.system_fingerprint,
-    ).model_dump_json()
+    )

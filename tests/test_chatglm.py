@@ -153,8 +153,8 @@ def test_bad_bodies_are_400_in_openai_shape(base_url: str, body: dict[str, objec
     assert set(r.json()["error"]) == {"message", "type", "param", "code"}
 
 
-def test_get_root_is_not_the_legacy_api(base_url: str) -> None:
-    # GET / belongs to the web page; the legacy API only answers POST
+def test_get_root_is_not_the_chatglm_api(base_url: str) -> None:
+    # GET / belongs to the web page; ChatGLM's API only answers POST
     r = httpx.get(f"{base_url}/")
     assert r.status_code == 200 and r.headers["content-type"].startswith("text/html")
 

@@ -1,0 +1,123 @@
+"""Adapter Deltas -> OpenAI chat-completion chunks, or one aggregated ChatCompletion.
+
+The chunks are a straight line, per OpenAI's format (``gateway/sse.py`` sends them, then
+``data: [DONE]``):
+
+1. per choice, a chunk with ``delta: {"role": "assistant", "content": ""}``;
+2. content chunks (a Delta with no text and no logprobs is skipped), or a tool-call chunk;
+3. per choice, a chunk with an empty delta and ``finish_reason``;
+4. with ``stream_options.include_usage``: a chunk with ``choices: []`` and ``usage``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+
+from adapters.base import Delta, FinishReason, TokenLogprob, Usage
+from gateway import protocol as p
+from gateway.generation import CompletionMeta, Deltas, finish_reason
+
+
+async def chunks(deltas: Deltas, meta: CompletionMeta, n: int,
+                 include_usage: bool) -> AsyncIterator[p.ChatCompletionChunk]:
+    """The chunks of ``n`` choices, in order; ``deltas`` is ``(choice index, Delta)``."""
+    usage = _UsageSum()
+    for index in range(n):
+        yield _chunk(meta, p.ChunkChoice(index=index, delta=p.ChoiceDelta(
+            role="assistant", content="")))
+    async for index, delta in deltas:
+        if delta.text or delta.logprobs:
+            yield _chunk(meta, p.ChunkChoice(
+                index=index,
+                delta=p.ChoiceDelta(content=delta.text),
+                logprobs=p.ChoiceLogprobs(content=list(delta.logprobs))
+                if delta.logprobs else None,
+            ))
+        if delta.tool_calls:
+            yield _chunk(meta, p.ChunkChoice(index=index, delta=p.ChoiceDelta(tool_calls=[
+                p.ChunkToolCall(index=i, **call.model_dump())
+                for i, call in enumerate(_tool_calls(delta))
+            ])))
+        if delta.finish_reason is not None:
+            usage.add(delta.usage)
+            yield _chunk(meta, p.ChunkChoice(
+                index=index, delta=p.ChoiceDelta(),
+                finish_reason=finish_reason(delta.finish_reason),
+            ))
+    if include_usage:
+        yield p.ChatCompletionChunk(
+            id=meta.id, created=meta.created, model=meta.model, choices=[],
+            usage=usage.wire(), system_fingerprint=meta.system_fingerprint,
+        )
+
+
+async def collect(deltas: Deltas, meta: CompletionMeta,
+                  n: int) -> p.ChatCompletion:
+    """Aggregate every choice into one non-streamed ChatCompletion."""
+    texts = [""] * n
+    calls: list[list[p.ResponseToolCall]] = [[] for _ in range(n)]
+    logprobs: list[list[TokenLogprob]] = [[] for _ in range(n)]
+    finish: list[FinishReason] = ["stop"] * n
+    usage = _UsageSum()
+    wants_logprobs = False
+    async for index, delta in deltas:
+        texts[index] += delta.text
+        calls[index].extend(_tool_calls(delta))
+        if delta.logprobs:
+            wants_logprobs = True
+            logprobs[index].extend(delta.logprobs)
+        if delta.finish_reason is not None:
+            finish[index] = finish_reason(delta.finish_reason)
+            usage.add(delta.usage)
+    return p.ChatCompletion(
+        id=meta.id,
+        created=meta.created,
+        model=meta.model,
+        choices=[
+            p.Choice(
+                index=i,
+                message=p.AssistantMessage(
+                    # OpenAI: content is null on a message that only calls tools
+                    content=texts[i] if texts[i] or not calls[i] else None,
+                    tool_calls=calls[i] or None,
+                ),
+                logprobs=p.ChoiceLogprobs(content=logprobs[i]) if wants_logprobs else None,
+                finish_reason=finish[i],
+            )
+            for i in range(n)
+        ],
+        usage=usage.wire(),
+        system_fingerprint=meta.system_fingerprint,
+    )
+
+
+class _UsageSum:
+    """Prompt counted once (all choices share it, as OpenAI counts n>1), completions summed."""
+
+    def __init__(self) -> None:
+        self.prompt = 0
+        self.completion = 0
+
+    def add(self, usage: Usage | None) -> None:
+        if usage is None:
+            return
+        self.prompt = max(self.prompt, usage.prompt_tokens)
+        self.completion += usage.completion_tokens
+
+    def wire(self) -> Usage:
+        return Usage(prompt_tokens=self.prompt, completion_tokens=self.completion)
+
+
+def _tool_calls(delta: Delta) -> list[p.ResponseToolCall]:
+    return [
+        p.ResponseToolCall(id=call.id or p.tool_call_id(),
+                           function=p.ResponseFunction(name=call.name, arguments=call.arguments))
+        for call in delta.tool_calls
+    ]
+
+
+def _chunk(meta: CompletionMeta, choice: p.ChunkChoice) -> p.ChatCompletionChunk:
+    return p.ChatCompletionChunk(
+        id=meta.id, created=meta.created, model=meta.model, choices=[choice],
+        system_fingerprint=meta.system_fingerprint,
+    )

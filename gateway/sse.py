@@ -1,0 +1,115 @@
+"""The one Server-Sent Events core: a route's chunks out as an OpenAI-style event stream.
+
+Events are ``data: <json>\\n\\n`` with LF line ends and no ``event:``/``id:`` fields; the last
+is ``data: [DONE]``.  Keep-alive pings are SSE comments (``: ping``), which OpenAI's SDK skips,
+sent after ``ping_seconds`` without an event.  An error once the stream has started (the status
+is sent already) goes out as one ``data: {"error": {...}}`` event, and the stream ends without
+``[DONE]``.  The model's :class:`~gateway.choices.ChoiceStream` is closed in every case.
+
+The routes' stream modules (``chat_stream``, ``completion_stream``) only turn Deltas into their
+chunk objects; everything about the wire is here.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+from collections.abc import AsyncGenerator, AsyncIterator
+from typing import TypeVar
+
+import anyio
+from pydantic import BaseModel
+from sse_starlette import EventSourceResponse, ServerSentEvent
+from starlette.background import BackgroundTask
+
+from gateway.choices import ChoiceStream
+from gateway.errors import from_exception
+
+logger = logging.getLogger(__name__)
+
+DONE = "[DONE]"
+
+T = TypeVar("T")
+
+
+def response(chunks: AsyncIterator[BaseModel], stream: ChoiceStream, *, name: str,
+             ping_seconds: float = 0.0, shutdown_grace: float = 0.0) -> EventSourceResponse:
+    """The SSE response sending ``chunks`` (read from ``stream``, closed after it in every case,
+    even if the body never started because the client left at once).
+
+    sse-starlette ends every stream as soon as uvicorn starts shutting down; with
+    ``shutdown_grace`` the stream may first run to its end for that long (the drain).
+    """
+    return EventSourceResponse(
+        events(chunks, stream, name=name, ping_seconds=ping_seconds),
+        sep="\n",
+        ping=0,  # events() sends the keep-alive comments, in the format above
+        shutdown_grace_period=shutdown_grace,
+        background=BackgroundTask(stream.aclose),
+        headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
+    )
+
+
+async def events(chunks: AsyncIterator[BaseModel], stream: ChoiceStream, *, name: str = "",
+                 ping_seconds: float = 0.0) -> AsyncIterator[str | ServerSentEvent]:
+    """The data of each SSE event, in order (sse-starlette adds ``data: `` and the blank line),
+    with a comment event after every ``ping_seconds`` without one (0 = never).  ``name`` (the
+    completion id) only names the stream in logs."""
+    pinged = _with_pings(chunks, ping_seconds)
+    try:
+        async for chunk in pinged:
+            yield ServerSentEvent(comment="ping", sep="\n") if chunk is None \
+                else chunk.model_dump_json()
+        yield DONE
+    except Exception as exc:  # the status is sent already: report in-band, then stop
+        error = from_exception(exc)
+        logger.warning("stream %s ended with an error: %s", name, error.message)
+        yield json_event(error.body())
+    finally:
+        await pinged.aclose()
+        await stream.aclose()
+
+
+def json_event(body: dict[str, object]) -> str:
+    return json.dumps(body, ensure_ascii=False, separators=(",", ":"))
+
+
+async def _with_pings(items: AsyncIterator[T],
+                      seconds: float) -> AsyncGenerator[T | None, None]:
+    """Every item of ``items``, with a None after each ``seconds`` without one (0 = never).
+
+    The pending read runs in its own task so that a ping never interrupts it; it is cancelled,
+    and ``items`` closed, however this generator ends (it must not be closed while a read of
+    it runs, so no one else closes it).
+    """
+    read: asyncio.Task[tuple[T] | None] | None = None
+    try:
+        while True:
+            if read is None:
+                read = asyncio.ensure_future(_next(items))
+            done, _ = await asyncio.wait({read}, timeout=seconds or None)
+            if not done:
+                yield None
+                continue
+            item, read = read.result(), None
+            if item is None:
+                return
+            yield item[0]
+    finally:
+        with anyio.CancelScope(shield=True):  # a disconnect cancels the task running this
+            if read is not None:
+                read.cancel()
+                await asyncio.gather(read, return_exceptions=True)
+            aclose = getattr(items, "aclose", None)
+            if aclose is not None:
+                await aclose()
+
+
+async def _next(items: AsyncIterator[T]) -> tuple[T] | None:
+    """The next item (boxed, so that an item may be None), or None at the end:
+    StopAsyncIteration must not escape a Task."""
+    try:
+        return (await items.__anext__(),)
+    except StopAsyncIteration:
+        return None
