@@ -31,6 +31,11 @@ those bytes in three ways, each handled here:
    step where the grammar allows nothing else keeps the grammar's own mask (then decoding
    rewrites that spot; such text cannot be produced through ChatGLM-6B's decode at all).
 
+Text a grammar forces (property names, enum values, choices) is tokenized by greedy longest
+match over those exact bytes, and only that tokenization's next id is allowed (llguidance keeps
+forced text canonical); so ChatGLM-6B spells a forced newline with ``<n>``, spaces with
+``<|blank_n|>``.  The family's ``encode`` cannot serve: SentencePiece adds a dummy-prefix space.
+
 The family post-processors do more than strip (ChatGLM-6B widens ``, ! : ; ?`` next to CJK,
 v2/v3 replace ``[[训练时间]]``, v3 splits a first metadata line): a caller serving a grammar
 should strip only.

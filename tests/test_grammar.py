@@ -250,8 +250,8 @@ def test_regex(family: Family) -> None:
 
 def test_choice_keeps_chinese_newlines_and_spaces(family: Family) -> None:
     # ChatGLM-6B encodes "\n" as <n>, runs of spaces as <|blank_n|> and "\t" as <|tab|>; the
-    # decoded choice must come back intact.
-    choices = ["北京", "上海 浦东", "San Francisco", "第一行\n第二行", "a  b\tc", "深圳   市"]
+    # emoji is four byte-fallback pieces.  The decoded choice must come back intact.
+    choices = ["北京", "上海 浦东", "San Francisco", "第一行\n第二行", "a  b\tc", "深圳   市", "😀ok"]
     spec = GrammarSpec("choice", json.dumps(choices, ensure_ascii=False))
     seen = set()
     for seed in range(8):
