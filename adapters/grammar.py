@@ -324,7 +324,7 @@ class TokenGrammar:
         self._lock = threading.Lock()
         self._threads = threads
         self._executor: LLExecutor | None = None
-        self._scratch = threading.local()  # per-thread float buffers of apply_bitmask
+        self._scratch = threading.local()  # per-thread buffers of fill_bitmask / apply_bitmask
 
     # ---------------------------------------------------------------- construction helpers
 
@@ -442,15 +442,16 @@ class TokenGrammar:
 
     def fill_bitmask(self, matchers: Sequence[GrammarMatcher]) -> torch.Tensor:
         """llguidance's next-token bit masks of ``matchers`` as int32 ``[B, words]`` (several:
-        one parallel call on llguidance's threads, which run without the GIL).  Half of
-        :meth:`mask_batch`; an engine may run it while the model computes the logits."""
+        one parallel call on llguidance's threads, which run without the GIL), in a buffer
+        reused by the next call.  Half of :meth:`mask_batch`; an engine may run it while the
+        model computes the logits."""
         for m in matchers:
             if m.grammar is not self:
                 raise ValueError("a matcher of another model's TokenGrammar")
         if len(matchers) == 1:
             bitmask = matchers[0]._fill()
         else:
-            bitmask = torch.empty((len(matchers), self.allowed_words.numel()), dtype=torch.int32)
+            bitmask = self._buffer("words", len(matchers), self.allowed_words.numel(), torch.int32)
             self._executor_or_new().unsafe_compute_mask_ptr(
                 [(m._llm, k) for k, m in enumerate(matchers)],
                 bitmask.data_ptr(), bitmask.shape[1] * 4, len(matchers),
@@ -474,12 +475,16 @@ class TokenGrammar:
         if empty:
             raise GrammarViolation("the grammar allows only ids that are never generated "
                                    "(special tokens)", rows=empty)
-        rows = bitmask.shape[0]
-        scratch: torch.Tensor | None = getattr(self._scratch, "rows", None)
-        if scratch is None or scratch.shape[0] < rows:
-            scratch = torch.empty((rows, bitmask.shape[1] * 32))
-            self._scratch.rows = scratch
-        _apply(bitmask, logits, self.vocab_size, scratch[:rows])
+        scratch = self._buffer("floats", bitmask.shape[0], bitmask.shape[1] * 32, torch.float32)
+        _apply(bitmask, logits, self.vocab_size, scratch)
+
+    def _buffer(self, name: str, rows: int, width: int, dtype: torch.dtype) -> torch.Tensor:
+        """A per-thread buffer of at least ``rows`` rows, reused from step to step."""
+        buffer: torch.Tensor | None = getattr(self._scratch, name, None)
+        if buffer is None or buffer.shape[0] < rows:
+            buffer = torch.empty((rows, width), dtype=dtype)
+            setattr(self._scratch, name, buffer)
+        return buffer[:rows]
 
     def _executor_or_new(self) -> LLExecutor:
         """llguidance's thread pool for batched masks, made on first use."""
