@@ -1,6 +1,7 @@
 """Cost of grammar-constrained decoding per step: the llguidance mask and its application to a row.
 
     python -m bench.grammar [--steps 400] [--batches 1,8] [--tokenizer PATH/tokenizer.model]
+                            [--threads N] [--llguidance-threads N]
 
 Sequences follow a JSON-schema grammar (an object with a free string, an integer, an enum, an array
 of strings and a nested object) with random logits on ChatGLM2-6B's padded vocabulary (65024),
@@ -129,13 +130,18 @@ def main() -> None:
     parser.add_argument("--cache-dir", type=Path,
                         default=Path(tempfile.gettempdir()) / "chatglm-gateway-bench")
     parser.add_argument("--threads", type=int, default=None,
-                        help="llguidance threads for batched masks (default: its choice)")
+                        help="torch intra-op threads (default: torch's choice, one per core)")
+    parser.add_argument("--llguidance-threads", type=int, default=None,
+                        help="llguidance threads for batched masks (default: its choice, 80%% "
+                             "of the cores)")
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
+    if args.threads:
+        torch.set_num_threads(args.threads)
     tokenizer, described = pick_tokenizer(args.tokenizer, args.cache_dir)
 
     start = time.perf_counter()
-    grammar = TokenGrammar(tokenizer, {EOS_ID}, threads=args.threads)
+    grammar = TokenGrammar(tokenizer, {EOS_ID}, threads=args.llguidance_threads)
     built = time.perf_counter() - start
     spec = GrammarSpec("json_schema", json.dumps(SCHEMA))
     start = time.perf_counter()
