@@ -285,6 +285,15 @@ def test_choice_prefers_the_tokenizers_own_whitespace_ids(glm6b: Family) -> None
     assert 4 in ids  # <n>
     assert 130009 + 3 - 2 in ids  # <|blank_3|>
     assert tok.decode(ids[:-1]) == "甲\n乙   丙"
+    # the same inside a JSON enum (where the newline is escaped)
+    spec = GrammarSpec("json_schema", json.dumps({"enum": ["上海  浦东\n", "北京"]}))
+    for seed in range(4):
+        ids = generate(glm6b, spec, seed)
+        assert json.loads(answer(glm6b, ids)) in ("上海  浦东\n", "北京")
+        if 130009 in ids:  # <|blank_2|>
+            break
+    else:
+        raise AssertionError("the enum with two spaces never came out")
 
 
 LARK_CALL = r"""
