@@ -89,11 +89,47 @@ class ToolCall:
 
 @dataclass(frozen=True)
 class Tool:
-    """A function the model may call: OpenAI's ``tools[].function``."""
+    """A function the model may call: OpenAI's ``tools[].function``.  ``parameters`` is a JSON
+    schema; a forced call's arguments always follow it (``strict`` only changes how unknown
+    schema keywords are treated: an error rather than ignored)."""
 
     name: str
     description: str = ""
     parameters: dict[str, object] = field(default_factory=dict)
+    strict: bool = False
+
+
+@dataclass(frozen=True)
+class ToolChoice:
+    """OpenAI's ``tool_choice`` and ``parallel_tool_calls``.  ``mode``: ``"auto"`` (the model
+    decides), ``"required"`` (at least one call), ``"function"`` (a call to ``name``)."""
+
+    mode: Literal["auto", "required", "function"] = "auto"
+    name: str | None = None
+    parallel: bool = True
+
+    @property
+    def forced(self) -> bool:
+        return self.mode != "auto"
+
+
+GrammarKind = Literal["json_schema", "json_object", "regex", "choice", "lark"]
+
+
+@dataclass(frozen=True)
+class GrammarSpec:
+    """What an answer is constrained to (constrained decoding).
+
+    ``value``: the schema as JSON text (``json_schema``), ignored for ``json_object`` (any JSON
+    object), a regex, a JSON list of strings (``choice``), or Lark source in llguidance's
+    dialect (``lark``).  ``whitespace_flexible`` lets JSON put whitespace between tokens (compact
+    otherwise, as OpenAI's answers look); ``strict``: unknown JSON-schema keywords are an error.
+    """
+
+    kind: GrammarKind
+    value: str = ""
+    whitespace_flexible: bool = False
+    strict: bool = True
 
 
 @dataclass(frozen=True)
@@ -104,6 +140,8 @@ class Message:
     content: str
     name: str | None = None
     tool_calls: tuple[ToolCall, ...] = ()
+    #: a ``tool`` message: the id of the call it answers
+    tool_call_id: str | None = None
 
 
 @dataclass(frozen=True)
@@ -140,8 +178,11 @@ class ChatRequest:
 
     messages: tuple[Message, ...]
     params: SamplingParams = field(default_factory=SamplingParams)
-    #: functions the model may call; ignored by models without a tool format
+    #: functions the model may call (none: ``tool_choice`` "none" or no tools offered)
     tools: tuple[Tool, ...] = ()
+    tool_choice: ToolChoice = field(default_factory=ToolChoice)
+    #: ``response_format`` / ``structured_outputs``: what the answer must parse as
+    grammar: GrammarSpec | None = None
     #: THUDM ``chat()``'s ``max_length``: prompt plus completion tokens (ChatGLM's ``POST /``
     #: passes it); None: only the context window bounds the two together
     max_length: int | None = None
@@ -179,6 +220,9 @@ class Prompt:
     text: str = ""  # the prompt as a string, for logs and debugging only
     #: the request offered tools and the model can call them: answers may be tool calls
     tools: bool = False
+    #: every generated token is masked to what this grammar allows (a response format, or the
+    #: family's tool-call format when a call is forced)
+    grammar: GrammarSpec | None = None
 
     @property
     def max_tokens(self) -> int:

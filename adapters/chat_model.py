@@ -16,6 +16,7 @@ from typing import Any
 from adapters.base import (
     ChatRequest,
     Delta,
+    GrammarSpec,
     InvalidRequest,
     ModelInfo,
     Prompt,
@@ -23,6 +24,7 @@ from adapters.base import (
 from adapters.conversation import SystemPolicy
 from adapters.family import CausalLM, FamilySpec, Tokenizer
 from adapters.runtime.engine import Engine
+from adapters.runtime.grammar import GrammarError, TokenGrammar
 
 logger = logging.getLogger(__name__)
 
@@ -45,9 +47,11 @@ class TorchChatModel:
         self.tokenizer = tokenizer
         self.model = model
         self.system_policy = system_policy
+        # The vocabulary as the grammar engine sees it: built once here, on the loading thread.
+        self.grammar = TokenGrammar(tokenizer, spec.stop_ids)
         self.engine = Engine(
-            model, tokenizer, spec, name=info.id, max_running=max_running,
-            max_waiting=max_waiting, **engine_options,
+            model, tokenizer, spec, name=info.id, grammar=self.grammar,
+            max_running=max_running, max_waiting=max_waiting, **engine_options,
         )
 
     @property
@@ -55,8 +59,7 @@ class TorchChatModel:
         return self.model.context_length
 
     def prepare(self, request: ChatRequest) -> Prompt:
-        params = request.params
-        tools = request.tools if self.spec.supports_tools else ()  # no tool format: unused
+        params, tools = request.params, request.tools
         conv = self.spec.to_conversation(request.messages, tools, self.system_policy)
         ids, text = self.spec.build_prompt(self.tokenizer, conv)
         for token_id, _ in params.logit_bias:
@@ -67,9 +70,25 @@ class TorchChatModel:
                     param="logit_bias",
                 )
         max_new = request.completion_budget(len(ids), self.context_length)
+        grammar = self._grammar(request)
         self.engine.check_capacity()
         return Prompt(token_ids=tuple(ids), params=replace(params, max_tokens=max_new),
-                      text=text, tools=bool(tools))
+                      text=text, tools=bool(tools), grammar=grammar)
+
+    def _grammar(self, request: ChatRequest) -> GrammarSpec | None:
+        """The request's grammar, compiled now so that a bad one is a 400 before any byte is
+        sent (the engine's matchers reuse the compiled grammar)."""
+        if request.tools:
+            grammar, param = self.spec.tool_grammar(request.tools, request.tool_choice), "tools"
+        else:
+            grammar, param = request.grammar, "response_format"
+        if grammar is not None:
+            try:
+                self.grammar.compile(grammar)
+            except GrammarError as exc:
+                raise InvalidRequest(f"The {param.replace('_', ' ')} cannot be used as a "
+                                     f"grammar: {exc}", param=param) from exc
+        return grammar
 
     async def generate(self, prompt: Prompt) -> AsyncIterator[Delta]:
         loop = asyncio.get_running_loop()

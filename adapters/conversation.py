@@ -19,6 +19,7 @@ from dataclasses import dataclass
 from typing import Literal
 
 from adapters.base import InvalidRequest, Message, Tool
+from adapters.tool_convention import assistant_text, tool_result_text, tools_preamble
 
 SystemPolicy = Literal["prepend", "reject"]
 SYSTEM_ROLES = ("system", "developer")
@@ -47,12 +48,13 @@ class Conversation:
 def to_pairs(
     messages: Sequence[Message], tools: Sequence[Tool] = (), policy: SystemPolicy = "prepend"
 ) -> Conversation:
-    """Map messages to ``(query, history)``.  ``tools`` is unused: a pair family has no tool
-    format."""
+    """Map messages to ``(query, history)``.  Offered ``tools``, earlier calls and tool results
+    follow :mod:`adapters.tool_convention` (a tool result is a user turn)."""
     if not messages:
         raise InvalidRequest("'messages' must contain at least one message.", param="messages")
     system_parts: list[str] = []
     merged: list[tuple[str, str]] = []  # (role, text) with same-role runs joined
+    call_names = {call.id: call.name for m in messages for call in m.tool_calls if call.id}
     for i, m in enumerate(messages):
         if m.role in SYSTEM_ROLES:
             if policy == "reject":
@@ -63,28 +65,37 @@ def to_pairs(
                 )
             system_parts.append(m.content)
             continue
-        if m.role not in ("user", "assistant"):
+        if m.role not in ("user", "assistant", "tool"):
             raise InvalidRequest(
-                f"Role '{m.role}' is not supported by this model; use 'system', 'user' or "
-                "'assistant'.",
+                f"Role '{m.role}' is not supported by this model; use 'system', 'user', "
+                "'assistant' or 'tool'.",
                 param=f"messages.[{i}].role",
             )
-        if merged and merged[-1][0] == m.role:
-            merged[-1] = (m.role, merged[-1][1] + "\n" + m.content)
+        role, text = m.role, m.content
+        if role == "tool":
+            role, text = "user", tool_result_text(m, call_names)
+        elif m.tool_calls:
+            try:
+                text = assistant_text(m)
+            except ValueError as exc:
+                raise InvalidRequest(str(exc), param=f"messages.[{i}].tool_calls") from exc
+        if merged and merged[-1][0] == role:
+            merged[-1] = (role, merged[-1][1] + "\n" + text)
         else:
-            merged.append((m.role, m.content))
+            merged.append((role, text))
     if not merged or merged[-1][0] != "user":
         raise InvalidRequest(
-            "The last message must be a user message for this model.", param="messages"
+            "The last message must be a user or tool message for this model.", param="messages"
         )
     if merged[0][0] != "user":
         raise InvalidRequest(
             "The conversation must start with a user message (after any system messages).",
             param="messages",
         )
-    if system_parts:
+    preamble = ([tools_preamble(tools)] if tools else []) + system_parts
+    if preamble:
         first = merged[0]
-        merged[0] = (first[0], "\n".join(system_parts) + "\n" + first[1])
+        merged[0] = (first[0], "\n".join(preamble) + "\n" + first[1])
     history = tuple(
         (merged[j][1], merged[j + 1][1]) for j in range(0, len(merged) - 1, 2)
     )

@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 if TYPE_CHECKING:
     import torch
 
-    from adapters.base import Message, Tool, ToolCall
+    from adapters.base import GrammarSpec, Message, Tool, ToolCall, ToolChoice
     from adapters.conversation import Conversation, SystemPolicy
     from adapters.weights.format import QuantLayout
 
@@ -118,6 +118,9 @@ class FamilySpec:
     to_conversation: Callable[[Sequence[Message], Sequence[Tool], SystemPolicy], Conversation]
     build_prompt: Callable[[Tokenizer, Conversation], tuple[list[int], str]]
     new_postprocessor: Callable[[bool], StreamPostprocessor]  # (tools offered) -> processor
+    #: the grammar an answer must follow when tools are offered (the family's call format;
+    #: None: unconstrained)
+    tool_grammar: Callable[[Sequence[Tool], ToolChoice], GrammarSpec | None]
     #: the linears THUDM quantises in this family's checkpoints, and its reference rounding
     quant_layout: QuantLayout
     #: ChatGLM3's chat() drops the last generated id, assuming it is eos
@@ -128,6 +131,3 @@ class FamilySpec:
     #: follows it, so a cached prefix can be reused and a long prompt prefilled in chunks.
     #: ChatGLM-6B attends bidirectionally over its context (prefix-LM), so neither holds there.
     causal_prompt: bool = True
-    #: The model has a tool-call format (ChatGLM3): offered tools reach the prompt and answers
-    #: may come back as tool calls.
-    supports_tools: bool = False

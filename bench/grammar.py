@@ -36,9 +36,10 @@ from pathlib import Path
 
 import torch
 
+from adapters.base import GrammarSpec
 from adapters.chatglm2.tokenizer import ChatGLM2Tokenizer
 from adapters.family import Tokenizer
-from adapters.grammar import GrammarMatcher, GrammarSpec, TokenGrammar
+from adapters.runtime.grammar import GrammarMatcher, TokenGrammar
 from bench.common import machine_summary, markdown_table
 from bench.workload import EOS_ID, load_tokenizer
 

@@ -33,11 +33,10 @@ async def chunks(deltas: Deltas, meta: CompletionMeta, n: int,
                 logprobs=p.ChoiceLogprobs(content=list(delta.logprobs))
                 if delta.logprobs else None,
             ))
-        if delta.tool_calls:
-            yield _chunk(meta, p.ChunkChoice(index=index, delta=p.ChoiceDelta(tool_calls=[
-                p.ChunkToolCall(index=i, **call.model_dump())
-                for i, call in enumerate(_tool_calls(delta))
-            ])))
+        for i, call in enumerate(_tool_calls(delta)):
+            for piece in _call_pieces(i, call):
+                yield _chunk(meta, p.ChunkChoice(index=index,
+                                                 delta=p.ChoiceDelta(tool_calls=[piece])))
         if delta.finish_reason is not None:
             usage.add(delta.usage)
             yield _chunk(meta, p.ChunkChoice(
@@ -113,6 +112,21 @@ def _tool_calls(delta: Delta) -> list[p.ResponseToolCall]:
         p.ResponseToolCall(id=call.id or p.tool_call_id(),
                            function=p.ResponseFunction(name=call.name, arguments=call.arguments))
         for call in delta.tool_calls
+    ]
+
+
+#: Characters of a call's arguments per chunk after the first (OpenAI streams them in pieces).
+ARGUMENT_PIECE = 32
+
+
+def _call_pieces(index: int, call: p.ResponseToolCall) -> list[p.ChunkToolCall]:
+    """A tool call as OpenAI streams one: id, type and name first, then the arguments."""
+    first = p.ChunkToolCall(index=index, id=call.id, type="function",
+                            function=p.ChunkFunction(name=call.function.name, arguments=""))
+    text = call.function.arguments
+    return [first] + [
+        p.ChunkToolCall(index=index, function=p.ChunkFunction(arguments=text[i:i + ARGUMENT_PIECE]))
+        for i in range(0, len(text), ARGUMENT_PIECE)
     ]
 
 

@@ -18,6 +18,7 @@ Documented choices:
 
 from __future__ import annotations
 
+import json
 import re
 import time
 import uuid
@@ -37,19 +38,19 @@ from pydantic import (
 
 from adapters.base import (
     FinishReason,
+    GrammarSpec,
     Message,
     SamplingParams,
     TokenLogprob,
     Tool,
     ToolCall,
+    ToolChoice,
     Usage,
 )
 from gateway.errors import FieldError, from_validation
 
 #: OpenAI request fields this gateway accepts and ignores (documented in the README).
 IGNORED_FIELDS: tuple[str, ...] = (
-    "response_format",
-    "parallel_tool_calls",
     "service_tier",
     "store",
     "metadata",
@@ -130,7 +131,7 @@ class FunctionDefinition(BaseModel):
     name: str = Field(min_length=1, max_length=64)
     description: str | None = None
     parameters: dict[str, Any] | None = None
-    strict: bool | None = None  # accepted, not enforced
+    strict: bool | None = None
 
 
 class ToolDefinition(BaseModel):
@@ -163,6 +164,94 @@ class ChatMessage(BaseModel):
         if isinstance(self.content, str):
             return self.content
         return "\n".join(part.text or "" for part in self.content)
+
+
+class NamedFunction(BaseModel):
+    model_config = _REQUEST_CONFIG
+
+    name: str = Field(min_length=1)
+
+
+class NamedToolChoice(BaseModel):
+    """``{"type": "function", "function": {"name": ...}}``: a call to exactly that function."""
+
+    model_config = _REQUEST_CONFIG
+
+    type: Literal["function"]
+    function: NamedFunction
+
+
+class JsonSchemaFormat(BaseModel):
+    """``response_format.json_schema``: OpenAI's structured-outputs schema wrapper."""
+
+    model_config = ConfigDict(strict=True, allow_inf_nan=False, extra="allow",
+                              populate_by_name=True)
+
+    name: str | None = Field(default=None, max_length=64)
+    description: str | None = None
+    schema_: dict[str, Any] | None = Field(default=None, alias="schema")
+    strict: bool | None = None
+
+
+class ResponseFormat(BaseModel):
+    """``response_format``: ``text``, ``json_object`` (any JSON object) or ``json_schema``."""
+
+    model_config = _REQUEST_CONFIG
+
+    type: Literal["text", "json_object", "json_schema"]
+    json_schema: JsonSchemaFormat | None = None
+
+    @model_validator(mode="after")
+    def _schema_given(self) -> ResponseFormat:
+        if self.type == "json_schema" and (self.json_schema is None
+                                           or self.json_schema.schema_ is None):
+            raise ValueError("A 'json_schema' response format needs 'json_schema.schema'.")
+        return self
+
+    def to_grammar(self) -> GrammarSpec | None:
+        if self.type == "json_object":
+            return GrammarSpec(kind="json_object")
+        if self.type == "json_schema":
+            assert self.json_schema is not None and self.json_schema.schema_ is not None
+            return GrammarSpec(kind="json_schema", value=json.dumps(self.json_schema.schema_),
+                               strict=bool(self.json_schema.strict))
+        return None
+
+
+class StructuredOutputs(BaseModel):
+    """vLLM's ``structured_outputs`` extension (its field names, so vLLM clients work as they
+    are): exactly one of ``json`` (a schema), ``json_object``, ``regex``, ``choice``, ``grammar``
+    (Lark, llguidance's dialect)."""
+
+    model_config = ConfigDict(strict=True, allow_inf_nan=False, extra="forbid",
+                              populate_by_name=True)
+
+    json_: dict[str, Any] | str | None = Field(default=None, alias="json")
+    json_object: bool | None = None
+    regex: str | None = None
+    choice: list[str] | None = Field(default=None, min_length=1)
+    grammar: str | None = None
+
+    @model_validator(mode="after")
+    def _exactly_one(self) -> StructuredOutputs:
+        given = [k for k in ("json_", "json_object", "regex", "choice", "grammar")
+                 if getattr(self, k) not in (None, False)]
+        if len(given) != 1:
+            raise ValueError("'structured_outputs' takes exactly one of 'json', 'json_object', "
+                             "'regex', 'choice' or 'grammar'.")
+        return self
+
+    def to_grammar(self) -> GrammarSpec:
+        if self.json_ is not None:
+            schema = self.json_ if isinstance(self.json_, str) else json.dumps(self.json_)
+            return GrammarSpec(kind="json_schema", value=schema, strict=False)
+        if self.regex is not None:
+            return GrammarSpec(kind="regex", value=self.regex)
+        if self.choice is not None:
+            return GrammarSpec(kind="choice", value=json.dumps(self.choice, ensure_ascii=False))
+        if self.grammar is not None:
+            return GrammarSpec(kind="lark", value=self.grammar)
+        return GrammarSpec(kind="json_object")
 
 
 class StreamOptions(BaseModel):
@@ -198,9 +287,11 @@ class SamplingRequest(BaseModel):
     temperature: float | None = Field(default=None, ge=0.0, le=2.0)
     top_p: float | None = Field(default=None, gt=0.0, le=1.0)
     user: str | None = None
+    response_format: ResponseFormat | None = None
     # extensions (vLLM / THUDM demo names)
     top_k: int | None = Field(default=None, ge=0)
     repetition_penalty: float | None = Field(default=None, gt=0.0)
+    structured_outputs: StructuredOutputs | None = None
 
     #: The route's own values for fields a request leaves out; the model's configured
     #: defaults take precedence over them.
@@ -231,7 +322,17 @@ class SamplingRequest(BaseModel):
             raise FieldError(
                 "stream_options", "'stream_options' is only allowed when 'stream' is true."
             )
+        if self.structured_outputs is not None and self.response_format is not None \
+                and self.response_format.type != "text":
+            raise FieldError("structured_outputs", "Give either 'response_format' or "
+                             "'structured_outputs', not both.")
         return self
+
+    def to_grammar(self) -> GrammarSpec | None:
+        """What the answer is constrained to (None: free text)."""
+        if self.structured_outputs is not None:
+            return self.structured_outputs.to_grammar()
+        return self.response_format.to_grammar() if self.response_format else None
 
     def check_route_fields(self) -> None:
         """The route's own cross-field rules (raise :class:`FieldError`)."""
@@ -302,15 +403,14 @@ class ChatCompletionRequest(SamplingRequest, _ChatInput):
     max_completion_tokens: int | None = Field(default=None, ge=1)
     metadata: Any | None = None
     modalities: Any | None = None
-    parallel_tool_calls: Any | None = None
+    parallel_tool_calls: bool | None = None
     prediction: Any | None = None
     prompt_cache_key: Any | None = None
     reasoning_effort: Any | None = None
-    response_format: Any | None = None
     safety_identifier: Any | None = None
     service_tier: Any | None = None
     store: Any | None = None
-    tool_choice: Any | None = None
+    tool_choice: Literal["none", "auto", "required"] | NamedToolChoice | None = None
     tools: list[ToolDefinition] | None = None
     top_logprobs: int | None = Field(default=None, ge=0, le=MAX_TOP_LOGPROBS)
     verbosity: Any | None = None
@@ -319,6 +419,18 @@ class ChatCompletionRequest(SamplingRequest, _ChatInput):
     def check_route_fields(self) -> None:
         if self.top_logprobs is not None and not self.logprobs:
             raise FieldError("top_logprobs", "'top_logprobs' requires 'logprobs' to be true.")
+        names = [t.function.name for t in self.tools or ()]
+        if len(set(names)) != len(names):
+            raise FieldError("tools", "Tool function names must be unique.")
+        choice = self.tool_choice
+        if isinstance(choice, NamedToolChoice) and choice.function.name not in names:
+            raise FieldError("tool_choice", f"Tool choice names function "
+                             f"'{choice.function.name}', which is not in 'tools'.")
+        if choice == "required" and not names:
+            raise FieldError("tool_choice", "Tool choice 'required' needs 'tools'.")
+        if self.tools and choice not in (None, "none") and self.to_grammar() is not None:
+            raise FieldError("response_format", "A response format cannot be combined with "
+                             "tools the model may call; send tool_choice 'none' or no tools.")
 
     # ---------------------------------------------------------------- translation
 
@@ -332,20 +444,28 @@ class ChatCompletionRequest(SamplingRequest, _ChatInput):
         return tuple(
             Message(role=m.role, content=m.text(), name=m.name, tool_calls=tuple(
                 ToolCall(name=c.function.name, arguments=c.function.arguments, id=c.id or "")
-                for c in m.tool_calls or ()))
+                for c in m.tool_calls or ()), tool_call_id=m.tool_call_id)
             for m in self.messages
         )
 
     def to_tools(self) -> tuple[Tool, ...]:
-        """Offered tools; none when ``tool_choice`` is ``"none"``.  ChatGLM3 cannot be forced
-        to call a tool, so ``"required"`` or a named tool act like ``"auto"``."""
+        """Offered tools; none when ``tool_choice`` is ``"none"``."""
         if not self.tools or self.tool_choice == "none":
             return ()
         return tuple(
             Tool(name=t.function.name, description=t.function.description or "",
-                 parameters=t.function.parameters or {})
+                 parameters=t.function.parameters or {}, strict=bool(t.function.strict))
             for t in self.tools
         )
+
+    def to_tool_choice(self) -> ToolChoice:
+        parallel = self.parallel_tool_calls is not False  # OpenAI's default: true
+        choice = self.tool_choice
+        if isinstance(choice, NamedToolChoice):
+            return ToolChoice(mode="function", name=choice.function.name, parallel=parallel)
+        if choice == "required":
+            return ToolChoice(mode="required", parallel=parallel)
+        return ToolChoice(parallel=parallel)
 
 
 # --------------------------------------------------------------------------- legacy completions
@@ -541,8 +661,23 @@ class ResponseToolCall(BaseModel):
     function: ResponseFunction
 
 
-class ChunkToolCall(ResponseToolCall):
+class ChunkFunction(_OmitsNulls):
+    omitted_if_null: ClassVar[tuple[str, ...]] = ("name",)
+
+    name: str | None = None
+    arguments: str
+
+
+class ChunkToolCall(_OmitsNulls):
+    """A tool call's piece in a stream: the first carries ``id``, ``type`` and the function's
+    ``name`` (``arguments`` ""), the next ones only more ``arguments`` (OpenAI's shape)."""
+
+    omitted_if_null: ClassVar[tuple[str, ...]] = ("id", "type")
+
     index: int
+    id: str | None = None
+    type: Literal["function"] | None = None
+    function: ChunkFunction
 
 
 def tool_call_id() -> str:

@@ -31,6 +31,7 @@ def spec(drop_last: bool = False) -> FamilySpec:
         stop_ids=frozenset({ByteTokenizer.eos}), load_tokenizer=None,  # type: ignore[arg-type]
         load_model=None, read_config=None, to_conversation=to_pairs,  # type: ignore[arg-type]
         build_prompt=None, new_postprocessor=Identity,  # type: ignore[arg-type]
+        tool_grammar=lambda tools, choice: None,
         quant_layout=QuantLayout("layers.", ("dense",), torch.float32),
         drop_last_token_on_length=drop_last,
     )

@@ -18,20 +18,19 @@ from dataclasses import dataclass
 import pytest
 import torch
 
-from adapters.base import SamplingParams
+from adapters.base import GrammarSpec, SamplingParams
 from adapters.chatglm.tokenizer import ChatGLMTokenizer
 from adapters.chatglm.tokenizer import load_tokenizer as load_chatglm_tokenizer
 from adapters.chatglm2.tokenizer import ChatGLM2Tokenizer
 from adapters.demo import DEMO_RECIPE, demo_corpus, train_demo_tokenizer
-from adapters.detokenize import IncrementalDecoder
-from adapters.grammar import (
+from adapters.runtime.detokenize import IncrementalDecoder
+from adapters.runtime.grammar import (
     GrammarError,
     GrammarMatcher,
-    GrammarSpec,
     GrammarViolation,
     TokenGrammar,
 )
-from adapters.sampling import SamplerState, choose
+from adapters.runtime.sampler import SamplerState, choose
 from tests.conftest import tokenizer_file
 
 

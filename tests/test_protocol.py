@@ -70,7 +70,7 @@ def test_content_parts_and_null_assistant_content() -> None:
     assert request.to_messages() == (
         Message("system", "be brief"), Message("developer", "dev"), Message("user", "a\nb"),
         Message("assistant", "", tool_calls=(ToolCall("f", '{"a": 1}', "x"),)),
-        Message("tool", "42"), Message("user", "你好", name="li"),
+        Message("tool", "42", tool_call_id="x"), Message("user", "你好", name="li"),
     )
 
 

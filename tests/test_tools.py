@@ -118,8 +118,12 @@ def test_tool_call_streamed(client) -> None:  # type: ignore[no-untyped-def]
     chunks = list(c.chat.completions.create(
         model="glm3", messages=[{"role": "user", "content": "天气"}], tools=TOOLS, stream=True))
     calls = [tc for ch in chunks for choice in ch.choices for tc in choice.delta.tool_calls or []]
-    assert len(calls) == 1 and calls[0].index == 0
-    assert calls[0].function.name == "get_weather"
+    # OpenAI's shape: the first piece names the call, the next ones carry its arguments
+    assert {tc.index for tc in calls} == {0}
+    assert calls[0].id and calls[0].type == "function"
+    assert calls[0].function.name == "get_weather" and calls[0].function.arguments == ""
+    assert all(tc.id is None and tc.function.name is None for tc in calls[1:])
+    assert json.loads("".join(tc.function.arguments for tc in calls)) == {"city": "北京"}
     assert chunks[-1].choices[0].finish_reason == "tool_calls"
 
 

@@ -10,6 +10,7 @@ from adapters.chatglm.prompt import build_prompt, prompt_text
 from adapters.chatglm.tokenizer import ChatGLMTokenizer, load_tokenizer
 from adapters.conversation import to_pairs
 from adapters.family import FamilySpec
+from adapters.tool_convention import call_grammar, with_tool_calls
 
 # <eop>, the eos of chatglm-6b's config.json.  chat() passes no eos_token_id of its own, so
 # generate() stops on config.eos_token_id only: "</s>" (2) is a control piece that renders as
@@ -25,7 +26,8 @@ SPEC = FamilySpec(
     read_config=read_config,
     to_conversation=to_pairs,
     build_prompt=build_prompt,  # type: ignore[arg-type]
-    new_postprocessor=ChatGLMStreamPostprocessor,
+    new_postprocessor=with_tool_calls(ChatGLMStreamPostprocessor),
+    tool_grammar=call_grammar,
     quant_layout=QUANT_LAYOUT,
     causal_prompt=False,  # prefix-LM: bidirectional attention over the whole context
 )

@@ -21,8 +21,11 @@ from adapters.chatglm2.model import QUANT_LAYOUT, ChatGLM2Model, load_model
 from adapters.chatglm2.postprocess import ChatGLM2Postprocessor, ChatGLM3Postprocessor
 from adapters.chatglm2.prompt import build_prompt_v2, build_prompt_v3
 from adapters.chatglm2.tokenizer import ChatGLM2Tokenizer, load_tokenizer
+from adapters.chatglm2.tools import call_grammar
 from adapters.conversation import to_pairs
 from adapters.family import FamilySpec
+from adapters.tool_convention import call_grammar as json_call_grammar
+from adapters.tool_convention import with_tool_calls
 
 # The FamilySpec rows are data fixed before any tokenizer file is read, so the stop ids are
 # literals: eos "</s>" is SentencePiece id 2; ChatGLM3's <|user|> and <|observation|> are
@@ -42,7 +45,8 @@ V2_SPEC = FamilySpec(
     read_config=read_config,
     to_conversation=to_pairs,
     build_prompt=build_prompt_v2,  # type: ignore[arg-type]
-    new_postprocessor=ChatGLM2Postprocessor,
+    new_postprocessor=with_tool_calls(ChatGLM2Postprocessor),
+    tool_grammar=json_call_grammar,
     quant_layout=QUANT_LAYOUT,
 )
 
@@ -56,9 +60,9 @@ V3_SPEC = FamilySpec(
     to_conversation=to_turns,
     build_prompt=build_prompt_v3,  # type: ignore[arg-type]
     new_postprocessor=ChatGLM3Postprocessor,
+    tool_grammar=call_grammar,
     quant_layout=QUANT_LAYOUT,
     drop_last_token_on_length=True,
-    supports_tools=True,
 )
 
 __all__ = [

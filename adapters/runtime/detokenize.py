@@ -16,6 +16,8 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Protocol
 
+from adapters.base import ToolCall
+
 REPLACEMENT = "\ufffd"
 
 
@@ -92,3 +94,29 @@ def held_suffix(text: str, patterns: Sequence[str]) -> int:
                 best = n
                 break
     return best
+
+
+class StripText:
+    """A :class:`~adapters.family.StreamPostprocessor` that only strips the answer, as every
+    family's ``process_response`` starts with: leading whitespace is dropped, trailing
+    whitespace held back until more text follows it."""
+
+    def __init__(self) -> None:
+        self._started = False
+        self._held = ""  # whitespace that is trailing so far
+        self.tool_calls: tuple[ToolCall, ...] = ()
+
+    def feed(self, text: str) -> str:
+        if not self._started:
+            text = text.lstrip()
+            if not text:
+                return ""
+            self._started = True
+        text = self._held + text
+        body = text.rstrip()
+        self._held = text[len(body):]
+        return body
+
+    def finish(self) -> str:
+        self._held = ""
+        return ""

@@ -39,7 +39,8 @@ from adapters.base import (
     Usage,
 )
 from adapters.family import CausalLM, FamilySpec, KVCache, StreamPostprocessor, Tokenizer
-from adapters.runtime.detokenize import IncrementalDecoder, StopMatcher
+from adapters.runtime.detokenize import IncrementalDecoder, StopMatcher, StripText
+from adapters.runtime.grammar import GrammarMatcher, GrammarViolation, TokenGrammar
 from adapters.runtime.prefix_cache import PrefixCache
 from adapters.runtime.sampler import SamplerState, choose, logprob_entries
 
@@ -56,6 +57,9 @@ class Sequence:
     decoder: IncrementalDecoder
     post: StreamPostprocessor
     stop: StopMatcher
+    #: the grammar's state (constrained decoding); it only moves with accepted tokens, so a
+    #: preempted request resumes with it as it was
+    matcher: GrammarMatcher | None = None
     cache: KVCache | None = None
     #: ids still to feed before decoding (prompt, or prompt + generated after a preemption)
     pending: list[int] = field(default_factory=list)
@@ -73,6 +77,7 @@ class Engine:
         spec: FamilySpec,
         *,
         name: str,
+        grammar: TokenGrammar | None = None,
         max_running: int = 8,
         max_waiting: int = 64,
         kv_cache_bytes: int = 4 * 1024**3,
@@ -83,6 +88,7 @@ class Engine:
         self.tokenizer = tokenizer
         self.spec = spec
         self.name = name
+        self.grammar = grammar
         self.max_running = max_running
         self.max_waiting = max_waiting
         self.kv_cache_bytes = kv_cache_bytes
@@ -111,13 +117,19 @@ class Engine:
 
     def submit(self, prompt: Prompt, deliver: Callable[[Delta], None]) -> Sequence:
         self.check_capacity()
+        matcher = None
+        if prompt.grammar is not None:
+            if self.grammar is None:
+                raise RuntimeError(f"engine {self.name} has no grammar support")
+            matcher = self.grammar.matcher(self.grammar.compile(prompt.grammar))
         seq = Sequence(
             prompt=prompt,
             deliver=deliver,
             sampler=SamplerState(prompt.params, self.tokenizer.vocab_size, prompt.token_ids),
             decoder=IncrementalDecoder(self.tokenizer),
-            post=self.spec.new_postprocessor(prompt.tools),
+            post=self._postprocessor(prompt),
             stop=StopMatcher(prompt.params.stop),
+            matcher=matcher,
         )
         with self._cv:
             if self._closed:
@@ -125,6 +137,14 @@ class Engine:
             self._waiting.append(seq)
             self._cv.notify()
         return seq
+
+    def _postprocessor(self, prompt: Prompt) -> StreamPostprocessor:
+        """The family's post-processing, except for an answer held to a response format: the
+        grammar checked the exact text, which the family's rewrites (ChatGLM-6B's punctuation,
+        ChatGLM3's metadata line) could break; it is only stripped, as every family does."""
+        if prompt.grammar is not None and not prompt.tools:
+            return StripText()
+        return self.spec.new_postprocessor(prompt.tools)
 
     def cancel(self, seq: Sequence) -> None:
         """Ask the engine to drop ``seq`` at its next step (no-op when already finished)."""
@@ -215,11 +235,10 @@ class Engine:
             last = [[s.generated[-1]] for s in decoding]
             with torch.inference_mode():
                 if len(decoding) == 1:
-                    rows = [self.model.forward(last[0], caches[0])]
+                    rows = self.model.forward(last[0], caches[0])[None]
                 else:
-                    rows = list(self.model.forward_batch(last, caches))
-            for seq, row in zip(decoding, rows, strict=True):
-                self._advance(seq, row)
+                    rows = self.model.forward_batch(last, caches)
+            self._sample(decoding, rows)
         self._enforce_budget()
 
     def _prefill(self, seq: Sequence, limit: int | None) -> int:
@@ -242,7 +261,7 @@ class Engine:
         if not seq.pending:
             seq.ready = True
             if not seq.generated:
-                self._advance(seq, logits)
+                self._sample([seq], logits[None])
         return len(chunk)
 
     def _enforce_budget(self) -> None:
@@ -257,10 +276,35 @@ class Engine:
                 self._waiting.appendleft(victim)
         self.prefix.shrink_to(self.kv_cache_bytes - self._running_bytes())
 
-    def _advance(self, seq: Sequence, logits: torch.Tensor) -> None:
-        """Sample the next token of ``seq`` from ``logits`` and deliver what it adds."""
-        logits = logits.float().cpu()
-        token = choose(logits, seq.sampler)
+    def _sample(self, seqs: list[Sequence], rows: torch.Tensor) -> None:
+        """Advance each of ``seqs`` by one token from its row of ``rows`` (``[B, vocab]``),
+        after masking the rows of sequences with a grammar (in one batched call)."""
+        rows = rows.float().cpu()
+        masked = rows
+        matchers = [seq.matcher for seq in seqs]
+        if self.grammar is not None and any(m is not None for m in matchers):
+            # Logprobs report the model's own distribution: mask a copy when they are asked.
+            if any(seq.prompt.params.logprobs for seq in seqs):
+                masked = rows.clone()
+            try:
+                self.grammar.mask_batch(matchers, masked)
+            except GrammarViolation as exc:
+                logger.warning("engine %s: grammar failed (%s); ending those requests",
+                               self.name, exc)
+                failed = set(exc.rows)
+                for i in sorted(failed):
+                    self._finish(seqs[i], "error")
+                keep = [i for i in range(len(seqs)) if i not in failed]
+                seqs, rows, masked = [seqs[i] for i in keep], rows[keep], masked[keep]
+        for i, seq in enumerate(seqs):
+            self._advance(seq, rows[i], masked[i])
+
+    def _advance(self, seq: Sequence, logits: torch.Tensor, masked: torch.Tensor) -> None:
+        """Sample the next token of ``seq`` from ``masked`` (its grammar applied to ``logits``)
+        and deliver what it adds."""
+        token = choose(masked, seq.sampler)
+        if seq.matcher is not None:
+            seq.matcher.accept(token)
         seq.sampler.record(token)
         seq.generated.append(token)
 

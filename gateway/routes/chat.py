@@ -17,7 +17,7 @@ async def create_chat_completion(request: Request) -> Response:
     body, served, meta = await accept(request, ChatCompletionRequest, completion_id)
     prompt = served.model.prepare(ChatRequest(
         messages=body.to_messages(), params=body.to_sampling_params(served.defaults),
-        tools=body.to_tools()))
+        tools=body.to_tools(), tool_choice=body.to_tool_choice(), grammar=body.to_grammar()))
     n = body.choices
     stream = await start(request, served, prompt.choices(n))
     return await respond(

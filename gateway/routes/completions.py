@@ -22,7 +22,9 @@ async def create_completion(request: Request) -> Response:
     body, served, meta = await accept(request, CompletionRequest, legacy_completion_id)
     params = body.to_sampling_params(served.defaults)
     # Every prompt is prepared before anything starts: one bad prompt is a 400 for the request.
-    prompts = [served.model.prepare(ChatRequest((Message(role="user", content=text),), params))
+    grammar = body.to_grammar()
+    prompts = [served.model.prepare(ChatRequest((Message(role="user", content=text),), params,
+                                                grammar=grammar))
                for text in body.prompts]
     n = body.choices
     plan = CompletionPlan(

@@ -2,8 +2,8 @@
 
 Three objects, from the longest-lived to the shortest:
 
-* :class:`GrammarSpec`   what a request asks for (JSON schema, any JSON object, regex, a choice
-  of strings, or a Lark grammar).  Plain frozen data, so it can cross a process boundary.
+* :class:`~adapters.base.GrammarSpec` what a request asks for (JSON schema, any JSON object,
+  regex, a choice of strings, or a Lark grammar): plain data on the model boundary.
 * :class:`TokenGrammar`  one per loaded model: the model's vocabulary as llguidance sees it (the
   exact bytes of every id), the stop ids, and a small cache of compiled grammars.
   :meth:`TokenGrammar.compile` raises :class:`GrammarError` at request time, never at a step.
@@ -47,7 +47,8 @@ every mask; only the stop ids are let through, and only once the grammar accepts
 Why these llguidance settings: JSON is compact by default (``whitespace_flexible=False``: no
 whitespace between tokens, ``,`` and ``:`` separators), as OpenAI's answers look and because a
 random or weak model otherwise wanders into whitespace.  Unknown JSON-schema keywords are an
-error (``lenient=False``): an answer that ignores part of a client's schema is worse than a 400.
+error for a strict spec (``lenient=False``; OpenAI's ``strict: true`` schemas): an answer that
+ignores part of such a schema is worse than a 400.  Other specs ignore them.
 In a plain regex, ``\\d`` means ``[0-9]`` (what clients mean; Rust's ``\\d`` is any Unicode digit).
 """
 
@@ -58,31 +59,17 @@ import logging
 import threading
 from collections import OrderedDict
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass
-from typing import Any, Literal, Protocol
+from typing import Any, Protocol
 
 import llguidance
 import torch
 from llguidance import LLExecutor, LLMatcher, LLTokenizer
 
+from adapters.base import GrammarKind, GrammarSpec
+
 logger = logging.getLogger(__name__)
 
-GrammarKind = Literal["json_schema", "json_object", "regex", "choice", "lark"]
 KINDS: tuple[GrammarKind, ...] = ("json_schema", "json_object", "regex", "choice", "lark")
-
-
-@dataclass(frozen=True)
-class GrammarSpec:
-    """What a request constrains its answer to.
-
-    ``value``: the schema as JSON text (``json_schema``), ignored for ``json_object`` (any JSON
-    object), a regex, a JSON list of strings (``choice``), or Lark source in llguidance's dialect
-    (``lark``).  ``whitespace_flexible`` lets JSON put whitespace between tokens.
-    """
-
-    kind: GrammarKind
-    value: str = ""
-    whitespace_flexible: bool = False
 
 
 class GrammarError(ValueError):
@@ -237,7 +224,7 @@ def _grammar_text(spec: GrammarSpec) -> str:
         if not isinstance(schema, dict):
             raise GrammarError("a JSON schema must be a JSON object")
         options: dict[str, Any] = {"whitespace_flexible": spec.whitespace_flexible,
-                                   "lenient": False}
+                                   "lenient": not spec.strict}
         if not spec.whitespace_flexible:
             options |= {"item_separator": ",", "key_separator": ":"}
         try:

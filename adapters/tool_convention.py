@@ -1,0 +1,154 @@
+"""Tool calls for families without a tool format of their own (ChatGLM-6B, ChatGLM2-6B).
+
+THUDM trained neither model to call functions, so the gateway teaches it in the prompt and
+holds it to the answer with a grammar (documented in the README, "Structured outputs and tools"):
+
+* **Offer.** The first user turn is preceded by :data:`TOOLS_PROMPT` and the tool list as JSON
+  (name, description, parameters), the way ChatGLM3's own tool prompt lists them.
+* **Call.** A call is one line of JSON, ``{"name": "<tool>", "arguments": {...}}``; several calls
+  (``parallel_tool_calls``) are several lines.  An answer is either such lines or plain text.
+* **Constrain.** :func:`call_grammar` makes every call parse and its ``arguments`` follow the
+  tool's ``parameters`` schema: with ``tool_choice`` ``"auto"`` the answer is text (not starting
+  with ``{``) or calls; ``"required"`` or a named function allow calls only.
+* **History.** An earlier assistant call is written back in the call format; a ``tool`` message
+  becomes a user turn ``Result of <name>: <content>``, so the pair format (query, answer) holds.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable, Sequence
+
+from adapters.base import GrammarSpec, Message, Tool, ToolCall, ToolChoice
+from adapters.family import StreamPostprocessor
+
+TOOLS_PROMPT = (
+    "You can call the following tools. To call a tool, answer with only one line of JSON per "
+    'call: {"name": <tool name>, "arguments": <JSON object of its parameters>}. Otherwise '
+    "answer normally.\nTools:"
+)
+
+
+def tools_preamble(tools: Sequence[Tool]) -> str:
+    """The text put before the first user turn when ``tools`` are offered."""
+    listed = []
+    for tool in tools:
+        entry: dict[str, object] = {"name": tool.name}
+        if tool.description:
+            entry["description"] = tool.description
+        entry["parameters"] = tool.parameters or {"type": "object"}
+        listed.append(entry)
+    return TOOLS_PROMPT + "\n" + json.dumps(listed, ensure_ascii=False)
+
+
+def call_line(call: ToolCall) -> str:
+    """An earlier call as the model is asked to write it."""
+    try:
+        arguments = json.loads(call.arguments) if call.arguments.strip() else {}
+    except json.JSONDecodeError:
+        arguments = None
+    if not isinstance(arguments, dict):
+        raise ValueError(f"tool call {call.name!r}: arguments must be a JSON object")
+    return json.dumps({"name": call.name, "arguments": arguments}, ensure_ascii=False)
+
+
+def assistant_text(message: Message) -> str:
+    """An assistant message with calls, as the pair format's answer text."""
+    lines = [message.content] if message.content else []
+    return "\n".join(lines + [call_line(call) for call in message.tool_calls])
+
+
+def tool_result_text(message: Message, names: dict[str, str]) -> str:
+    """A ``tool`` message as the next user turn; ``names`` maps earlier call ids to names."""
+    name = message.name or names.get(message.tool_call_id or "", "") or "the tool"
+    return f"Result of {name}: {message.content}"
+
+
+def call_grammar(tools: Sequence[Tool], choice: ToolChoice) -> GrammarSpec | None:
+    """The grammar of an answer when ``tools`` are offered (None: no tools)."""
+    if not tools:
+        return None
+    callable_ = [t for t in tools if choice.mode != "function" or t.name == choice.name]
+    calls = [
+        {"type": "object",
+         "properties": {"name": {"const": t.name},
+                        "arguments": t.parameters or {"type": "object"}},
+         "required": ["name", "arguments"], "additionalProperties": False}
+        for t in callable_
+    ]
+    schema = calls[0] if len(calls) == 1 else {"anyOf": calls}
+    # %json{...} embeds a JSON schema in llguidance's Lark; compact JSON, one call per line.
+    lines = 'call ("\\n" call)*' if choice.parallel else "call"
+    body = f"calls: {lines}\ncall: %json {json.dumps(schema, ensure_ascii=False)}\n"
+    if choice.forced:
+        start = "start: calls\n"
+    else:
+        # Text may not start with "{" (that is a call) nor with whitespace (the answer is
+        # stripped, so " {" would read as a call that was never checked).
+        start = "start: calls | TEXT\nTEXT: /[^{\\s][\\s\\S]*/\n"
+    return GrammarSpec(kind="lark", value=start + body, strict=all(t.strict for t in tools))
+
+
+def parse_calls(text: str) -> tuple[ToolCall, ...] | None:
+    """The calls in an answer written in the call format, or None when it is not one."""
+    calls = []
+    for line in text.strip().split("\n"):
+        if not line.strip():
+            continue
+        try:
+            data = json.loads(line)
+        except json.JSONDecodeError:
+            return None
+        if not (isinstance(data, dict) and isinstance(data.get("name"), str)
+                and isinstance(data.get("arguments"), dict)):
+            return None
+        calls.append(ToolCall(name=data["name"],
+                              arguments=json.dumps(data["arguments"], ensure_ascii=False)))
+    return tuple(calls) or None
+
+
+class JsonToolCalls:
+    """A :class:`~adapters.family.StreamPostprocessor` for answers that may be calls: an answer
+    whose first non-blank character is ``{`` is held whole and parsed at the end (its calls go to
+    ``tool_calls``); any other answer streams through the family's own post-processing."""
+
+    def __init__(self, inner: StreamPostprocessor) -> None:
+        self._inner = inner
+        self._held = ""
+        self._mode: str | None = None  # "call" or "text", decided by the first non-blank char
+        self.tool_calls: tuple[ToolCall, ...] = ()
+
+    def feed(self, text: str) -> str:
+        if self._mode == "text":
+            return self._inner.feed(text)
+        self._held += text
+        if self._mode is None and self._held.strip():
+            self._mode = "call" if self._held.lstrip().startswith("{") else "text"
+            if self._mode == "text":
+                held, self._held = self._held, ""
+                return self._inner.feed(held)
+        return ""
+
+    def finish(self) -> str:
+        if self._mode == "call":
+            calls = parse_calls(self._held)
+            if calls is not None:
+                self.tool_calls = calls
+                return ""
+            # Not a call after all (only possible without a grammar): it is the answer.
+            return self._inner.feed(self._held) + self._inner.finish()
+        if self._held:
+            return self._inner.feed(self._held) + self._inner.finish()
+        return self._inner.finish()
+
+
+def with_tool_calls(
+    new_postprocessor: Callable[[bool], StreamPostprocessor],
+) -> Callable[[bool], StreamPostprocessor]:
+    """A family's post-processor factory that also reads calls when tools were offered."""
+
+    def new(tools: bool) -> StreamPostprocessor:
+        inner = new_postprocessor(False)
+        return JsonToolCalls(inner) if tools else inner
+
+    return new
