@@ -48,7 +48,12 @@ class TorchChatModel:
         self.model = model
         self.system_policy = system_policy
         # The vocabulary as the grammar engine sees it: built once here, on the loading thread.
-        self.grammar = TokenGrammar(tokenizer, spec.stop_ids)
+        self.grammar: TokenGrammar | None = None
+        try:
+            self.grammar = TokenGrammar(tokenizer, spec.stop_ids)
+        except ValueError as exc:  # e.g. a test vocabulary without the family's stop ids
+            logger.warning("model '%s': no structured outputs or forced tool calls (%s)",
+                           info.id, exc)
         self.engine = Engine(
             model, tokenizer, spec, name=info.id, grammar=self.grammar,
             max_running=max_running, max_waiting=max_waiting, **engine_options,
@@ -83,6 +88,9 @@ class TorchChatModel:
         else:
             grammar, param = request.grammar, "response_format"
         if grammar is not None:
+            if self.grammar is None:
+                raise InvalidRequest(f"Model '{self.info.id}' cannot constrain its output.",
+                                     param=param)
             try:
                 self.grammar.compile(grammar)
             except GrammarError as exc:

@@ -73,6 +73,11 @@ def to_pairs(
             )
         role, text = m.role, m.content
         if role == "tool":
+            previous = messages[i - 1] if i else None
+            if previous is None or not (previous.tool_calls or previous.role == "tool"):
+                raise InvalidRequest(
+                    "A 'tool' message must follow an assistant message with 'tool_calls'.",
+                    param=f"messages.[{i}].role")
             role, text = "user", tool_result_text(m, call_names)
         elif m.tool_calls:
             try:

@@ -21,6 +21,7 @@ from collections.abc import Callable, Sequence
 
 from adapters.base import GrammarSpec, Message, Tool, ToolCall, ToolChoice
 from adapters.family import StreamPostprocessor
+from adapters.runtime.grammar import lark_json
 
 TOOLS_PROMPT = (
     "You can call the following tools. To call a tool, answer with only one line of JSON per "
@@ -77,16 +78,17 @@ def call_grammar(tools: Sequence[Tool], choice: ToolChoice) -> GrammarSpec | Non
         for t in callable_
     ]
     schema = calls[0] if len(calls) == 1 else {"anyOf": calls}
-    # %json{...} embeds a JSON schema in llguidance's Lark; compact JSON, one call per line.
+    # One call per line, each compact JSON.
+    strict = all(t.strict for t in callable_)
     lines = 'call ("\\n" call)*' if choice.parallel else "call"
-    body = f"calls: {lines}\ncall: %json {json.dumps(schema, ensure_ascii=False)}\n"
+    body = f"calls: {lines}\ncall: {lark_json(schema, strict=strict)}\n"
     if choice.forced:
         start = "start: calls\n"
     else:
         # Text may not start with "{" (that is a call) nor with whitespace (the answer is
         # stripped, so " {" would read as a call that was never checked).
         start = "start: calls | TEXT\nTEXT: /[^{\\s][\\s\\S]*/\n"
-    return GrammarSpec(kind="lark", value=start + body, strict=all(t.strict for t in tools))
+    return GrammarSpec(kind="lark", value=start + body, strict=strict)
 
 
 def parse_calls(text: str) -> tuple[ToolCall, ...] | None:
@@ -147,7 +149,7 @@ def with_tool_calls(
 ) -> Callable[[bool], StreamPostprocessor]:
     """A family's post-processor factory that also reads calls when tools were offered."""
 
-    def new(tools: bool) -> StreamPostprocessor:
+    def new(tools: bool = False) -> StreamPostprocessor:
         inner = new_postprocessor(False)
         return JsonToolCalls(inner) if tools else inner
 

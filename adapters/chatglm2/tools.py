@@ -25,6 +25,7 @@ import json
 from collections.abc import Sequence
 
 from adapters.base import GrammarSpec, Tool, ToolCall, ToolChoice
+from adapters.runtime.grammar import lark_json
 
 #: JSON's literals as Python's (a grammar-forced call writes JSON values).
 _JSON_NAMES = {"true": True, "false": False, "null": None}
@@ -108,19 +109,19 @@ def call_grammar(tools: Sequence[Tool], choice: ToolChoice) -> GrammarSpec | Non
     for i, tool in enumerate(callable_):
         rules.append(f"call{i}: {json.dumps(tool.name, ensure_ascii=False)} "
                      f'"\\n```python\\ntool_call(" args{i} ")\\n```"')
-        rules += _kwargs_rules(f"args{i}", tool.parameters)
+        rules += _kwargs_rules(f"args{i}", tool.parameters, tool.strict)
     return GrammarSpec(kind="lark", value="\n".join(rules) + "\n",
                        strict=all(t.strict for t in callable_))
 
 
-def _kwargs_rules(name: str, schema: dict[str, object]) -> list[str]:
+def _kwargs_rules(name: str, schema: dict[str, object], strict: bool) -> list[str]:
     """Lark rules for ``key=value, ...`` following an object schema: its properties in order,
     the required ones always, each value JSON under the property's schema.  A schema without
     properties takes any keyword arguments."""
     properties = schema.get("properties") if isinstance(schema, dict) else None
     if not isinstance(properties, dict) or not properties:
         return [f'{name}: ({name}_kw (", " {name}_kw)*)?',
-                f'{name}_kw: /[A-Za-z_][A-Za-z0-9_]*/ "=" %json {{}}']
+                f'{name}_kw: /[A-Za-z_][A-Za-z0-9_]*/ "=" {lark_json({}, strict=strict)}']
     listed = schema.get("required")
     required = {str(k) for k in listed} if isinstance(listed, list) else set()
     keys = list(properties)
@@ -128,9 +129,8 @@ def _kwargs_rules(name: str, schema: dict[str, object]) -> list[str]:
     # first_i: arguments from key i on, none written yet; rest_i: some written already (so each
     # comes with its ", "); optional keys may be skipped, required ones may not.
     for i, key in enumerate(keys):
-        value = json.dumps(properties[key] if isinstance(properties[key], dict) else {},
-                           ensure_ascii=False)
-        rules.append(f'{name}_v{i}: {json.dumps(key + "=")} %json {value}')
+        value = properties[key] if isinstance(properties[key], dict) else {}
+        rules.append(f'{name}_v{i}: {json.dumps(key + "=")} {lark_json(value, strict=strict)}')
         skip_first = f" | {name}_first{i + 1}" if key not in required else ""
         skip_rest = f" | {name}_rest{i + 1}" if key not in required else ""
         rules.append(f"{name}_first{i}: {name}_v{i} {name}_rest{i + 1}{skip_first}")

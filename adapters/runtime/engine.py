@@ -279,7 +279,10 @@ class Engine:
     def _sample(self, seqs: list[Sequence], rows: torch.Tensor) -> None:
         """Advance each of ``seqs`` by one token from its row of ``rows`` (``[B, vocab]``),
         after masking the rows of sequences with a grammar (in one batched call)."""
-        rows = rows.float().cpu()
+        with torch.inference_mode():  # the rows are inference tensors: masks write in place
+            self._sample_rows(seqs, rows.float().cpu())
+
+    def _sample_rows(self, seqs: list[Sequence], rows: torch.Tensor) -> None:
         masked = rows
         matchers = [seq.matcher for seq in seqs]
         if self.grammar is not None and any(m is not None for m in matchers):

@@ -72,6 +72,33 @@ logger = logging.getLogger(__name__)
 KINDS: tuple[GrammarKind, ...] = ("json_schema", "json_object", "regex", "choice", "lark")
 
 
+def lark_json(schema: dict[str, Any], *, strict: bool = True) -> str:
+    """A tool's argument schema embedded in a Lark grammar (llguidance's ``%json``), compact like
+    the ``json_schema`` kind (``%json`` alone would allow whitespace between tokens), with its
+    objects closed (:func:`closed_objects`); ``strict``: unknown keywords are an error."""
+    options = {"whitespace_flexible": False, "item_separator": ",", "key_separator": ":",
+               "lenient": not strict}
+    return "%json " + json.dumps({**closed_objects(schema), "x-guidance": options},
+                                 ensure_ascii=False)
+
+
+def closed_objects(schema: Any) -> Any:
+    """``schema`` with ``additionalProperties: false`` on every object that lists its
+    ``properties`` and says nothing about others.  For a function's arguments an undeclared
+    one is never wanted (OpenAI's strict mode demands the same), and left open a weak model
+    invents keys without end."""
+    if isinstance(schema, list):
+        return [closed_objects(item) for item in schema]
+    if not isinstance(schema, dict):
+        return schema
+    out = {key: closed_objects(value) if key not in ("enum", "const", "required") else value
+           for key, value in schema.items()}
+    if isinstance(out.get("properties"), dict):
+        out["properties"] = {k: closed_objects(v) for k, v in schema["properties"].items()}
+        out.setdefault("additionalProperties", False)
+    return out
+
+
 class GrammarError(ValueError):
     """A grammar that cannot be compiled; the message is llguidance's reason."""
 
