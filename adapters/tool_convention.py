@@ -30,16 +30,23 @@ TOOLS_PROMPT = (
 )
 
 
-def tools_preamble(tools: Sequence[Tool]) -> str:
-    """The text put before the first user turn when ``tools`` are offered."""
+def tool_entries(tools: Sequence[Tool]) -> list[dict[str, object]]:
+    """The tools as a prompt lists them: name, and description and parameters when given (the
+    shape of THUDM's ChatGLM3 tool prompts)."""
     listed = []
     for tool in tools:
         entry: dict[str, object] = {"name": tool.name}
         if tool.description:
             entry["description"] = tool.description
-        entry["parameters"] = tool.parameters or {"type": "object"}
+        if tool.parameters:
+            entry["parameters"] = tool.parameters
         listed.append(entry)
-    return TOOLS_PROMPT + "\n" + json.dumps(listed, ensure_ascii=False)
+    return listed
+
+
+def tools_preamble(tools: Sequence[Tool]) -> str:
+    """The text put before the first user turn when ``tools`` are offered."""
+    return TOOLS_PROMPT + "\n" + json.dumps(tool_entries(tools), ensure_ascii=False)
 
 
 def call_line(call: ToolCall) -> str:

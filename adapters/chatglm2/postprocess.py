@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from adapters.base import ToolCall
 from adapters.chatglm2.tools import parse_call
-from adapters.runtime.detokenize import held_suffix
+from adapters.runtime.detokenize import StripText
 
 #: Both models' process_response rewrite this placeholder (modeling_chatglm.py).
 PLACEHOLDER = "[[训练时间]]"
@@ -44,39 +44,11 @@ def process_response_v3(text: str) -> str:
     return process_response_v2(content)
 
 
-class StripReplace:
-    """Streaming ``text.strip().replace(PLACEHOLDER, REPLACEMENT)``.
-
-    Leading whitespace is dropped; trailing whitespace and a trailing partial placeholder are
-    held back until more text shows what they are.
-    """
+class StripReplace(StripText):
+    """Streaming ``text.strip().replace(PLACEHOLDER, REPLACEMENT)``."""
 
     def __init__(self, tools: bool = False) -> None:  # no tool format: ``tools`` is unused
-        self._pending = ""
-        self._started = False  # a non-whitespace character has been seen
-        self.tool_calls: tuple[ToolCall, ...] = ()
-
-    def feed(self, text: str) -> str:
-        if not self._started:
-            text = text.lstrip()
-            if not text:
-                return ""
-            self._started = True
-        pending = self._pending + text
-        out: list[str] = []
-        while (i := pending.find(PLACEHOLDER)) >= 0:
-            out.append(pending[:i] + REPLACEMENT)
-            pending = pending[i + len(PLACEHOLDER):]
-        # str.replace scans left to right, so a match can only still start inside the held tail.
-        hold = min(len(pending.rstrip()), len(pending) - held_suffix(pending, (PLACEHOLDER,)))
-        out.append(pending[:hold])
-        self._pending = pending[hold:]
-        return "".join(out)
-
-    def finish(self) -> str:
-        rest = self._pending.rstrip()
-        self._pending = ""
-        return rest  # a held partial placeholder never completed: it is plain text
+        super().__init__((PLACEHOLDER, REPLACEMENT))
 
 
 class ChatGLM2Postprocessor(StripReplace):

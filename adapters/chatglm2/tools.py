@@ -26,6 +26,7 @@ from collections.abc import Sequence
 
 from adapters.base import GrammarSpec, Tool, ToolCall, ToolChoice
 from adapters.runtime.grammar import lark_json
+from adapters.tool_convention import tool_entries
 
 #: JSON's literals as Python's (a grammar-forced call writes JSON values).
 _JSON_NAMES = {"true": True, "false": False, "null": None}
@@ -36,15 +37,7 @@ TOOLS_PROMPT = (
 
 
 def tools_system_content(tools: Sequence[Tool]) -> str:
-    listed = []
-    for tool in tools:
-        entry: dict[str, object] = {"name": tool.name}
-        if tool.description:
-            entry["description"] = tool.description
-        if tool.parameters:
-            entry["parameters"] = tool.parameters
-        listed.append(entry)
-    return TOOLS_PROMPT + "\n" + json.dumps(listed, indent=4, ensure_ascii=False)
+    return TOOLS_PROMPT + "\n" + json.dumps(tool_entries(tools), indent=4, ensure_ascii=False)
 
 
 def call_text(call: ToolCall) -> str:

@@ -97,13 +97,17 @@ def held_suffix(text: str, patterns: Sequence[str]) -> int:
 
 
 class StripText:
-    """A :class:`~adapters.family.StreamPostprocessor` that only strips the answer, as every
-    family's ``process_response`` starts with: leading whitespace is dropped, trailing
-    whitespace held back until more text follows it."""
+    """A :class:`~adapters.family.StreamPostprocessor` for ``text.strip()``, as every family's
+    ``process_response`` starts, optionally followed by ``.replace(old, new)`` (``replace``).
 
-    def __init__(self) -> None:
-        self._started = False
-        self._held = ""  # whitespace that is trailing so far
+    Leading whitespace is dropped; trailing whitespace and a trailing partial ``old`` are held
+    back until more text shows what they are.
+    """
+
+    def __init__(self, replace: tuple[str, str] | None = None) -> None:
+        self._replace = replace
+        self._pending = ""
+        self._started = False  # a non-whitespace character has been seen
         self.tool_calls: tuple[ToolCall, ...] = ()
 
     def feed(self, text: str) -> str:
@@ -112,11 +116,22 @@ class StripText:
             if not text:
                 return ""
             self._started = True
-        text = self._held + text
-        body = text.rstrip()
-        self._held = text[len(body):]
-        return body
+        pending = self._pending + text
+        out: list[str] = []
+        held = 0
+        if self._replace is not None:
+            old, new = self._replace
+            while (i := pending.find(old)) >= 0:
+                out.append(pending[:i] + new)
+                pending = pending[i + len(old):]
+            # str.replace scans left to right: a match can only still start in the held tail.
+            held = held_suffix(pending, (old,))
+        hold = min(len(pending.rstrip()), len(pending) - held)
+        out.append(pending[:hold])
+        self._pending = pending[hold:]
+        return "".join(out)
 
     def finish(self) -> str:
-        self._held = ""
-        return ""
+        rest = self._pending.rstrip()
+        self._pending = ""
+        return rest  # a held partial ``old`` never completed: it is plain text

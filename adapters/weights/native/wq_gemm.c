@@ -2,7 +2,7 @@
  * Weight-only int4 GEMM for x86-64 CPUs with AVX512-BF16:
  *     y[M, N] = (x[M, K] . (u[N, K] - 8)^T) * scale[N]
  * bf16 activations x, THUDM's per-row int4 weights (one scale per output row), fp32 results.
- * Built and loaded by adapters/native.py (which documents the fallback when it cannot be).
+ * Built and loaded by adapters/weights/native/__init__.py (which documents the fallback when it cannot be).
  *
  * Why it exists: torch's `_weight_int4pack_mm_for_cpu` turns every weight into fp32 and multiplies
  * with fp32 FMAs, again for every block of 4 activation rows (int4mm_kernel.cpp, BLOCK_M = 4), so a
@@ -16,7 +16,7 @@
  *     sequential stream (measured faster than NB separate row streams at one activation row,
  *     measured on a 2-core AVX-512 EPYC).
  *
- * Weight layout (adapters/native.py pack_int4): blocks of NB rows; a block is K/64 chunks; a chunk
+ * Weight layout (adapters/weights/native/__init__.py pack_int4): blocks of NB rows; a block is K/64 chunks; a chunk
  * is NB runs of 32 bytes, run j for row j of the block; byte b of the run holds column c + b in its
  * LOW nibble and column c + 32 + b in its HIGH nibble (c = 64 * chunk), as u = q + 8.  K must be a
  * multiple of 64 and N of NB: the caller pads (u = 8, i.e. q = 0).
