@@ -174,9 +174,9 @@ def _guard_run(state: bytes, data: bytes) -> tuple[bool, int]:
 # --------------------------------------------------------------------------- bit masks
 
 # Float table of the 8 bits of a byte: +inf where set (allowed), -inf where clear.  One
-# ``index_select`` of the mask's bytes plus one ``torch.minimum`` masks a row: 30 us for 65024
-# ids, against 60-100 us for shift/compare unpacking and 45 us (after a 14 s torch.compile) for
-# ``llguidance.torch.apply_token_bitmask_inplace`` (2-core AVX-512 VM, torch 2.13 CPU).
+# ``index_select`` of the mask's bytes plus one ``torch.minimum`` masks a row, faster than
+# shift/compare unpacking and than ``llguidance.torch.apply_token_bitmask_inplace`` (which also
+# needs a long torch.compile on first use); figures in bench/README.md (``bench.grammar``).
 _BYTE_BITS = torch.where(
     ((torch.arange(256).unsqueeze(1) >> torch.arange(8)) & 1).bool(),
     float("inf"),
@@ -280,7 +280,8 @@ def _grammar_text(spec: GrammarSpec) -> str:
 
 
 class TokenGrammar:
-    """A model's vocabulary for llguidance, built once per loaded model (~0.3 s per 65k ids).
+    """A model's vocabulary for llguidance, built once per loaded model (on the loading
+    thread: it walks the whole vocabulary).
 
     ``stop_ids``: the ids that end a generation (``FamilySpec.stop_ids``); a mask lets them
     through exactly when the grammar accepts.  ``extra_special_ids``: more ids to never allow.
