@@ -186,6 +186,9 @@ class ChatRequest:
     #: THUDM ``chat()``'s ``max_length``: prompt plus completion tokens (ChatGLM's ``POST /``
     #: passes it); None: only the context window bounds the two together
     max_length: int | None = None
+    #: generations the whole HTTP request will start (prompts x ``n``): admitted together or
+    #: refused together (429 when the model is full, 400 when they could never fit)
+    generations: int = 1
 
     def completion_budget(self, prompt_tokens: int, context_length: int) -> int:
         """How many tokens may follow a prompt of ``prompt_tokens``: what was asked (None: up

@@ -65,6 +65,8 @@ class TorchChatModel:
 
     def prepare(self, request: ChatRequest) -> Prompt:
         params, tools = request.params, request.tools
+        # first: a request that cannot be admitted is refused before any tokenizing
+        self.engine.check_capacity(request.generations)
         conv = self.spec.to_conversation(request.messages, tools, self.system_policy)
         ids, text = self.spec.build_prompt(self.tokenizer, conv)
         for token_id, _ in params.logit_bias:
@@ -76,7 +78,6 @@ class TorchChatModel:
                 )
         max_new = request.completion_budget(len(ids), self.context_length)
         grammar = self._grammar(request)
-        self.engine.check_capacity()
         return Prompt(token_ids=tuple(ids), params=replace(params, max_tokens=max_new),
                       text=text, tools=bool(tools), grammar=grammar)
 

@@ -50,15 +50,16 @@ async def chunks(deltas: Deltas, meta: CompletionMeta, n: int,
         )
 
 
-async def collect(deltas: Deltas, meta: CompletionMeta,
-                  n: int) -> p.ChatCompletion:
+async def collect(deltas: Deltas, meta: CompletionMeta, n: int,
+                  logprobs_asked: bool = False) -> p.ChatCompletion:
     """Aggregate every choice into one non-streamed ChatCompletion."""
     texts = [""] * n
     calls: list[list[p.ResponseToolCall]] = [[] for _ in range(n)]
     logprobs: list[list[TokenLogprob]] = [[] for _ in range(n)]
     finish: list[FinishReason] = ["stop"] * n
     usage = _UsageSum()
-    wants_logprobs = False
+    # asked: every choice has a list, [] for an empty answer (as OpenAI answers it)
+    wants_logprobs = logprobs_asked
     async for index, delta in deltas:
         texts[index] += delta.text
         calls[index].extend(_tool_calls(delta))

@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import logging
 import math
-from collections.abc import Sequence
+from collections.abc import MutableMapping, Sequence
 from typing import Any
 
 from fastapi import FastAPI, Request
@@ -28,6 +28,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from pydantic import ValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.routing import Match
 
 from adapters.base import AdapterError, InvalidRequest, ModelUnavailable, Overloaded
 
@@ -236,6 +237,18 @@ def _dedupe(items: Any) -> list[str]:
 # --------------------------------------------------------------------------- handlers
 
 
+def _methods(routes: Sequence[Any], scope: MutableMapping[str, Any]) -> set[str]:
+    """The methods of every route whose path matches ``scope`` (included routers too)."""
+    methods: set[str] = set()
+    for route in routes:
+        inner = getattr(route, "original_router", None)  # FastAPI's included-router wrapper
+        if inner is not None:
+            methods |= _methods(inner.routes, scope)
+        elif route.matches(scope)[0] != Match.NONE:
+            methods |= set(getattr(route, "methods", None) or ())
+    return methods
+
+
 def install_error_handlers(app: FastAPI) -> None:
     """Route every error the app can raise to OpenAI's error body (never FastAPI's 422)."""
 
@@ -256,13 +269,18 @@ def install_error_handlers(app: FastAPI) -> None:
             error = MethodNotAllowed(
                 f"Method {request.method} is not allowed for {request.url.path}.",
                 code="method_not_allowed",
-                headers=dict(exc.headers or {}),
+                headers={**dict(exc.headers or {}), "Allow": _allowed(request)},
             )
         else:
             error = GatewayError(str(exc.detail), headers=dict(exc.headers or {}))
             error.status_code = exc.status_code
             error.error_type = INVALID_REQUEST if exc.status_code < 500 else SERVER_ERROR
         return error.response()
+
+    def _allowed(request: Request) -> str:
+        # Starlette names only the first route whose path matches; "/" has GET (the web page)
+        # and POST (ChatGLM's API) in two routes, and a client needs both.
+        return ", ".join(sorted(_methods(app.router.routes, request.scope)))
 
     app.add_exception_handler(GatewayError, on_gateway_error)
     app.add_exception_handler(AdapterError, on_gateway_error)

@@ -68,6 +68,12 @@ IGNORED_FIELDS: tuple[str, ...] = (
 
 MAX_N = 16
 MAX_STOP = 4
+#: prompts in one legacy completion request (each is one generation per choice)
+MAX_PROMPTS = 64
+#: OpenAI's limit on logit_bias entries
+MAX_LOGIT_BIAS = 300
+#: seeds are 64-bit: choice i of a request samples with seed + i, so seed + n - 1 must fit too
+MAX_SEED = 2**63 - 1
 MAX_TOP_LOGPROBS = 20
 
 _REQUEST_CONFIG = ConfigDict(strict=True, allow_inf_nan=False, extra="allow")
@@ -310,9 +316,13 @@ class SamplingRequest(BaseModel):
     @field_validator("logit_bias")
     @classmethod
     def _bias(cls, v: dict[str, float] | None) -> dict[str, float] | None:
+        if v is not None and len(v) > MAX_LOGIT_BIAS:
+            raise ValueError(f"At most {MAX_LOGIT_BIAS} logit_bias entries are allowed.")
         for key in v or {}:
-            if not re.fullmatch(r"[0-9]+", key):
-                raise ValueError(f"Logit bias keys must be token ids (integers); got '{key}'.")
+            # 10 digits cover every vocabulary; the model checks the id is one of its own
+            if not re.fullmatch(r"[0-9]{1,10}", key):
+                raise ValueError(f"Logit bias keys must be token ids (integers); got "
+                                 f"'{key[:20]}'.")
         return v
 
     @model_validator(mode="after")
@@ -322,6 +332,9 @@ class SamplingRequest(BaseModel):
             raise FieldError(
                 "stream_options", "'stream_options' is only allowed when 'stream' is true."
             )
+        if self.seed is not None and not 0 <= self.seed <= MAX_SEED - (self.choices - 1):
+            raise FieldError("seed", f"'seed' must be between 0 and {MAX_SEED} - (n - 1) "
+                             f"(choice i samples with seed + i).")
         if self.structured_outputs is not None and self.response_format is not None \
                 and self.response_format.type != "text":
             raise FieldError("structured_outputs", "Give either 'response_format' or "
@@ -489,6 +502,8 @@ class _CompletionInput(BaseModel):
         if isinstance(v, list):
             if not v:
                 raise ValueError("'prompt' must not be an empty list.")
+            if len(v) > MAX_PROMPTS:
+                raise ValueError(f"At most {MAX_PROMPTS} prompts are allowed in one request.")
             if any(isinstance(item, int | list) for item in v):
                 raise ValueError("Token-id prompts are not supported by this server (the "
                                  "prompt goes through the model's chat format); send text.")

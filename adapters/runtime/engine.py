@@ -31,6 +31,7 @@ import torch
 from adapters.base import (
     Delta,
     Outcome,
+    InvalidRequest,
     Overloaded,
     Prompt,
     SamplingParams,
@@ -105,18 +106,30 @@ class Engine:
 
     # ------------------------------------------------------------------ called from the event loop
 
-    def check_capacity(self) -> None:
-        """Raise :class:`Overloaded` when a new request could not even wait for a slot."""
+    @property
+    def capacity(self) -> int:
+        """Generations the engine holds at most: running plus waiting for a slot."""
+        return self.max_running + self.max_waiting
+
+    def check_capacity(self, generations: int = 1) -> None:
+        """Raise :class:`Overloaded` (429) unless ``generations`` more fit beside those held
+        now, and :class:`InvalidRequest` (400) when they could never fit."""
+        if generations > self.capacity:
+            raise InvalidRequest(
+                f"The request asks for {generations} generations (prompts x n); model "
+                f"'{self.name}' runs at most {self.capacity} at once ({self.max_running} "
+                f"running + {self.max_waiting} waiting).", param="n")
         with self._cv:
-            if len(self._waiting) >= self.max_waiting and len(self._running) >= self.max_running:
-                raise Overloaded(
-                    f"Model '{self.name}' is at capacity ({len(self._running)} running, "
-                    f"{len(self._waiting)} waiting). Please retry shortly.",
-                    retry_after=1.0,
-                )
+            self._check_room(generations)
+
+    def _check_room(self, generations: int) -> None:
+        held = len(self._running) + len(self._waiting)
+        if held + generations > self.capacity:
+            raise Overloaded(
+                f"Model '{self.name}' is at capacity ({held} of {self.capacity} generations "
+                "running or waiting). Please retry shortly.", retry_after=1.0)
 
     def submit(self, prompt: Prompt, deliver: Callable[[Delta], None]) -> Sequence:
-        self.check_capacity()
         matcher = None
         if prompt.grammar is not None:
             if self.grammar is None:
@@ -134,6 +147,8 @@ class Engine:
         with self._cv:
             if self._closed:
                 raise RuntimeError("engine is closed")
+            # Counted with the append, under the lock: a burst can never overfill the queue.
+            self._check_room(1)
             self._waiting.append(seq)
             self._cv.notify()
         return seq
@@ -154,8 +169,12 @@ class Engine:
                 self._cv.notify()
 
     def counts(self) -> dict[str, int]:
+        """Generations running, and waiting for a running slot (those the next step admits into
+        free slots are not waiting for one)."""
         with self._cv:
-            return {"running": len(self._running), "waiting": len(self._waiting)}
+            running = len(self._running)
+            free = max(self.max_running - running, 0)
+            return {"running": running, "waiting": max(len(self._waiting) - free, 0)}
 
     def close(self, timeout: float = 5.0) -> None:
         with self._cv:

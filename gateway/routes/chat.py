@@ -17,11 +17,12 @@ async def create_chat_completion(request: Request) -> Response:
     body, served, meta = await accept(request, ChatCompletionRequest, completion_id)
     prompt = served.model.prepare(ChatRequest(
         messages=body.to_messages(), params=body.to_sampling_params(served.defaults),
-        tools=body.to_tools(), tool_choice=body.to_tool_choice(), grammar=body.to_grammar()))
+        tools=body.to_tools(), tool_choice=body.to_tool_choice(), grammar=body.to_grammar(),
+        generations=body.choices))
     n = body.choices
     stream = await start(request, served, prompt.choices(n))
     return await respond(
         request, stream, meta.id, streaming=bool(body.stream),
         chunks=lambda deltas: chat_stream.chunks(deltas, meta, n, body.include_usage),
-        collect=lambda deltas: chat_stream.collect(deltas, meta, n),
+        collect=lambda deltas: chat_stream.collect(deltas, meta, n, bool(body.logprobs)),
     )

@@ -23,8 +23,9 @@ async def create_completion(request: Request) -> Response:
     params = body.to_sampling_params(served.defaults)
     # Every prompt is prepared before anything starts: one bad prompt is a 400 for the request.
     grammar = body.to_grammar()
+    generations = len(body.prompts) * body.choices
     prompts = [served.model.prepare(ChatRequest((Message(role="user", content=text),), params,
-                                                grammar=grammar))
+                                                grammar=grammar, generations=generations))
                for text in body.prompts]
     n = body.choices
     plan = CompletionPlan(

@@ -11,6 +11,7 @@ router = APIRouter()
 
 
 @router.get("/metrics", include_in_schema=False)
+@router.head("/metrics", include_in_schema=False)
 async def metrics(request: Request) -> Response:
     gateway_metrics: GatewayMetrics = request.app.state.metrics
     return Response(gateway_metrics.exposition(), media_type=CONTENT_TYPE_LATEST)

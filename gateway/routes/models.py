@@ -38,11 +38,13 @@ def _catalog(request: Request) -> ModelCatalog:
 
 
 @router.get("/v1/models")
+@router.head("/v1/models", include_in_schema=False)
 async def list_models(request: Request) -> ModelList:
     return ModelList(data=[card(served) for _, served in _catalog(request)])
 
 
 # ":path" because model ids may contain a slash ("THUDM/chatglm3-6b").
 @router.get("/v1/models/{model_id:path}")
+@router.head("/v1/models/{model_id:path}", include_in_schema=False)
 async def retrieve_model(model_id: str, request: Request) -> ModelCard:
     return card(_catalog(request).resolve(model_id))

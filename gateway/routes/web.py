@@ -40,6 +40,7 @@ router = APIRouter()
 
 
 @router.get("/", include_in_schema=False)
+@router.head("/", include_in_schema=False)
 async def index() -> FileResponse:
     return asset(INDEX)
 
@@ -47,6 +48,7 @@ async def index() -> FileResponse:
 # A route rather than a StaticFiles mount: FastAPI before 0.112 drops Mounts of an included
 # APIRouter silently, and the flat folder needs nothing StaticFiles adds.
 @router.get("/static/{name}", include_in_schema=False)
+@router.head("/static/{name}", include_in_schema=False)
 async def static(name: str) -> FileResponse:
     return asset(name)
 

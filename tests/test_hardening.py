@@ -1,0 +1,138 @@
+"""Inputs a hostile-but-realistic client sends: out-of-range numbers, fan-outs, bursts, odd
+methods.  Every answer is an OpenAI-shaped 4xx (never a 5xx) and the server keeps serving.
+Real parts: the demo checkpoint on a real uvicorn server, limits ``--max-running 2
+--max-waiting 2``."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Iterator
+
+import httpx
+import pytest
+
+from adapters.demo import ensure_demo_checkpoint
+from gateway.app import create_app
+from gateway.settings import ModelEntry, ServerSettings
+from tests.server import running_server
+
+EOS = 2  # ChatGLM2's </s>
+
+
+@pytest.fixture(scope="module")
+def base_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    folder = ensure_demo_checkpoint(tmp_path_factory.mktemp("demo"))
+    settings = ServerSettings(max_running=2, max_waiting=2, models=(
+        ModelEntry(id="demo", path=folder, dtype="float32", device="cpu"),))
+    with running_server(create_app(settings), timeout=60, wait_ready=True) as url:
+        yield url
+
+
+def chat(base_url: str, **body: object) -> httpx.Response:
+    return httpx.post(f"{base_url}/v1/chat/completions", timeout=60, json={
+        "model": "demo", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 4,
+        **body})
+
+
+@pytest.mark.parametrize(("body", "param"), [
+    ({"seed": 2**64}, "seed"),
+    ({"seed": 2**63 - 1, "n": 2}, "seed"),
+    ({"seed": -1}, "seed"),
+    ({"logit_bias": {"1" * 4301: 1}}, "logit_bias"),
+    ({"logit_bias": {str(i): 1 for i in range(301)}}, "logit_bias"),
+    ({"logit_bias": {"99999999": 1}}, "logit_bias"),
+    ({"n": 17}, "n"),
+    ({"temperature": 2.5}, "temperature"),
+    ({"top_p": 0}, "top_p"),
+    ({"max_tokens": 0}, "max_tokens"),
+    ({"max_tokens": 10**30}, "messages"),
+    ({"top_logprobs": 3}, "top_logprobs"),
+    ({"stop": ["a"] * 5}, "stop"),
+])
+def test_out_of_range_values_are_400s_naming_the_field(base_url: str, body: dict,
+                                                        param: str) -> None:
+    r = chat(base_url, **body)
+    assert r.status_code == 400, r.text
+    error = r.json()["error"]
+    assert error["type"] == "invalid_request_error"
+    assert error["param"] == param
+
+
+def test_the_largest_valid_seed_works(base_url: str) -> None:
+    r = chat(base_url, seed=2**63 - 2, n=2, temperature=1.0)
+    assert r.status_code == 200, r.text
+    assert len(r.json()["choices"]) == 2
+
+
+def test_a_fan_out_that_could_never_fit_is_refused_at_once(base_url: str) -> None:
+    r = httpx.post(f"{base_url}/v1/completions", timeout=60, json={
+        "model": "demo", "prompt": ["x"] * 3, "n": 2, "max_tokens": 4})
+    assert r.status_code == 400
+    assert "6 generations" in r.json()["error"]["message"]
+    r = httpx.post(f"{base_url}/v1/completions", timeout=60, json={
+        "model": "demo", "prompt": ["x"] * 65, "max_tokens": 4})
+    assert r.status_code == 400 and r.json()["error"]["param"] == "prompt"
+
+
+def test_a_burst_gets_exactly_the_capacity(base_url: str) -> None:
+    """20 streams at once against 2 running + 2 waiting: 4 are admitted (and kept open, so
+    nothing frees up), 16 get 429 with Retry-After; the waiting gauge never passes 2."""
+
+    async def burst() -> list[int]:
+        async with httpx.AsyncClient(timeout=60) as client:
+            async def one() -> tuple[int, httpx.Response]:
+                request = client.build_request("POST", f"{base_url}/v1/chat/completions", json={
+                    "model": "demo", "messages": [{"role": "user", "content": "hi"}],
+                    "max_tokens": 2000, "stream": True, "logit_bias": {str(EOS): -100}})
+                response = await client.send(request, stream=True)
+                return response.status_code, response
+
+            results = await asyncio.gather(*(one() for _ in range(20)))
+            metrics = (await client.get(f"{base_url}/metrics")).text
+            for status, response in results:
+                if status == 429:
+                    assert float(response.headers["retry-after"]) > 0
+                await response.aclose()
+            waiting = [line for line in metrics.splitlines()
+                       if line.startswith("chatglm_gateway_requests_waiting{")]
+            assert waiting and all(float(line.split()[-1]) <= 2 for line in waiting)
+            return [status for status, _ in results]
+
+    statuses = asyncio.run(burst())
+    assert statuses.count(200) == 4 and statuses.count(429) == 16
+    # the streams closed: the server serves again
+    for _ in range(100):
+        if chat(base_url).status_code == 200:
+            break
+        asyncio.run(asyncio.sleep(0.05))
+    else:
+        pytest.fail("the server did not recover after the burst")
+
+
+def test_logprobs_of_an_empty_answer_are_an_empty_list(base_url: str) -> None:
+    r = chat(base_url, logprobs=True, logit_bias={str(EOS): 100})
+    choice = r.json()["choices"][0]
+    assert choice["message"]["content"] == ""
+    assert choice["logprobs"] == {"content": [], "refusal": None}
+    r = httpx.post(f"{base_url}/v1/completions", timeout=60, json={
+        "model": "demo", "prompt": "hi", "max_tokens": 4, "logprobs": 1,
+        "logit_bias": {str(EOS): 100}})
+    logprobs = r.json()["choices"][0]["logprobs"]
+    assert logprobs["tokens"] == [] and logprobs["token_logprobs"] == []
+
+
+@pytest.mark.parametrize("path", ["/", "/health", "/ready", "/v1/models", "/v1/models/demo",
+                                  "/metrics", "/static/app.js"])
+def test_head_answers_every_get_route(base_url: str, path: str) -> None:
+    get, head = httpx.get(base_url + path), httpx.head(base_url + path)
+    assert get.status_code == head.status_code == 200
+    assert head.content == b""
+
+
+def test_405_lists_every_method_of_the_path(base_url: str) -> None:
+    r = httpx.request("OPTIONS", f"{base_url}/")
+    assert r.status_code == 405
+    assert r.headers["allow"] == "GET, HEAD, POST"
+    assert r.json()["error"]["code"] == "method_not_allowed"
+    r = httpx.delete(f"{base_url}/v1/chat/completions")
+    assert r.status_code == 405 and r.headers["allow"] == "POST"
