@@ -30,8 +30,8 @@ import torch
 
 from adapters.base import (
     Delta,
-    Outcome,
     InvalidRequest,
+    Outcome,
     Overloaded,
     Prompt,
     SamplingParams,
