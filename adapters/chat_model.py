@@ -15,6 +15,7 @@ from typing import Any
 
 from adapters.base import (
     ChatRequest,
+    ContextLengthExceeded,
     Delta,
     GrammarSpec,
     InvalidRequest,
@@ -47,6 +48,10 @@ class TorchChatModel:
         self.tokenizer = tokenizer
         self.model = model
         self.system_policy = system_policy
+        #: the most bytes one token stands for: a text of n characters is at least
+        #: n / longest tokens, which refuses a huge prompt before it is tokenized
+        self._longest_token = max(
+            (len(tokenizer.token_bytes(i)) for i in range(tokenizer.vocab_size)), default=1)
         # The vocabulary as the grammar engine sees it: built once here, on the loading thread.
         self.grammar: TokenGrammar | None = None
         try:
@@ -67,6 +72,9 @@ class TorchChatModel:
         params, tools = request.params, request.tools
         # first: a request that cannot be admitted is refused before any tokenizing
         self.engine.check_capacity(request.generations)
+        chars = sum(len(m.content) for m in request.messages)
+        if chars > self.context_length * max(self._longest_token, 1):
+            raise ContextLengthExceeded(chars // self._longest_token, 1, self.context_length)
         conv = self.spec.to_conversation(request.messages, tools, self.system_policy)
         ids, text = self.spec.build_prompt(self.tokenizer, conv)
         for token_id, _ in params.logit_bias:

@@ -8,7 +8,9 @@ Model code never runs on the event loop: ``generate`` is async and backed by the
 thread.
 
 Middleware, outermost first: CORS (only with ``cors_origins``; it answers preflights before any
-key check), the request counter of ``/metrics``, API-key auth (only with keys), then the routes.
+key check), the request guard (size limits, foreign ``Origin`` and ``Host`` refused; see
+``gateway/guards.py``), the request counter of ``/metrics``, API-key auth (only with keys), then
+the routes.
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ from adapters.base import ChatModel
 from gateway.auth import ApiKeyAuth, warn_if_open
 from gateway.catalog import ModelCatalog
 from gateway.errors import install_error_handlers
+from gateway.guards import RequestGuard
 from gateway.lifecycle import Lifecycle
 from gateway.loading import ModelLoader
 from gateway.metrics import GatewayMetrics, RequestCounter
@@ -91,6 +94,9 @@ def create_app(
     if settings.api_keys:
         app.add_middleware(ApiKeyAuth, keys=settings.api_keys)
     app.add_middleware(RequestCounter, metrics=metrics)
+    app.add_middleware(RequestGuard, max_request_bytes=settings.max_request_bytes,
+                       bind_host=settings.host, cors_origins=settings.cors_origins,
+                       allowed_hosts=settings.allowed_hosts)
     if settings.cors_origins:
         app.add_middleware(
             CORSMiddleware,

@@ -73,6 +73,11 @@ def build_parser() -> argparse.ArgumentParser:
                        help="accept the keys in this file (one per line, # comments)")
     serve.add_argument("--cors-origin", action="append", default=[], metavar="ORIGIN",
                        help="allow this browser origin (repeatable; CORS is off without one)")
+    serve.add_argument("--allowed-host", action="append", default=[], metavar="HOST",
+                       help="accept this Host header besides loopback names while bound to a "
+                       "loopback address (repeatable; DNS-rebinding protection)")
+    serve.add_argument("--max-request-bytes", type=int, metavar="BYTES",
+                       help="largest request body; larger is a 413 (default 4 MiB)")
     serve.add_argument("--max-running", type=int, metavar="N",
                        help="per model: requests decoded together (default 8)")
     serve.add_argument("--max-waiting", type=int, metavar="M",
@@ -100,9 +105,11 @@ def settings_from_args(args: argparse.Namespace) -> ServerSettings:
             ("api_key_file", args.api_key_file), ("max_running", args.max_running),
             ("max_waiting", args.max_waiting), ("shutdown_grace", args.shutdown_grace),
             ("kv_cache_memory", args.kv_cache_memory), ("prefix_cache", args.prefix_cache),
+            ("max_request_bytes", args.max_request_bytes),
         ) if value is not None
     }
-    for key, values in (("api_keys", args.api_key), ("cors_origins", args.cors_origin)):
+    for key, values in (("api_keys", args.api_key), ("cors_origins", args.cors_origin),
+                        ("allowed_hosts", args.allowed_host)):
         if values:
             overrides[key] = tuple(values)
     if args.model:

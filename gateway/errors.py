@@ -25,9 +25,10 @@ from typing import Any
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse
+from fastapi.responses import JSONResponse, Response
 from pydantic import ValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.requests import ClientDisconnect
 from starlette.routing import Match
 
 from adapters.base import AdapterError, InvalidRequest, ModelUnavailable, Overloaded
@@ -35,6 +36,8 @@ from adapters.base import AdapterError, InvalidRequest, ModelUnavailable, Overlo
 logger = logging.getLogger(__name__)
 
 INVALID_REQUEST = "invalid_request_error"
+#: nginx's code for "client closed the request"; nobody reads it, it only shows in access logs.
+CLIENT_CLOSED = 499
 SERVER_ERROR = "server_error"
 
 
@@ -282,6 +285,12 @@ def install_error_handlers(app: FastAPI) -> None:
         # and POST (ChatGLM's API) in two routes, and a client needs both.
         return ", ".join(sorted(_methods(app.router.routes, request.scope)))
 
+    async def on_client_disconnect(request: Request, exc: Exception) -> Response:
+        # The client left while sending its body: nothing to answer, nothing went wrong here.
+        logger.info("client left during the upload of %s %s", request.method, request.url.path)
+        return Response(status_code=CLIENT_CLOSED)
+
+    app.add_exception_handler(ClientDisconnect, on_client_disconnect)
     app.add_exception_handler(GatewayError, on_gateway_error)
     app.add_exception_handler(AdapterError, on_gateway_error)
     app.add_exception_handler(RequestValidationError, on_request_validation)

@@ -21,11 +21,11 @@ from fastapi import Request, Response
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel
 
-from adapters.base import Delta, FinishReason, ModelInfo, Outcome, Prompt
+from adapters.base import ChatRequest, Delta, FinishReason, ModelInfo, Outcome, Prompt
 from gateway import sse
 from gateway.catalog import ModelCatalog, ServedModel
 from gateway.choices import ChoiceStream
-from gateway.errors import InternalError, ServiceUnavailable
+from gateway.errors import CLIENT_CLOSED, InternalError, ServiceUnavailable
 from gateway.lifecycle import Lifecycle
 from gateway.metrics import GatewayMetrics
 from gateway.protocol import SamplingRequest, now, validated
@@ -38,8 +38,6 @@ R = TypeVar("R", bound=SamplingRequest)
 #: What a route's chunk generator and collector read: ``(choice index, Delta)``.
 Deltas = AsyncIterable[tuple[int, Delta]]
 
-#: nginx's code for "client closed the request"; nobody reads it, it only shows in access logs.
-CLIENT_CLOSED = 499
 
 
 def admit(request: Request) -> None:
@@ -67,6 +65,18 @@ async def accept(request: Request, schema: type[R],
     info = served.model.info
     return body, served, CompletionMeta(id=new_id(), created=now(), model=info.id,
                                         system_fingerprint=fingerprint(info))
+
+
+async def prepare(served: ServedModel, request: ChatRequest) -> Prompt:
+    """``model.prepare`` on a worker thread: tokenizing a long conversation (and compiling a
+    grammar) must not hold up the event loop, which serves every other client."""
+    return await anyio.to_thread.run_sync(served.model.prepare, request)
+
+
+async def prepare_all(served: ServedModel, requests: Sequence[ChatRequest]) -> list[Prompt]:
+    """Several prepares in one worker-thread call (a legacy completion's prompts); the first
+    bad one is the request's 400."""
+    return await anyio.to_thread.run_sync(lambda: [served.model.prepare(r) for r in requests])
 
 
 def resolve_model(request: Request, name: str | None) -> ServedModel:

@@ -149,6 +149,11 @@ class ServerSettings(BaseSettings):
         "added to api_keys.")
     cors_origins: Annotated[tuple[str, ...], NoDecode] = Field(
         default=(), description="Origins allowed by CORS (none = CORS off); '*' allows any.")
+    allowed_hosts: Annotated[tuple[str, ...], NoDecode] = Field(
+        default=(), description="Host names accepted besides loopback ones while bound to a "
+        "loopback address (DNS-rebinding protection); comma-separated in the environment.")
+    max_request_bytes: int = Field(
+        default=4 * 1024**2, ge=1024, description="Largest request body (bytes); larger is 413.")
     shutdown_grace: float = Field(
         default=30.0, ge=0, description="Seconds running requests may take to finish on "
         "SIGTERM/SIGINT before they are cancelled.")
@@ -163,7 +168,7 @@ class ServerSettings(BaseSettings):
     prefix_cache: bool = Field(default=True, description="Per model: keep recent "
                                "conversations' KV cache and reuse the longest shared prefix.")
 
-    @field_validator("api_keys", "cors_origins", mode="before")
+    @field_validator("api_keys", "cors_origins", "allowed_hosts", mode="before")
     @classmethod
     def _split(cls, v: Any) -> Any:
         return _comma_separated(v)

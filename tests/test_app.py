@@ -22,7 +22,7 @@ MESSAGES = [{"role": "user", "content": "你好"}]
 
 def client_for(models: dict[str, Any], settings: ServerSettings | None = None) -> TestClient:
     return TestClient(create_app(settings or ServerSettings(), models=models),
-                      raise_server_exceptions=False)
+                      raise_server_exceptions=False, base_url="http://localhost")
 
 
 @pytest.fixture()
@@ -152,7 +152,7 @@ def test_lifespan_loads_through_the_registry_and_closes(monkeypatch: pytest.Monk
                    system_policy="reject", aliases=("alias-a",), max_running=2),
         ModelEntry(id="b", path=tmp_path),
     ), max_waiting=5)
-    with TestClient(create_app(settings)) as c:
+    with TestClient(create_app(settings), base_url="http://localhost") as c:
         wait_until_ready(c)
         assert [m["id"] for m in c.get("/v1/models").json()["data"]] == ["a", "b"]
         r = c.post("/v1/chat/completions", json={"model": "alias-a", "messages": MESSAGES})

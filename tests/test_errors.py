@@ -79,7 +79,7 @@ def client() -> Iterator[TestClient]:
     async def typed(number: int) -> dict[str, int]:
         return {"number": number}
 
-    with TestClient(app, raise_server_exceptions=False) as c:
+    with TestClient(app, raise_server_exceptions=False, base_url="http://localhost") as c:
         yield c
 
 

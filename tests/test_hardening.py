@@ -136,3 +136,85 @@ def test_405_lists_every_method_of_the_path(base_url: str) -> None:
     assert r.json()["error"]["code"] == "method_not_allowed"
     r = httpx.delete(f"{base_url}/v1/chat/completions")
     assert r.status_code == 405 and r.headers["allow"] == "POST"
+
+
+def test_bodies_over_the_limit_are_413(tmp_path_factory: pytest.TempPathFactory) -> None:
+    from tests.fake import FakeChatModel
+
+    app = create_app(ServerSettings(max_request_bytes=4096),
+                     models={"m": FakeChatModel("m", reply="ok")})
+    with running_server(app) as url:
+        big = {"model": "m", "messages": [{"role": "user", "content": "x" * 5000}]}
+        r = httpx.post(f"{url}/v1/chat/completions", json=big)
+        assert r.status_code == 413 and r.json()["error"]["code"] == "request_too_large"
+
+        def chunks() -> Iterator[bytes]:  # no Content-Length: counted as it arrives
+            yield b'{"model": "m", "messages": [{"role": "user", "content": "'
+            for _ in range(10):
+                yield b"y" * 1000
+            yield b'"}]}'
+
+        r = httpx.post(f"{url}/v1/chat/completions", content=chunks(),
+                       headers={"content-type": "application/json"})
+        assert r.status_code == 413
+        small = {"model": "m", "messages": [{"role": "user", "content": "hi"}]}
+        assert httpx.post(f"{url}/v1/chat/completions", json=small).status_code == 200
+
+
+def test_too_many_headers_are_431(base_url: str) -> None:
+    headers = {f"x-h{i}": "v" for i in range(120)}
+    r = httpx.get(f"{base_url}/v1/models", headers=headers)
+    assert r.status_code == 431 and r.json()["error"]["code"] == "headers_too_large"
+
+
+def test_a_prompt_longer_than_any_context_is_refused_before_tokenizing(base_url: str) -> None:
+    r = chat(base_url, messages=[{"role": "user", "content": "长" * 1_000_000}])
+    assert r.status_code == 400
+    assert r.json()["error"]["code"] == "context_length_exceeded"
+    assert httpx.get(f"{base_url}/health", timeout=5).status_code == 200
+
+
+def test_foreign_origins_and_hosts_are_refused(base_url: str) -> None:
+    url = f"{base_url}/v1/chat/completions"
+    body = {"model": "demo", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 2}
+    # a page on another site posting "simple" text/plain: refused before anything runs
+    r = httpx.post(url, content=__import__("json").dumps(body),
+                   headers={"origin": "https://evil.example", "content-type": "text/plain"})
+    assert r.status_code == 403 and r.json()["error"]["code"] == "origin_not_allowed"
+    assert httpx.post(url, json=body, headers={"origin": base_url}).status_code == 200
+    assert httpx.get(f"{base_url}/v1/models",
+                     headers={"origin": "https://evil.example"}).status_code == 200
+    # DNS rebinding: a foreign name pointing at 127.0.0.1
+    r = httpx.get(f"{base_url}/v1/models", headers={"host": "evil.example:8000"})
+    assert r.status_code == 421 and r.json()["error"]["code"] == "host_not_allowed"
+    assert httpx.get(f"{base_url}/v1/models", headers={"host": "localhost:1"}).status_code == 200
+
+
+def test_allowed_origins_and_hosts_pass() -> None:
+    from tests.fake import FakeChatModel
+
+    settings = ServerSettings(cors_origins=("https://app.example",),
+                              allowed_hosts=("gateway.internal",))
+    with running_server(create_app(settings, models={"m": FakeChatModel("m", reply="ok")})) as url:
+        body = {"model": "m", "messages": [{"role": "user", "content": "hi"}]}
+        r = httpx.post(f"{url}/v1/chat/completions", json=body,
+                       headers={"origin": "https://app.example"})
+        assert r.status_code == 200
+        r = httpx.get(f"{url}/v1/models", headers={"host": "gateway.internal:8000"})
+        assert r.status_code == 200
+
+
+def test_a_client_leaving_during_its_upload_is_a_499(base_url: str) -> None:
+    import socket
+
+    host, port = base_url.removeprefix("http://").split(":")
+    with socket.create_connection((host, int(port))) as sock:
+        sock.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: 127.0.0.1\r\n"
+                     b"Content-Type: application/json\r\nContent-Length: 100000\r\n\r\n{\"mo")
+    for _ in range(100):
+        metrics = httpx.get(f"{base_url}/metrics").text
+        if 'status="499"' in metrics:
+            break
+        asyncio.run(asyncio.sleep(0.05))
+    assert 'status="499"' in metrics
+    assert 'status="500"' not in metrics

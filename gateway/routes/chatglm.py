@@ -24,7 +24,15 @@ from typing import Any
 from fastapi import APIRouter, Depends, Request, Response
 
 from adapters.base import ChatRequest, Message
-from gateway.generation import Deltas, admit, finish_reason, resolve_model, respond, start
+from gateway.generation import (
+    Deltas,
+    admit,
+    finish_reason,
+    prepare,
+    resolve_model,
+    respond,
+    start,
+)
 from gateway.protocol import ChatGLMRequest, ChatGLMResponse, LegacyMessage, validated
 
 router = APIRouter(dependencies=[Depends(admit)])
@@ -37,9 +45,8 @@ MAX_LENGTH = 2048
 async def chatglm_chat(request: Request) -> Response:
     body = validated(ChatGLMRequest, await request.body())
     served = resolve_model(request, body.model)
-    model = served.model
     history = body.history or []
-    prompt = model.prepare(ChatRequest(
+    prompt = await prepare(served, ChatRequest(
         messages=(*to_messages(history), Message("user", body.prompt)),
         params=body.to_sampling_params(served.defaults),
         max_length=body.max_length or MAX_LENGTH,

@@ -11,7 +11,7 @@ from fastapi import APIRouter, Depends, Request, Response
 from adapters.base import ChatRequest, Message
 from gateway import completion_stream
 from gateway.completion_stream import CompletionPlan
-from gateway.generation import accept, admit, respond, start
+from gateway.generation import accept, admit, prepare_all, respond, start
 from gateway.protocol import CompletionRequest, legacy_completion_id
 
 router = APIRouter(dependencies=[Depends(admit)])
@@ -24,9 +24,9 @@ async def create_completion(request: Request) -> Response:
     # Every prompt is prepared before anything starts: one bad prompt is a 400 for the request.
     grammar = body.to_grammar()
     generations = len(body.prompts) * body.choices
-    prompts = [served.model.prepare(ChatRequest((Message(role="user", content=text),), params,
-                                                grammar=grammar, generations=generations))
-               for text in body.prompts]
+    prompts = await prepare_all(served, [
+        ChatRequest((Message(role="user", content=text),), params, grammar=grammar,
+                    generations=generations) for text in body.prompts])
     n = body.choices
     plan = CompletionPlan(
         meta=meta,
