@@ -14,7 +14,7 @@ import logging
 import time
 from collections.abc import AsyncIterable, AsyncIterator, Awaitable, Callable, Sequence
 from dataclasses import dataclass
-from typing import TypeVar
+from typing import Any, TypeVar
 
 import anyio
 from fastapi import Request, Response
@@ -118,16 +118,20 @@ async def respond(
     ``chunks(stream)``; else ``collect(stream)`` as JSON, or a bare 499 when the client leaves
     first (the generations are cancelled).  ``stream`` is closed in every case; ``name`` (the
     completion id) names the response in logs."""
+    lifecycle: Lifecycle = request.app.state.lifecycle
     if streaming:
         assert chunks is not None, "a streamed response needs its chunk generator"
         settings: ServerSettings = request.app.state.settings
         return sse.response(chunks(stream), stream, name=name,
                             ping_seconds=settings.sse_ping_seconds,
-                            shutdown_grace=settings.shutdown_grace)
+                            shutdown_grace=settings.shutdown_grace, cut=lifecycle.must_cut)
     try:
-        result = await unless_disconnected(request, collect(stream))
+        result = await unless_disconnected(request, collect(stream), lifecycle)
     finally:
         await stream.aclose()
+    if isinstance(result, sse.Cut):
+        logger.info("%s cut: the shutdown grace period ended", name)
+        return sse.cut_error().response()
     if result is None:
         logger.info("client left before %s finished; generation cancelled", name)
         return Response(status_code=CLIENT_CLOSED)
@@ -156,24 +160,34 @@ def fingerprint(info: ModelInfo) -> str:
     return "fp_" + digest.hexdigest()[:10]
 
 
-async def unless_disconnected(request: Request, work: Awaitable[T]) -> T | None:
-    """Await ``work`` unless the client disconnects first (then cancel it and return None).
+async def unless_disconnected(request: Request, work: Awaitable[T],
+                              lifecycle: Lifecycle | None = None) -> T | sse.Cut | None:
+    """Await ``work`` unless the client disconnects first (then cancel it and return None) or
+    the shutdown grace nearly ends (``lifecycle.must_cut()``: cancel it and return ``sse.CUT``).
 
     Starlette keeps running a non-streaming handler after the client left; without this a
     dropped request would still generate up to max_tokens.
     """
-    task = asyncio.ensure_future(work)
-    watcher = asyncio.ensure_future(_disconnected(request))
+    task: asyncio.Future[Any] = asyncio.ensure_future(work)
+    watchers: list[asyncio.Future[Any]] = [asyncio.ensure_future(_disconnected(request))]
+    if lifecycle is not None:
+        watchers.append(asyncio.ensure_future(_cut(lifecycle)))
     try:
-        done, _ = await asyncio.wait({task, watcher}, return_when=asyncio.FIRST_COMPLETED)
+        done, _ = await asyncio.wait({task, *watchers}, return_when=asyncio.FIRST_COMPLETED)
         if task in done:
-            return task.result()
-        return None
+            return task.result()  # type: ignore[no-any-return]
+        return sse.CUT if any(isinstance(w.result(), sse.Cut) for w in done) else None
     finally:
         with anyio.CancelScope(shield=True):
-            for pending in (task, watcher):
+            for pending in (task, *watchers):
                 pending.cancel()
-            await asyncio.gather(task, watcher, return_exceptions=True)
+            await asyncio.gather(task, *watchers, return_exceptions=True)
+
+
+async def _cut(lifecycle: Lifecycle) -> sse.Cut:
+    while not lifecycle.must_cut():
+        await asyncio.sleep(sse.CUT_POLL)
+    return sse.CUT
 
 
 async def _disconnected(request: Request) -> None:

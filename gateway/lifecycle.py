@@ -8,6 +8,7 @@ it, except :meth:`Lifecycle.drain`, which a signal handler may call (a single at
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import Callable
 from typing import Literal
 
@@ -17,6 +18,10 @@ logger = logging.getLogger(__name__)
 
 Phase = Literal["loading", "ready", "draining", "failed"]
 
+#: Requests still running this long before the server's own grace period ends are ended by the
+#: gateway (an error event and [DONE], or a 503 body) rather than cut mid-response by uvicorn.
+CUT_MARGIN = 1.0
+
 
 class Lifecycle:
     def __init__(self, phase: Phase = "loading") -> None:
@@ -24,6 +29,8 @@ class Lifecycle:
         self.reason = ""
         #: called when a model fails to load (the server uses it to stop: it can never be ready)
         self.on_failure: Callable[[], None] | None = None
+        #: while draining: when (``time.monotonic()``) running requests must end
+        self.cut_at: float | None = None
 
     def mark_ready(self) -> None:
         if self.phase == "loading":
@@ -37,12 +44,20 @@ class Lifecycle:
         if self.on_failure is not None:
             self.on_failure()
 
-    def drain(self) -> None:
-        """Stop admitting new requests; running ones go on until they finish or the grace
-        period ends."""
+    def drain(self, grace: float = 0.0) -> None:
+        """Stop admitting new requests; running ones go on until they finish or until shortly
+        before ``grace`` seconds pass (:meth:`must_cut`).  A single attribute store each, so a
+        signal handler may call it."""
+        if self.cut_at is None:
+            margin = min(CUT_MARGIN, grace / 2)
+            self.cut_at = time.monotonic() + max(grace - margin, 0.0)
         if self.phase != "draining":
             self.phase = "draining"
             logger.info("draining: new requests are refused, running ones may finish")
+
+    def must_cut(self) -> bool:
+        """Whether running requests must end now (the drain's grace is nearly over)."""
+        return self.cut_at is not None and time.monotonic() >= self.cut_at
 
     @property
     def draining(self) -> bool:

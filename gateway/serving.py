@@ -3,7 +3,9 @@
 On SIGTERM/SIGINT the app's :class:`~gateway.lifecycle.Lifecycle` is put in ``draining`` at once
 (``/ready`` 503, new model requests 503), uvicorn stops accepting connections and lets running
 requests -- streams included -- finish for up to ``shutdown_grace`` seconds (its
-``timeout_graceful_shutdown``), cancels what is left, then the lifespan closes the models.
+``timeout_graceful_shutdown``).  Shortly before that ends, the requests still running end
+themselves cleanly (a stream with an error event and ``[DONE]``, a JSON request with a 503);
+then the lifespan closes the models and the process exits 0.
 """
 
 from __future__ import annotations
@@ -37,8 +39,11 @@ class DrainingServer(uvicorn.Server):
         if not self.should_exit:
             logger.info("signal %d: draining for up to %s s", sig,
                         self.config.timeout_graceful_shutdown)
-        self.lifecycle.drain()
+        self.lifecycle.drain(float(self.config.timeout_graceful_shutdown or 0))
         super().handle_exit(sig, frame)
+        # uvicorn re-raises a captured signal once it has shut down, so the process would die
+        # of SIGTERM; a drain that ran to its end is a clean exit (status 0).
+        self._captured_signals.clear()
 
 
 def run(app: FastAPI, settings: ServerSettings) -> int:

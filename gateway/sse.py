@@ -15,7 +15,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
-from collections.abc import AsyncGenerator, AsyncIterator
+from collections.abc import AsyncGenerator, AsyncIterator, Callable
 from typing import TypeVar
 
 import anyio
@@ -24,7 +24,7 @@ from sse_starlette import EventSourceResponse, ServerSentEvent
 from starlette.background import BackgroundTask
 
 from gateway.choices import ChoiceStream
-from gateway.errors import from_exception
+from gateway.errors import ServiceUnavailable, from_exception
 
 logger = logging.getLogger(__name__)
 
@@ -34,15 +34,17 @@ T = TypeVar("T")
 
 
 def response(chunks: AsyncIterator[BaseModel], stream: ChoiceStream, *, name: str,
-             ping_seconds: float = 0.0, shutdown_grace: float = 0.0) -> EventSourceResponse:
+             ping_seconds: float = 0.0, shutdown_grace: float = 0.0,
+             cut: Callable[[], bool] = lambda: False) -> EventSourceResponse:
     """The SSE response sending ``chunks`` (read from ``stream``, closed after it in every case,
     even if the body never started because the client left at once).
 
     sse-starlette ends every stream as soon as uvicorn starts shutting down; with
-    ``shutdown_grace`` the stream may first run to its end for that long (the drain).
+    ``shutdown_grace`` the stream may first run to its end for that long (the drain), and ends
+    itself with an error event and ``[DONE]`` once ``cut()`` says the grace is nearly over.
     """
     return EventSourceResponse(
-        events(chunks, stream, name=name, ping_seconds=ping_seconds),
+        events(chunks, stream, name=name, ping_seconds=ping_seconds, cut=cut),
         sep="\n",
         ping=0,  # events() sends the keep-alive comments, in the format above
         shutdown_grace_period=shutdown_grace,
@@ -52,13 +54,19 @@ def response(chunks: AsyncIterator[BaseModel], stream: ChoiceStream, *, name: st
 
 
 async def events(chunks: AsyncIterator[BaseModel], stream: ChoiceStream, *, name: str = "",
-                 ping_seconds: float = 0.0) -> AsyncIterator[str | ServerSentEvent]:
+                 ping_seconds: float = 0.0,
+                 cut: Callable[[], bool] = lambda: False) -> AsyncIterator[str | ServerSentEvent]:
     """The data of each SSE event, in order (sse-starlette adds ``data: `` and the blank line),
     with a comment event after every ``ping_seconds`` without one (0 = never).  ``name`` (the
-    completion id) only names the stream in logs."""
-    pinged = _with_pings(chunks, ping_seconds)
+    completion id) only names the stream in logs; ``cut()`` true ends the stream with an error
+    event and ``[DONE]`` (the server's shutdown grace is nearly over)."""
+    pinged = _with_pings(chunks, ping_seconds, cut)
     try:
         async for chunk in pinged:
+            if isinstance(chunk, Cut):
+                logger.info("stream %s cut: the shutdown grace period ended", name)
+                yield json_event(cut_error().body())
+                break
             yield ServerSentEvent(comment="ping", sep="\n") if chunk is None \
                 else chunk.model_dump_json()
         yield DONE
@@ -71,27 +79,53 @@ async def events(chunks: AsyncIterator[BaseModel], stream: ChoiceStream, *, name
         await stream.aclose()
 
 
+def cut_error() -> ServiceUnavailable:
+    return ServiceUnavailable("The server is shutting down: this answer was cut at the end of "
+                              "its grace period.", code="server_draining")
+
+
 def json_event(body: dict[str, object]) -> str:
     return json.dumps(body, ensure_ascii=False, separators=(",", ":"))
 
 
-async def _with_pings(items: AsyncIterator[T],
-                      seconds: float) -> AsyncGenerator[T | None, None]:
-    """Every item of ``items``, with a None after each ``seconds`` without one (0 = never).
+#: How often a stream checks whether the shutdown grace is over (a signal handler sets it).
+CUT_POLL = 0.5
+
+
+class Cut:
+    """The marker of a response ended by the end of the shutdown grace."""
+
+
+CUT = Cut()
+
+
+async def _with_pings(items: AsyncIterator[T], seconds: float,
+                      cut: Callable[[], bool]) -> AsyncGenerator[T | None | Cut, None]:
+    """Every item of ``items``, with a None after each ``seconds`` without one (0 = never),
+    and :data:`CUT` (then the end) once ``cut()`` is true.
 
     The pending read runs in its own task so that a ping never interrupts it; it is cancelled,
     and ``items`` closed, however this generator ends (it must not be closed while a read of
     it runs, so no one else closes it).
     """
     read: asyncio.Task[tuple[T] | None] | None = None
+    loop = asyncio.get_running_loop()
+    last = loop.time()
     try:
         while True:
+            if cut():
+                yield CUT
+                return
             if read is None:
                 read = asyncio.ensure_future(_next(items))
-            done, _ = await asyncio.wait({read}, timeout=seconds or None)
+            wait = min(seconds - (loop.time() - last), CUT_POLL) if seconds else CUT_POLL
+            done, _ = await asyncio.wait({read}, timeout=max(wait, 0.0))
             if not done:
-                yield None
+                if seconds and loop.time() - last >= seconds:
+                    last = loop.time()
+                    yield None
                 continue
+            last = loop.time()
             item, read = read.result(), None
             if item is None:
                 return
