@@ -24,6 +24,7 @@ from fastapi import FastAPI
 from starlette.middleware.cors import CORSMiddleware
 
 from adapters.base import ChatModel
+from gateway import openapi
 from gateway.auth import ApiKeyAuth, warn_if_open
 from gateway.catalog import ModelCatalog
 from gateway.errors import install_error_handlers
@@ -90,6 +91,7 @@ def create_app(
     install_error_handlers(app)
     for router in routers():
         app.include_router(router)
+    openapi.install(app)
     # add_middleware puts each new one outside the previous: add innermost first.
     if settings.api_keys:
         app.add_middleware(ApiKeyAuth, keys=settings.api_keys)

@@ -760,6 +760,19 @@ class ChatCompletionChunk(_OmitsNulls):
     system_fingerprint: str | None = None
 
 
+class ErrorDetail(BaseModel):
+    message: str
+    type: str
+    param: str | None
+    code: str | None
+
+
+class ErrorResponse(BaseModel):
+    """OpenAI's error body, the answer to every failed request."""
+
+    error: ErrorDetail
+
+
 class ModelCard(BaseModel):
     """One entry of GET /v1/models; ``family``, ``context_length``, ``description`` are ours."""
 
