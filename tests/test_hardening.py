@@ -218,3 +218,22 @@ def test_a_client_leaving_during_its_upload_is_a_499(base_url: str) -> None:
         asyncio.run(asyncio.sleep(0.05))
     assert 'status="499"' in metrics
     assert 'status="500"' not in metrics
+
+
+WRONG_TYPES = {
+    "model": 123, "messages": "hi", "frequency_penalty": "a", "logit_bias": [1],
+    "logprobs": "yes", "max_completion_tokens": 1.5, "max_tokens": "10", "n": 1.0,
+    "presence_penalty": "0", "seed": "1", "stop": 5, "stream": "true", "stream_options": 5,
+    "temperature": "hot", "tool_choice": 5, "tools": "x", "top_logprobs": "2", "top_p": [],
+    "user": 5, "top_k": "1", "repetition_penalty": "x", "response_format": "json",
+    "structured_outputs": 5, "parallel_tool_calls": "yes",
+}
+
+
+@pytest.mark.parametrize("field", sorted(WRONG_TYPES))
+def test_a_wrong_type_in_any_field_is_a_400_naming_it(base_url: str, field: str) -> None:
+    r = chat(base_url, **{field: WRONG_TYPES[field]})
+    assert r.status_code == 400, r.text
+    error = r.json()["error"]
+    assert error["type"] == "invalid_request_error"
+    assert error["param"] is not None and error["param"].split(".")[0] == field
