@@ -12,7 +12,10 @@ Documented choices:
   replaces the deprecated ``max_tokens`` in OpenAI's API).
 * ``content`` may be a string or an array of ``{"type": "text", "text": ...}`` parts; the parts
   are joined with ``"\\n"``.  Any other part type (images, audio, files) is a 400.
-* ``top_k`` and ``repetition_penalty`` are extensions (as in vLLM and THUDM's own demo).
+* ``top_k``, ``repetition_penalty`` and ``structured_outputs`` are extensions (vLLM's names;
+  THUDM's demo has the first two too).
+* Per-request caps (``MAX_N``, ``MAX_PROMPTS``, ``MAX_STOP``, ``MAX_LOGIT_BIAS``, ``MAX_SEED``)
+  keep one request from taking the whole server; they are documented in the README.
 * The fields in :data:`IGNORED_FIELDS` are accepted and ignored; unknown fields are allowed.
 """
 
