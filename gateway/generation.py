@@ -35,6 +35,7 @@ logger = logging.getLogger(__name__)
 
 T = TypeVar("T")
 R = TypeVar("R", bound=SamplingRequest)
+M = TypeVar("M", bound=BaseModel)
 #: What a route's chunk generator and collector read: ``(choice index, Delta)``.
 Deltas = AsyncIterable[tuple[int, Delta]]
 
@@ -60,11 +61,18 @@ async def accept(request: Request, schema: type[R],
                  new_id: Callable[[], str]) -> tuple[R, ServedModel, CompletionMeta]:
     """The first steps of an OpenAI completion route: the validated body (else 400), the model
     it names (else 404) and the meta of the completion (``new_id()`` makes its id)."""
-    body = validated(schema, await request.body())
+    body = await parse(request, schema)
     served = resolve_model(request, body.model)
     info = served.model.info
     return body, served, CompletionMeta(id=new_id(), created=now(), model=info.id,
                                         system_fingerprint=fingerprint(info))
+
+
+async def parse(request: Request, schema: type[M]) -> M:
+    """The request body validated against ``schema`` (else a 400), on a worker thread: a body
+    of several MB takes a while to parse, and the event loop serves every other client."""
+    raw = await request.body()
+    return await anyio.to_thread.run_sync(validated, schema, raw)
 
 
 async def prepare(served: ServedModel, request: ChatRequest) -> Prompt:

@@ -28,12 +28,13 @@ from gateway.generation import (
     Deltas,
     admit,
     finish_reason,
+    parse,
     prepare,
     resolve_model,
     respond,
     start,
 )
-from gateway.protocol import ChatGLMRequest, ChatGLMResponse, LegacyMessage, validated
+from gateway.protocol import ChatGLMRequest, ChatGLMResponse, LegacyMessage
 
 router = APIRouter(dependencies=[Depends(admit)])
 
@@ -43,7 +44,7 @@ MAX_LENGTH = 2048
 
 @router.post("/", response_model=None)
 async def chatglm_chat(request: Request) -> Response:
-    body = validated(ChatGLMRequest, await request.body())
+    body = await parse(request, ChatGLMRequest)
     served = resolve_model(request, body.model)
     history = body.history or []
     prompt = await prepare(served, ChatRequest(
