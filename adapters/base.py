@@ -88,6 +88,17 @@ class ToolCall:
 
 
 @dataclass(frozen=True)
+class ToolCallPart:
+    """A tool call while it is being generated (streaming): ``index`` is the call's place in
+    the answer; its first part carries the ``name``, later ones more ``arguments`` text.  The
+    parts of a call concatenate to the ``arguments`` of the finished :class:`ToolCall`."""
+
+    index: int
+    name: str = ""
+    arguments: str = ""
+
+
+@dataclass(frozen=True)
 class Tool:
     """A function the model may call: OpenAI's ``tools[].function``.  ``parameters`` is a JSON
     schema; a forced call's arguments always follow it (``strict`` only changes how unknown
@@ -288,6 +299,9 @@ class Delta:
     finish_reason: Outcome | None = None
     usage: Usage | None = None
     tool_calls: tuple[ToolCall, ...] = ()  # only on the last Delta, with finish "tool_calls"
+    #: tool calls as they are generated, where the family's format allows it (else only the
+    #: finished ``tool_calls`` come, at the end)
+    tool_call_parts: tuple[ToolCallPart, ...] = ()
 
 
 @dataclass(frozen=True)

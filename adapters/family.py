@@ -14,12 +14,12 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
 
 if TYPE_CHECKING:
     import torch
 
-    from adapters.base import GrammarSpec, Message, Tool, ToolCall, ToolChoice
+    from adapters.base import GrammarSpec, Message, Tool, ToolCall, ToolCallPart, ToolChoice
     from adapters.conversation import Conversation, SystemPolicy
     from adapters.weights.format import QuantLayout
 
@@ -97,6 +97,15 @@ class StreamPostprocessor(Protocol):
     def feed(self, text: str) -> str: ...
 
     def finish(self) -> str: ...
+
+
+@runtime_checkable
+class StreamsToolCalls(Protocol):
+    """A post-processor that also reports tool calls while they are generated."""
+
+    def take_parts(self) -> tuple[ToolCallPart, ...]:
+        """The parts found since the last call (see :class:`~adapters.base.ToolCallPart`)."""
+        ...
 
 
 @dataclass(frozen=True)

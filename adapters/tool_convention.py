@@ -17,9 +17,10 @@ holds it to the answer with a grammar (documented in the README, "Structured out
 from __future__ import annotations
 
 import json
+import re
 from collections.abc import Callable, Sequence
 
-from adapters.base import GrammarSpec, Message, Tool, ToolCall, ToolChoice
+from adapters.base import GrammarSpec, Message, Tool, ToolCall, ToolCallPart, ToolChoice
 from adapters.family import StreamPostprocessor
 from adapters.runtime.grammar import lark_json
 
@@ -98,34 +99,70 @@ def call_grammar(tools: Sequence[Tool], choice: ToolChoice) -> GrammarSpec | Non
     return GrammarSpec(kind="lark", value=start + body, strict=strict)
 
 
+#: The start of a call line, up to its arguments (the grammar writes it compact; spaces are
+#: allowed for answers made without one).
+_CALL_HEAD = re.compile(r'\s*\{\s*"name"\s*:\s*("(?:[^"\\]|\\.)*")\s*,\s*"arguments"\s*:\s*')
+
+
+def _call_head(line: str) -> tuple[str, int] | None:
+    """(tool name, where the arguments start) once a call line has come that far."""
+    match = _CALL_HEAD.match(line)
+    if match is None:
+        return None
+    return json.loads(match.group(1)), match.end()
+
+
+def parse_call_line(line: str) -> ToolCall | None:
+    """One complete call line, or None when it is not one.  ``arguments`` is the model's own
+    text of the object (what was streamed), not a re-serialisation."""
+    head = _call_head(line)
+    body = line.rstrip()
+    if head is None or not body.endswith("}"):
+        return None
+    name, start = head
+    arguments = body[start:-1].rstrip()
+    try:
+        whole, parsed = json.loads(body), json.loads(arguments)
+    except json.JSONDecodeError:
+        return None
+    if not (isinstance(whole, dict) and set(whole) == {"name", "arguments"}
+            and isinstance(parsed, dict)):
+        return None
+    return ToolCall(name=name, arguments=arguments)
+
+
 def parse_calls(text: str) -> tuple[ToolCall, ...] | None:
     """The calls in an answer written in the call format, or None when it is not one."""
     calls = []
     for line in text.strip().split("\n"):
         if not line.strip():
             continue
-        try:
-            data = json.loads(line)
-        except json.JSONDecodeError:
+        call = parse_call_line(line)
+        if call is None:
             return None
-        if not (isinstance(data, dict) and isinstance(data.get("name"), str)
-                and isinstance(data.get("arguments"), dict)):
-            return None
-        calls.append(ToolCall(name=data["name"],
-                              arguments=json.dumps(data["arguments"], ensure_ascii=False)))
+        calls.append(call)
     return tuple(calls) or None
 
 
 class JsonToolCalls:
-    """A :class:`~adapters.family.StreamPostprocessor` for answers that may be calls: an answer
-    whose first non-blank character is ``{`` is held whole and parsed at the end (its calls go to
-    ``tool_calls``); any other answer streams through the family's own post-processing."""
+    """A :class:`~adapters.family.StreamPostprocessor` for answers that may be calls.
+
+    An answer whose first non-blank character is ``{`` is calls: each line's name is reported as
+    soon as it is complete and its arguments as they arrive (:meth:`take_parts`; a trailing
+    ``}`` is held until the line shows whether it closes the call), and the whole answer is
+    parsed at the end (``tool_calls``).  Any other answer streams through the family's own
+    post-processing.
+    """
 
     def __init__(self, inner: StreamPostprocessor) -> None:
         self._inner = inner
         self._held = ""
         self._mode: str | None = None  # "call" or "text", decided by the first non-blank char
         self.tool_calls: tuple[ToolCall, ...] = ()
+        self._parts: list[ToolCallPart] = []
+        self._line = 0  # index of the call line being read
+        self._sent = 0  # characters of that line's arguments reported so far
+        self._named = False
 
     def feed(self, text: str) -> str:
         if self._mode == "text":
@@ -136,15 +173,46 @@ class JsonToolCalls:
             if self._mode == "text":
                 held, self._held = self._held, ""
                 return self._inner.feed(held)
+        if self._mode == "call":
+            self._stream_parts()
         return ""
+
+    def take_parts(self) -> tuple[ToolCallPart, ...]:
+        parts, self._parts = tuple(self._parts), []
+        return parts
+
+    def _stream_parts(self) -> None:
+        lines = self._held.lstrip().split("\n")
+        while self._line < len(lines):
+            line, complete = lines[self._line], self._line < len(lines) - 1
+            head = _call_head(line)
+            if head is None:
+                return
+            name, start = head
+            if not self._named:
+                self._parts.append(ToolCallPart(index=self._line, name=name))
+                self._named = True
+            body = line.rstrip() if complete else line
+            # the last "}" (and whitespace) may close the call rather than the arguments
+            end = len(body) - 1 if complete else len(body.rstrip().rstrip("}"))
+            if end > start + self._sent:
+                self._parts.append(ToolCallPart(index=self._line,
+                                                arguments=body[start + self._sent:end]))
+                self._sent = end - start
+            if not complete:
+                return
+            self._line, self._sent, self._named = self._line + 1, 0, False
 
     def finish(self) -> str:
         if self._mode == "call":
             calls = parse_calls(self._held)
             if calls is not None:
+                self._held += "\n"  # the last line is complete: report what it still held
+                self._stream_parts()
                 self.tool_calls = calls
                 return ""
-            # Not a call after all (only possible without a grammar): it is the answer.
+            # Not calls after all (cut by max_tokens, or made without a grammar): the text is
+            # the answer.
             return self._inner.feed(self._held) + self._inner.finish()
         if self._held:
             return self._inner.feed(self._held) + self._inner.finish()

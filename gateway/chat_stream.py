@@ -13,7 +13,7 @@ from __future__ import annotations
 
 from collections.abc import AsyncIterator
 
-from adapters.base import Delta, FinishReason, TokenLogprob, Usage
+from adapters.base import Delta, FinishReason, TokenLogprob, ToolCallPart, Usage
 from gateway import protocol as p
 from gateway.generation import CompletionMeta, Deltas, finish_reason
 
@@ -22,6 +22,8 @@ async def chunks(deltas: Deltas, meta: CompletionMeta, n: int,
                  include_usage: bool) -> AsyncIterator[p.ChatCompletionChunk]:
     """The chunks of ``n`` choices, in order; ``deltas`` is ``(choice index, Delta)``."""
     usage = _UsageSum()
+    #: choices whose calls came as parts while generated (their finished calls are not resent)
+    streamed: set[int] = set()
     for index in range(n):
         yield _chunk(meta, p.ChunkChoice(index=index, delta=p.ChoiceDelta(
             role="assistant", content="")))
@@ -33,10 +35,15 @@ async def chunks(deltas: Deltas, meta: CompletionMeta, n: int,
                 logprobs=p.ChoiceLogprobs(content=list(delta.logprobs))
                 if delta.logprobs else None,
             ))
-        for i, call in enumerate(_tool_calls(delta)):
-            for piece in _call_pieces(i, call):
-                yield _chunk(meta, p.ChunkChoice(index=index,
-                                                 delta=p.ChoiceDelta(tool_calls=[piece])))
+        for part in delta.tool_call_parts:
+            streamed.add(index)
+            yield _chunk(meta, p.ChunkChoice(index=index, delta=p.ChoiceDelta(
+                tool_calls=[_part_piece(part)])))
+        if index not in streamed:
+            for i, call in enumerate(_tool_calls(delta)):
+                for piece in _call_pieces(i, call):
+                    yield _chunk(meta, p.ChunkChoice(index=index,
+                                                     delta=p.ChoiceDelta(tool_calls=[piece])))
         if delta.finish_reason is not None:
             usage.add(delta.usage)
             yield _chunk(meta, p.ChunkChoice(
@@ -116,8 +123,17 @@ def _tool_calls(delta: Delta) -> list[p.ResponseToolCall]:
     ]
 
 
-#: Characters of a call's arguments per chunk after the first (OpenAI streams them in pieces).
+#: Characters of a finished call's arguments per chunk after the first, for families whose
+#: calls are only known whole (OpenAI streams arguments in pieces).
 ARGUMENT_PIECE = 32
+
+
+def _part_piece(part: ToolCallPart) -> p.ChunkToolCall:
+    """A call's part as generated: its first (the name) opens the call with a new id."""
+    if part.name:
+        return p.ChunkToolCall(index=part.index, id=p.tool_call_id(), type="function",
+                               function=p.ChunkFunction(name=part.name, arguments=part.arguments))
+    return p.ChunkToolCall(index=part.index, function=p.ChunkFunction(arguments=part.arguments))
 
 
 def _call_pieces(index: int, call: p.ResponseToolCall) -> list[p.ChunkToolCall]:

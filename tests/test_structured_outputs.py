@@ -341,3 +341,23 @@ def test_langchain_tool_calling_agent_loop(base_url: str, model: str) -> None:
     assert isinstance(final.content, str)
     assert final.response_metadata["finish_reason"] in ("stop", "length")
 
+
+
+@pytest.mark.parametrize("model", PAIR_MODELS)
+def test_pair_family_calls_stream_as_they_are_generated(client: openai.OpenAI,
+                                                         model: str) -> None:
+    kw = dict(model=model, messages=[{"role": "user", "content": "北京天气?"}], tools=TOOLS,
+              tool_choice={"type": "function", "function": {"name": "get_weather"}},
+              temperature=0, max_tokens=60)
+    whole = client.chat.completions.create(**kw)  # type: ignore[call-overload]
+    calls = whole.choices[0].message.tool_calls or []
+    assert calls
+    chunks = list(client.chat.completions.create(stream=True, **kw))  # type: ignore[call-overload]
+    pieces = [tc for c in chunks for ch in c.choices for tc in ch.delta.tool_calls or []]
+    # one piece per generated token or so, not one block at the end
+    assert len([p for p in pieces if p.function.arguments]) > 3
+    for i, call in enumerate(calls):
+        mine = [p for p in pieces if p.index == i]
+        assert mine[0].function.name == "get_weather" and mine[0].id
+        assert "".join(p.function.arguments or "" for p in mine) == call.function.arguments
+    assert chunks[-1].choices[0].finish_reason == "tool_calls"

@@ -36,10 +36,18 @@ from adapters.base import (
     Prompt,
     SamplingParams,
     TokenLogprob,
+    ToolCallPart,
     TopLogprob,
     Usage,
 )
-from adapters.family import CausalLM, FamilySpec, KVCache, StreamPostprocessor, Tokenizer
+from adapters.family import (
+    CausalLM,
+    FamilySpec,
+    KVCache,
+    StreamPostprocessor,
+    StreamsToolCalls,
+    Tokenizer,
+)
 from adapters.runtime.detokenize import IncrementalDecoder, StopMatcher, StripText
 from adapters.runtime.grammar import GrammarMatcher, GrammarViolation, TokenGrammar
 from adapters.runtime.prefix_cache import PrefixCache
@@ -340,16 +348,17 @@ class Engine:
         params = seq.prompt.params
         lps = self._logprobs(logits, token, params) if params.logprobs else ()
         text = seq.stop.feed(seq.post.feed(seq.decoder.push(token)))
+        parts = _parts(seq.post)
         if seq.stop.stopped:
-            seq.deliver(Delta(text=text, logprobs=lps))
+            seq.deliver(Delta(text=text, logprobs=lps, tool_call_parts=parts))
             self._finish(seq, "stop")
             return
         if at_limit:
-            seq.deliver(Delta(text=text, logprobs=lps))
+            seq.deliver(Delta(text=text, logprobs=lps, tool_call_parts=parts))
             self._finish(seq, "length")
             return
-        if text or lps:
-            seq.deliver(Delta(text=text, logprobs=lps))
+        if text or lps or parts:
+            seq.deliver(Delta(text=text, logprobs=lps, tool_call_parts=parts))
 
     def _finish(self, seq: Sequence, reason: Outcome) -> None:
         if seq.done:
@@ -374,7 +383,8 @@ class Engine:
         calls = seq.post.tool_calls if reason != "error" else ()
         if calls:
             reason = "tool_calls"
-        seq.deliver(Delta(text=rest, finish_reason=reason, usage=usage, tool_calls=calls))
+        seq.deliver(Delta(text=rest, finish_reason=reason, usage=usage, tool_calls=calls,
+                          tool_call_parts=_parts(seq.post) if reason != "error" else ()))
 
     def _logprobs(
         self, logits: torch.Tensor, token: int, params: SamplingParams
@@ -398,3 +408,8 @@ class Engine:
             text = "bytes:" + "".join(f"\\x{b:02x}" for b in raw)
         return text, tuple(raw)
 
+
+def _parts(post: StreamPostprocessor) -> tuple[ToolCallPart, ...]:
+    """Tool-call parts the post-processor found since the last step (families that stream
+    their calls as they are generated)."""
+    return post.take_parts() if isinstance(post, StreamsToolCalls) else ()
