@@ -50,15 +50,21 @@ def tools_preamble(tools: Sequence[Tool]) -> str:
     return TOOLS_PROMPT + "\n" + json.dumps(tool_entries(tools), ensure_ascii=False)
 
 
-def call_line(call: ToolCall) -> str:
-    """An earlier call as the model is asked to write it."""
+def call_arguments(call: ToolCall) -> dict[str, object]:
+    """An earlier call's arguments (a JSON object as text, "" for none); ValueError otherwise."""
     try:
         arguments = json.loads(call.arguments) if call.arguments.strip() else {}
     except json.JSONDecodeError:
         arguments = None
     if not isinstance(arguments, dict):
         raise ValueError(f"tool call {call.name!r}: arguments must be a JSON object")
-    return json.dumps({"name": call.name, "arguments": arguments}, ensure_ascii=False)
+    return arguments
+
+
+def call_line(call: ToolCall) -> str:
+    """An earlier call as the model is asked to write it."""
+    return json.dumps({"name": call.name, "arguments": call_arguments(call)},
+                      ensure_ascii=False)
 
 
 def assistant_text(message: Message) -> str:

@@ -97,7 +97,8 @@ class FakeChatModel:
         self._prepare_error = prepare_error
         self._max_running = max_running
         self._tool_call = tool_call  # answer with this call when a request offers tools
-        #: the tools offered and the (role, content) conversation of each prepare() call
+        #: every request prepare() got, the tools offered and the (role, content) conversation
+        self.requests: list[ChatRequest] = []
         self.tools_seen: list[tuple[Tool, ...]] = []
         self.conversations: list[list[tuple[str, str]]] = []
         self._closed = False
@@ -111,6 +112,7 @@ class FakeChatModel:
     def prepare(self, request: ChatRequest) -> Prompt:
         """Fake tokenization: one token per character of ``"role: content"`` lines."""
         messages, tools = request.messages, request.tools
+        self.requests.append(request)
         self.tools_seen.append(tuple(tools))
         self.conversations.append([(m.role, m.content) for m in messages])
         if self._closed:

@@ -10,28 +10,18 @@ from pathlib import Path
 import httpx
 import pytest
 
-from adapters.base import ChatRequest, Message, Prompt
+from adapters.base import ChatRequest, Message
 from gateway.app import create_app
 from gateway.settings import ModelEntry, SamplingDefaults, ServerSettings
 from tests.fake import FakeChatModel
 from tests.server import running_server
 
 
-class RecordingFake(FakeChatModel):
-    def __init__(self, *args: object, **kwargs: object) -> None:
-        super().__init__(*args, **kwargs)  # type: ignore[arg-type]
-        self.prepared: list[list[Message]] = []
-
-    def prepare(self, request: ChatRequest) -> Prompt:
-        self.prepared.append(list(request.messages))
-        return super().prepare(request)
-
-
 @pytest.fixture(scope="module")
 def models() -> dict[str, FakeChatModel]:
     # "first" is configured first: POST / without "model" serves it
-    return {"first": RecordingFake("first", reply="我是 ChatGLM"),
-            "second": RecordingFake("second", transform="reverse")}
+    return {"first": FakeChatModel("first", reply="我是 ChatGLM"),
+            "second": FakeChatModel("second", transform="reverse")}
 
 
 @pytest.fixture(scope="module")
@@ -58,7 +48,7 @@ def test_answer_has_exactly_api_py_fields(base_url: str, models: dict[str, FakeC
     assert body["status"] == 200
     assert re.fullmatch(r"\d{4}-\d\d-\d\d \d\d:\d\d:\d\d", body["time"])
     assert before <= datetime.datetime.strptime(body["time"], "%Y-%m-%d %H:%M:%S") <= after
-    assert models["first"].prepared[-1] == [Message("user", "你好")]  # type: ignore[attr-defined]
+    assert list(models["first"].requests[-1].messages) == [Message("user", "你好")]
 
 
 def test_history_pairs_become_turns_and_grow(base_url: str,
@@ -66,7 +56,7 @@ def test_history_pairs_become_turns_and_grow(base_url: str,
     history = [["q1", "a1"], ["q2", "a2"]]
     body = httpx.post(f"{base_url}/", json={"prompt": "q3", "history": history}).json()
     assert body["history"] == [["q1", "a1"], ["q2", "a2"], ["q3", "我是 ChatGLM"]]
-    assert models["first"].prepared[-1] == [  # type: ignore[attr-defined]
+    assert list(models["first"].requests[-1].messages) == [
         Message("user", "q1"), Message("assistant", "a1"), Message("user", "q2"),
         Message("assistant", "a2"), Message("user", "q3")]
     # the client sends the returned history back, as api.py clients do
@@ -89,7 +79,7 @@ def test_chatglm3_message_history(base_url: str, models: dict[str, FakeChatModel
         {"role": "system", "content": "be brief"}, {"role": "user", "content": "q1"},
         {"role": "assistant", "content": "a1"}, {"role": "user", "content": "q2"},
         {"role": "assistant", "metadata": "", "content": "我是 ChatGLM"}]
-    assert models["first"].prepared[-1][0] == Message("system", "be brief")  # type: ignore[attr-defined]
+    assert models["first"].requests[-1].messages[0] == Message("system", "be brief")
 
 
 def test_defaults_as_api_py(base_url: str, models: dict[str, FakeChatModel]) -> None:

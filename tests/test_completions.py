@@ -10,7 +10,7 @@ import httpx
 import openai
 import pytest
 
-from adapters.base import ChatRequest, Message, Prompt
+from adapters.base import ChatRequest, Message
 from gateway.app import create_app
 from gateway.settings import ModelEntry, SamplingDefaults, ServerSettings
 from tests.fake import FakeChatModel
@@ -19,22 +19,10 @@ from tests.server import running_server
 REPLY = "你好，世界！Hello 😀 world."
 
 
-class RecordingFake(FakeChatModel):
-    """Remembers the messages of every prepare (to prove the prompt is one user turn)."""
-
-    def __init__(self, *args: object, **kwargs: object) -> None:
-        super().__init__(*args, **kwargs)  # type: ignore[arg-type]
-        self.prepared: list[list[Message]] = []
-
-    def prepare(self, request: ChatRequest) -> Prompt:
-        self.prepared.append(list(request.messages))
-        return super().prepare(request)
-
-
 @pytest.fixture(scope="module")
 def models() -> dict[str, FakeChatModel]:
     return {
-        "fake": RecordingFake("fake", reply=REPLY, piece_chars=2),
+        "fake": FakeChatModel("fake", reply=REPLY, piece_chars=2),
         "echo": FakeChatModel("echo", transform="reverse"),
         "tuned": FakeChatModel("tuned", reply="x" * 100),
         "broken": FakeChatModel("broken", reply="abcdef", fail_after=3),
@@ -68,7 +56,7 @@ def test_string_prompt_is_one_user_turn(client: openai.OpenAI,
     (choice,) = completion.choices
     assert (choice.index, choice.text, choice.finish_reason, choice.logprobs) == (
         0, REPLY, "stop", None)
-    assert models["fake"].prepared[-1] == [Message(role="user", content="写一首诗")]  # type: ignore[attr-defined]
+    assert list(models["fake"].requests[-1].messages) == [Message(role="user", content="写一首诗")]
     usage = completion.usage
     assert usage is not None
     assert usage.prompt_tokens == len("user: 写一首诗")  # the fake's tokens are characters

@@ -26,7 +26,7 @@ from collections.abc import Sequence
 
 from adapters.base import GrammarSpec, Tool, ToolCall, ToolChoice
 from adapters.runtime.grammar import lark_json
-from adapters.tool_convention import tool_entries
+from adapters.tool_convention import call_arguments, tool_entries
 
 #: JSON's literals as Python's (a grammar-forced call writes JSON values).
 _JSON_NAMES = {"true": True, "false": False, "null": None}
@@ -42,13 +42,7 @@ def tools_system_content(tools: Sequence[Tool]) -> str:
 
 def call_text(call: ToolCall) -> str:
     """An earlier call as the model writes it: ``tool_call(city='北京')`` in a python block."""
-    try:
-        arguments = json.loads(call.arguments) if call.arguments.strip() else {}
-    except json.JSONDecodeError:
-        arguments = None
-    if not isinstance(arguments, dict):
-        raise ValueError(f"tool call {call.name!r}: arguments must be a JSON object")
-    rendered = ", ".join(f"{key}={value!r}" for key, value in arguments.items())
+    rendered = ", ".join(f"{key}={value!r}" for key, value in call_arguments(call).items())
     return f"```python\ntool_call({rendered})\n```"
 
 
