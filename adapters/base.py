@@ -273,6 +273,14 @@ class TokenLogprob:
 
 
 @dataclass(frozen=True)
+class PromptTokensDetails:
+    """OpenAI's ``usage.prompt_tokens_details``: ``cached_tokens`` of the prompt came from the
+    prefix cache (their KV was reused, not computed)."""
+
+    cached_tokens: int = 0
+
+
+@dataclass(frozen=True)
 class Usage:
     """Token counts in OpenAI's shape (the wire schema serialises this class as it is).
     ``total_tokens`` is always the sum of the other two, whatever is passed."""
@@ -280,6 +288,7 @@ class Usage:
     prompt_tokens: int
     completion_tokens: int
     total_tokens: int = 0
+    prompt_tokens_details: PromptTokensDetails = field(default_factory=PromptTokensDetails)
 
     def __post_init__(self) -> None:
         # a plain field (not a property) so that it is part of the serialised shape

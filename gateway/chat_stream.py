@@ -13,15 +13,15 @@ from __future__ import annotations
 
 from collections.abc import AsyncIterator
 
-from adapters.base import Delta, FinishReason, TokenLogprob, ToolCallPart, Usage
+from adapters.base import Delta, FinishReason, TokenLogprob, ToolCallPart
 from gateway import protocol as p
-from gateway.generation import CompletionMeta, Deltas, finish_reason
+from gateway.generation import CompletionMeta, Deltas, UsageSum, finish_reason
 
 
 async def chunks(deltas: Deltas, meta: CompletionMeta, n: int,
                  include_usage: bool) -> AsyncIterator[p.ChatCompletionChunk]:
     """The chunks of ``n`` choices, in order; ``deltas`` is ``(choice index, Delta)``."""
-    usage = _UsageSum()
+    usage = UsageSum()
     #: choices whose calls came as parts while generated (their finished calls are not resent)
     streamed: set[int] = set()
     for index in range(n):
@@ -45,7 +45,7 @@ async def chunks(deltas: Deltas, meta: CompletionMeta, n: int,
                     yield _chunk(meta, p.ChunkChoice(index=index,
                                                      delta=p.ChoiceDelta(tool_calls=[piece])))
         if delta.finish_reason is not None:
-            usage.add(delta.usage)
+            usage.add(index, delta.usage)
             yield _chunk(meta, p.ChunkChoice(
                 index=index, delta=p.ChoiceDelta(),
                 finish_reason=finish_reason(delta.finish_reason),
@@ -64,7 +64,7 @@ async def collect(deltas: Deltas, meta: CompletionMeta, n: int,
     calls: list[list[p.ResponseToolCall]] = [[] for _ in range(n)]
     logprobs: list[list[TokenLogprob]] = [[] for _ in range(n)]
     finish: list[FinishReason] = ["stop"] * n
-    usage = _UsageSum()
+    usage = UsageSum()
     # asked: every choice has a list, [] for an empty answer (as OpenAI answers it)
     wants_logprobs = logprobs_asked
     async for index, delta in deltas:
@@ -75,7 +75,7 @@ async def collect(deltas: Deltas, meta: CompletionMeta, n: int,
             logprobs[index].extend(delta.logprobs)
         if delta.finish_reason is not None:
             finish[index] = finish_reason(delta.finish_reason)
-            usage.add(delta.usage)
+            usage.add(index, delta.usage)
     return p.ChatCompletion(
         id=meta.id,
         created=meta.created,
@@ -96,23 +96,6 @@ async def collect(deltas: Deltas, meta: CompletionMeta, n: int,
         usage=usage.wire(),
         system_fingerprint=meta.system_fingerprint,
     )
-
-
-class _UsageSum:
-    """Prompt counted once (all choices share it, as OpenAI counts n>1), completions summed."""
-
-    def __init__(self) -> None:
-        self.prompt = 0
-        self.completion = 0
-
-    def add(self, usage: Usage | None) -> None:
-        if usage is None:
-            return
-        self.prompt = max(self.prompt, usage.prompt_tokens)
-        self.completion += usage.completion_tokens
-
-    def wire(self) -> Usage:
-        return Usage(prompt_tokens=self.prompt, completion_tokens=self.completion)
 
 
 def _tool_calls(delta: Delta) -> list[p.ResponseToolCall]:

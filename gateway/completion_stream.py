@@ -17,9 +17,9 @@ from __future__ import annotations
 from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass
 
-from adapters.base import FinishReason, TokenLogprob, Usage
+from adapters.base import FinishReason, TokenLogprob
 from gateway import protocol as p
-from gateway.generation import CompletionMeta, Deltas, finish_reason
+from gateway.generation import CompletionMeta, Deltas, UsageSum, finish_reason
 
 
 @dataclass(frozen=True)
@@ -28,8 +28,11 @@ class CompletionPlan:
 
     meta: CompletionMeta
     echoes: tuple[str, ...]  # per choice: the echoed prompt ("" without echo)
-    prompt_tokens: int  # summed over the distinct prompts, as OpenAI counts them
+    n: int  # choices per prompt: choice i answers prompt i // n
     logprobs: bool
+
+    def usage(self) -> UsageSum:
+        return UsageSum(lambda index: index // self.n)
 
 
 class _LegacyLogprobs:
@@ -69,14 +72,14 @@ async def collect(deltas: Deltas, plan: CompletionPlan) -> p.Completion:
     finish: list[FinishReason] = ["stop"] * n
     trackers = [_LegacyLogprobs(len(echo)) for echo in plan.echoes]
     logprobs = [_empty_logprobs() for _ in range(n)]
-    completion_tokens = 0
+    usage = plan.usage()
     async for index, delta in deltas:
         texts[index] += delta.text
         if delta.logprobs:
             _extend(logprobs[index], trackers[index].convert(delta.logprobs))
         if delta.finish_reason is not None:
             finish[index] = finish_reason(delta.finish_reason)
-            completion_tokens += delta.usage.completion_tokens if delta.usage else 0
+            usage.add(index, delta.usage)
     return p.Completion(
         id=plan.meta.id, created=plan.meta.created, model=plan.meta.model,
         choices=[
@@ -84,7 +87,7 @@ async def collect(deltas: Deltas, plan: CompletionPlan) -> p.Completion:
                                logprobs=logprobs[i] if plan.logprobs else None)
             for i in range(n)
         ],
-        usage=_usage(plan, completion_tokens),
+        usage=usage.wire(),
         system_fingerprint=plan.meta.system_fingerprint,
     )
 
@@ -94,7 +97,7 @@ async def chunks(deltas: Deltas, plan: CompletionPlan,
     """The chunks of every choice, in order (see the module docstring); ``deltas`` is
     ``(choice index, Delta)``."""
     trackers = [_LegacyLogprobs(len(echo)) for echo in plan.echoes]
-    completion_tokens = 0
+    usage = plan.usage()
     for index, echo in enumerate(plan.echoes):
         if echo:
             yield _chunk(plan, p.CompletionChoice(text=echo, index=index, finish_reason=None))
@@ -105,19 +108,15 @@ async def chunks(deltas: Deltas, plan: CompletionPlan,
                 logprobs=trackers[index].convert(delta.logprobs) if plan.logprobs else None,
             ))
         if delta.finish_reason is not None:
-            completion_tokens += delta.usage.completion_tokens if delta.usage else 0
+            usage.add(index, delta.usage)
             yield _chunk(plan, p.CompletionChoice(
                 text="", index=index, finish_reason=finish_reason(delta.finish_reason)))
     if include_usage:
         yield p.Completion(
             id=plan.meta.id, created=plan.meta.created, model=plan.meta.model, choices=[],
-            usage=_usage(plan, completion_tokens),
+            usage=usage.wire(),
             system_fingerprint=plan.meta.system_fingerprint,
         )
-
-
-def _usage(plan: CompletionPlan, completion_tokens: int) -> Usage:
-    return Usage(prompt_tokens=plan.prompt_tokens, completion_tokens=completion_tokens)
 
 
 def _chunk(plan: CompletionPlan, choice: p.CompletionChoice) -> p.Completion:

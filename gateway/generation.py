@@ -21,7 +21,16 @@ from fastapi import Request, Response
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel
 
-from adapters.base import ChatRequest, Delta, FinishReason, ModelInfo, Outcome, Prompt
+from adapters.base import (
+    ChatRequest,
+    Delta,
+    FinishReason,
+    ModelInfo,
+    Outcome,
+    Prompt,
+    PromptTokensDetails,
+    Usage,
+)
 from gateway import sse
 from gateway.catalog import ModelCatalog, ServedModel
 from gateway.choices import ChoiceStream
@@ -144,6 +153,33 @@ async def respond(
         logger.info("client left before %s finished; generation cancelled", name)
         return Response(status_code=CLIENT_CLOSED)
     return JSONResponse(result.model_dump(mode="json"))
+
+
+class UsageSum:
+    """A request's usage over its generations, as OpenAI counts it: each distinct prompt once
+    (the ``n`` choices of a prompt share it, with its cached tokens), completions summed.
+    ``prompt_of(choice index)`` says which prompt a choice answers."""
+
+    def __init__(self, prompt_of: Callable[[int], int] = lambda index: 0) -> None:
+        self._prompt_of = prompt_of
+        self._prompts: dict[int, tuple[int, int]] = {}  # prompt -> (tokens, cached)
+        self._completion = 0
+
+    def add(self, index: int, usage: Usage | None) -> None:
+        if usage is None:
+            return
+        key = self._prompt_of(index)
+        tokens, cached = self._prompts.get(key, (0, 0))
+        self._prompts[key] = (max(tokens, usage.prompt_tokens),
+                              max(cached, usage.prompt_tokens_details.cached_tokens))
+        self._completion += usage.completion_tokens
+
+    def wire(self) -> Usage:
+        return Usage(
+            prompt_tokens=sum(t for t, _ in self._prompts.values()),
+            completion_tokens=self._completion,
+            prompt_tokens_details=PromptTokensDetails(
+                cached_tokens=sum(c for _, c in self._prompts.values())))
 
 
 def finish_reason(outcome: Outcome) -> FinishReason:

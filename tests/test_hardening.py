@@ -237,3 +237,25 @@ def test_a_wrong_type_in_any_field_is_a_400_naming_it(base_url: str, field: str)
     error = r.json()["error"]
     assert error["type"] == "invalid_request_error"
     assert error["param"] is not None and error["param"].split(".")[0] == field
+
+
+def test_usage_reports_the_prompt_tokens_served_from_the_prefix_cache(base_url: str) -> None:
+    """OpenAI's usage.prompt_tokens_details.cached_tokens: 0 on a first turn, the reused
+    history on the next one (streamed usage chunk too)."""
+    import openai
+
+    client = openai.OpenAI(base_url=f"{base_url}/v1", api_key="unused", max_retries=0)
+    history = [{"role": "user", "content": "讲一个很长的故事 about a dragon " * 4}]
+    first = client.chat.completions.create(model="demo", messages=history, max_tokens=8,
+                                           temperature=0)  # type: ignore[arg-type]
+    assert first.usage is not None and first.usage.prompt_tokens_details is not None
+    assert first.usage.prompt_tokens_details.cached_tokens == 0
+    history += [{"role": "assistant", "content": first.choices[0].message.content or ""},
+                {"role": "user", "content": "then?"}]
+    chunks = list(client.chat.completions.create(
+        model="demo", messages=history, max_tokens=8, temperature=0, stream=True,  # type: ignore[arg-type]
+        stream_options={"include_usage": True}))
+    usage = chunks[-1].usage
+    assert usage is not None and usage.prompt_tokens_details is not None
+    assert first.usage.prompt_tokens <= usage.prompt_tokens_details.cached_tokens \
+        < usage.prompt_tokens

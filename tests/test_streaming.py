@@ -78,7 +78,8 @@ def test_single_choice_event_sequence() -> None:
         None,
     ]
     assert chunks[-2]["choices"][0]["finish_reason"] == "stop"
-    assert chunks[-1]["usage"] == {"prompt_tokens": 5, "completion_tokens": 3, "total_tokens": 8}
+    assert chunks[-1]["usage"] == {"prompt_tokens": 5, "completion_tokens": 3, "total_tokens": 8,
+        "prompt_tokens_details": {"cached_tokens": 0}}
     assert "usage" not in chunks[0]
     assert gen.closed
 
@@ -107,7 +108,8 @@ def test_n_choices_are_interleaved_with_their_index() -> None:
     assert texts == {0: "a1a2", 1: "b1"}
     assert sorted(finishes) == [0, 1]
     # prompt counted once, completions summed (OpenAI's n>1 accounting)
-    assert chunks[-1]["usage"] == {"prompt_tokens": 5, "completion_tokens": 3, "total_tokens": 8}
+    assert chunks[-1]["usage"] == {"prompt_tokens": 5, "completion_tokens": 3, "total_tokens": 8,
+        "prompt_tokens_details": {"cached_tokens": 0}}
 
 
 def test_error_after_start_is_one_error_event_without_done() -> None:
@@ -142,7 +144,8 @@ def test_collect_aggregates_like_the_stream() -> None:
     assert [c.message.content for c in completion.choices] == ["xy", "z"]
     assert [c.finish_reason for c in completion.choices] == ["length", "stop"]
     assert dataclasses.asdict(completion.usage) == {
-        "prompt_tokens": 5, "completion_tokens": 3, "total_tokens": 8}
+        "prompt_tokens": 5, "completion_tokens": 3, "total_tokens": 8,
+        "prompt_tokens_details": {"cached_tokens": 0}}
     assert completion.choices[0].logprobs is None
 
 

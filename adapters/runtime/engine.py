@@ -34,6 +34,7 @@ from adapters.base import (
     Outcome,
     Overloaded,
     Prompt,
+    PromptTokensDetails,
     SamplingParams,
     TokenLogprob,
     ToolCallPart,
@@ -74,6 +75,8 @@ class Sequence:
     pending: list[int] = field(default_factory=list)
     ready: bool = False  # everything fed: the next step decodes
     generated: list[int] = field(default_factory=list)
+    #: prompt tokens whose KV came from the prefix cache at the first admission
+    cached: int = 0
     cancelled: bool = False
     done: bool = False
 
@@ -280,6 +283,8 @@ class Engine:
                 seq.cache, reused = self.model.new_cache(), 0
             else:
                 seq.cache, reused = found
+            if not seq.generated:  # the first admission (a recompute is not the client's)
+                seq.cached = reused
             seq.pending = target[reused:]
         n = len(seq.pending) if limit is None else limit
         chunk, seq.pending = seq.pending[:n], seq.pending[n:]
@@ -379,7 +384,8 @@ class Engine:
                 reason = "stop"
             else:
                 rest += seq.stop.flush()
-        usage = Usage(prompt_tokens=len(seq.prompt.token_ids), completion_tokens=len(seq.generated))
+        usage = Usage(prompt_tokens=len(seq.prompt.token_ids), completion_tokens=len(seq.generated),
+                      prompt_tokens_details=PromptTokensDetails(cached_tokens=seq.cached))
         calls = seq.post.tool_calls if reason != "error" else ()
         if calls:
             reason = "tool_calls"

@@ -31,7 +31,7 @@ async def create_completion(request: Request) -> Response:
     plan = CompletionPlan(
         meta=meta,
         echoes=tuple(text if body.echo else "" for text in body.prompts for _ in range(n)),
-        prompt_tokens=sum(len(prompt.token_ids) for prompt in prompts),
+        n=n,
         logprobs=body.logprobs is not None,
     )
     stream = await start(request, served, [job for prompt in prompts for job in prompt.choices(n)])
