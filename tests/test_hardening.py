@@ -240,8 +240,9 @@ def test_a_wrong_type_in_any_field_is_a_400_naming_it(base_url: str, field: str)
 
 
 def test_usage_reports_the_prompt_tokens_served_from_the_prefix_cache(base_url: str) -> None:
-    """OpenAI's usage.prompt_tokens_details.cached_tokens: 0 on a first turn, the reused
-    history on the next one (streamed usage chunk too)."""
+    """OpenAI's usage.prompt_tokens_details.cached_tokens: on the next turn, the reused history
+    (streamed usage chunk too).  A first turn may reuse only the chat template's first tokens
+    from earlier requests."""
     import openai
 
     client = openai.OpenAI(base_url=f"{base_url}/v1", api_key="unused", max_retries=0)
@@ -249,7 +250,7 @@ def test_usage_reports_the_prompt_tokens_served_from_the_prefix_cache(base_url: 
     first = client.chat.completions.create(model="demo", messages=history, max_tokens=8,
                                            temperature=0)  # type: ignore[arg-type]
     assert first.usage is not None and first.usage.prompt_tokens_details is not None
-    assert first.usage.prompt_tokens_details.cached_tokens == 0
+    assert first.usage.prompt_tokens_details.cached_tokens < first.usage.prompt_tokens // 2
     history += [{"role": "assistant", "content": first.choices[0].message.content or ""},
                 {"role": "user", "content": "then?"}]
     chunks = list(client.chat.completions.create(
