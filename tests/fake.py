@@ -97,10 +97,8 @@ class FakeChatModel:
         self._prepare_error = prepare_error
         self._max_running = max_running
         self._tool_call = tool_call  # answer with this call when a request offers tools
-        #: every request prepare() got, the tools offered and the (role, content) conversation
+        #: every request prepare() got
         self.requests: list[ChatRequest] = []
-        self.tools_seen: list[tuple[Tool, ...]] = []
-        self.conversations: list[list[tuple[str, str]]] = []
         self._closed = False
         self._answers: dict[tuple[int, ...], str] = {}
         self.counters = FakeCounters()
@@ -113,8 +111,6 @@ class FakeChatModel:
         """Fake tokenization: one token per character of ``"role: content"`` lines."""
         messages, tools = request.messages, request.tools
         self.requests.append(request)
-        self.tools_seen.append(tuple(tools))
-        self.conversations.append([(m.role, m.content) for m in messages])
         if self._closed:
             raise ModelUnavailable(f"Model '{self.info.id}' has been closed.")
         if self._prepare_error is not None:
@@ -201,6 +197,16 @@ class FakeChatModel:
     @property
     def closed(self) -> bool:
         return self._closed
+
+    @property
+    def tools_seen(self) -> list[tuple[Tool, ...]]:
+        """The tools offered to each prepare() call."""
+        return [r.tools for r in self.requests]
+
+    @property
+    def conversations(self) -> list[list[tuple[str, str]]]:
+        """The (role, content) conversation of each prepare() call."""
+        return [[(m.role, m.content) for m in r.messages] for r in self.requests]
 
     # ------------------------------------------------------------------ helpers
 

@@ -36,7 +36,8 @@ OPEN = [("GET", "/health"), ("GET", "/ready"), ("GET", "/"), ("GET", "/static/ap
 @pytest.fixture(scope="module")
 def client() -> Iterator[TestClient]:
     settings = ServerSettings(api_keys=KEYS)
-    with TestClient(create_app(settings, models={"m": FakeChatModel("m", reply="ok")}), base_url="http://localhost") as c:
+    with TestClient(create_app(settings, models={"m": FakeChatModel("m", reply="ok")}),
+                    base_url="http://localhost") as c:
         yield c
 
 
@@ -99,7 +100,8 @@ def test_openai_client_with_and_without_key() -> None:
 
 
 def test_no_key_configured_is_open() -> None:
-    with TestClient(create_app(ServerSettings(), models={"m": FakeChatModel("m")}), base_url="http://localhost") as c:
+    with TestClient(create_app(ServerSettings(), models={"m": FakeChatModel("m")}),
+                    base_url="http://localhost") as c:
         assert c.get("/v1/models").status_code == 200
         assert c.post("/v1/chat/completions", json=CHAT).status_code == 200
 
@@ -112,7 +114,8 @@ def test_key_file_and_environment(tmp_path: Path, monkeypatch: pytest.MonkeyPatc
     settings = load_settings(None, api_key_file=key_file)
     assert settings.api_keys == ("sk-env-1", "sk-env-2", "sk-from-file-1", "sk-from-file-2")
     assert "sk-env-1" not in repr(settings)  # keys stay out of logs and reprs
-    with TestClient(create_app(settings, models={"m": FakeChatModel("m")}), base_url="http://localhost") as c:
+    with TestClient(create_app(settings, models={"m": FakeChatModel("m")}),
+                    base_url="http://localhost") as c:
         for key in settings.api_keys:
             assert c.get("/v1/models", headers={"Authorization": f"Bearer {key}"}
                          ).status_code == 200
@@ -140,12 +143,14 @@ def test_key_comparison_checks_every_key() -> None:
 def test_open_non_loopback_bind_warns(host: str, warns: bool,
                                       caplog: pytest.LogCaptureFixture) -> None:
     with caplog.at_level(logging.WARNING, logger="gateway.auth"):
-        with TestClient(create_app(ServerSettings(host=host), models={}), base_url="http://localhost"):
+        with TestClient(create_app(ServerSettings(host=host), models={}),
+                        base_url="http://localhost"):
             pass
     assert any("No API key" in r.getMessage() for r in caplog.records) == warns
     caplog.clear()
     with caplog.at_level(logging.WARNING, logger="gateway.auth"):
-        with TestClient(create_app(ServerSettings(host=host, api_keys=("k",)), models={}), base_url="http://localhost"):
+        with TestClient(create_app(ServerSettings(host=host, api_keys=("k",)), models={}),
+                        base_url="http://localhost"):
             pass
     assert not any("No API key" in r.getMessage() for r in caplog.records)
 
@@ -158,7 +163,8 @@ PREFLIGHT = {"Access-Control-Request-Method": "POST",
 
 
 def test_cors_is_off_by_default() -> None:
-    with TestClient(create_app(ServerSettings(), models={"m": FakeChatModel("m")}), base_url="http://localhost") as c:
+    with TestClient(create_app(ServerSettings(), models={"m": FakeChatModel("m")}),
+                    base_url="http://localhost") as c:
         preflight = c.options("/v1/chat/completions", headers={"Origin": ORIGIN, **PREFLIGHT})
         assert "access-control-allow-origin" not in preflight.headers
         simple = c.get("/v1/models", headers={"Origin": ORIGIN})
@@ -167,7 +173,8 @@ def test_cors_is_off_by_default() -> None:
 
 def test_cors_allows_exactly_the_configured_origins() -> None:
     settings = ServerSettings(cors_origins=(ORIGIN, "http://localhost:3000"), api_keys=KEYS)
-    with TestClient(create_app(settings, models={"m": FakeChatModel("m", reply="ok")}), base_url="http://localhost") as c:
+    with TestClient(create_app(settings, models={"m": FakeChatModel("m", reply="ok")}),
+                    base_url="http://localhost") as c:
         # preflight: allowed without a key (browsers never send one on OPTIONS)
         allowed = c.options("/v1/chat/completions", headers={"Origin": ORIGIN, **PREFLIGHT})
         assert allowed.status_code == 200

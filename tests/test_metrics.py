@@ -108,8 +108,10 @@ def test_running_gauge_and_latency_while_streaming() -> None:
 
 
 def test_each_app_has_its_own_registry() -> None:
-    first = TestClient(create_app(ServerSettings(), models={"m": FakeChatModel("m")}), base_url="http://localhost")
-    second = TestClient(create_app(ServerSettings(), models={"m": FakeChatModel("m")}), base_url="http://localhost")
+    first = TestClient(create_app(ServerSettings(), models={"m": FakeChatModel("m")}),
+                       base_url="http://localhost")
+    second = TestClient(create_app(ServerSettings(), models={"m": FakeChatModel("m")}),
+                        base_url="http://localhost")
     first.post("/v1/chat/completions", json={"model": "m", **CHAT})
     assert "chatglm_gateway_requests_total" in scrape(first.get)
     assert "chatglm_gateway_requests_total" not in scrape(second.get)
