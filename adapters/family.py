@@ -61,7 +61,8 @@ class KVCache(Protocol):
 
 class CausalLM(Protocol):
     """A decoder in torch.  ``forward`` appends ``ids`` to ``cache`` and returns float32 logits of
-    the last position (shape ``[padded_vocab]``)."""
+    the last position (shape ``[padded_vocab]``), or of every fed position (``[len(ids),
+    padded_vocab]``) with ``every_position`` (prompt logprobs, verifying drafted tokens)."""
 
     padded_vocab_size: int
     context_length: int
@@ -73,7 +74,8 @@ class CausalLM(Protocol):
 
     def new_cache(self) -> KVCache: ...
 
-    def forward(self, ids: Sequence[int], cache: KVCache) -> torch.Tensor: ...
+    def forward(self, ids: Sequence[int], cache: KVCache,
+                every_position: bool = False) -> torch.Tensor: ...
 
     def forward_batch(
         self, ids_per_seq: Sequence[Sequence[int]], caches: Sequence[KVCache]

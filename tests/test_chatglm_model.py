@@ -230,3 +230,17 @@ def test_reference_int4_loads_weight_only_int4_layers() -> None:
     model = load_model(folder, config, dtype=torch.bfloat16, device="cpu")
     assert isinstance(model.transformer.layers[0].attention.query_key_value, Int4Linear)
     assert torch.isfinite(model.forward([5, 6, 130001, 130004], model.new_cache())).all()
+
+
+def test_every_position_rows_equal_one_id_at_a_time(tiny_model: ChatGLMModel) -> None:
+    """After the prompt (its context is seen bidirectionally), several ids fed at once with
+    ``every_position`` give row by row the logits one-at-a-time decoding would."""
+    together, stepwise = tiny_model.new_cache(), tiny_model.new_cache()
+    tiny_model.forward(prompt(6), together)
+    tiny_model.forward(prompt(6), stepwise)
+    ids = [17, 33, 60, 5]
+    rows = tiny_model.forward(ids, together, every_position=True)
+    assert rows.shape == (len(ids), TINY.vocab_size)
+    for i, token in enumerate(ids):
+        expected = tiny_model.forward([token], stepwise)
+        assert torch.allclose(rows[i], expected, atol=1e-4 * expected.abs().max().item(), rtol=0)

@@ -141,3 +141,21 @@ def test_forward_batch_rows_equal_solo_forward(dtype: torch.dtype, multi_query: 
             scale = expected.abs().max().item()  # summation order differs: fp32 noise only
             tol = (1e-4 if dtype == torch.float32 else 2e-2) * scale
             assert torch.allclose(rows[i], expected, atol=tol, rtol=0), (step, i)
+
+
+@pytest.mark.parametrize("start", [0, 7])
+def test_every_position_rows_equal_one_id_at_a_time(start: int) -> None:
+    """``forward(..., every_position=True)`` (prompt logprobs, draft verification) gives row by
+    row the logits one-at-a-time decoding would."""
+    model = _tiny_model(torch.float32)
+    ids = list(range(20, 32))
+    together, stepwise = model.new_cache(), model.new_cache()
+    if start:
+        model.forward(ids[:start], together)
+        model.forward(ids[:start], stepwise)
+    rows = model.forward(ids[start:], together, every_position=True)
+    assert rows.shape == (len(ids) - start, _TINY.padded_vocab_size)
+    for i, token in enumerate(ids[start:]):
+        expected = model.forward([token], stepwise)
+        assert torch.allclose(rows[i], expected, atol=1e-4 * expected.abs().max().item(), rtol=0)
+    assert together.length == stepwise.length == len(ids)

@@ -218,20 +218,23 @@ class ChatGLMModel(nn.Module):
             out += [emb.cos().to(self.dtype), emb.sin().to(self.dtype)]
         return tuple(out)
 
-    def _run(self, tokens: torch.Tensor, positions: torch.Tensor, attend: Attend) -> torch.Tensor:
+    def _run(self, tokens: torch.Tensor, positions: torch.Tensor, attend: Attend,
+             every: bool = False) -> torch.Tensor:
         x = self.transformer.word_embeddings(tokens)
         rotary = self._rotary(positions)
         for layer in self.transformer.layers:
             x = layer(x, rotary, attend)
-        last = self.transformer.final_layernorm(x[:, -1])
+        last = self.transformer.final_layernorm(x if every else x[:, -1])
         if self.lm_head is not None:
             return self.lm_head(last).float()
         # The output layer is tied to the word embeddings (lm_head.weight is the same tensor).
         return F.linear(last, self.transformer.word_embeddings.weight).float()
 
     @torch.inference_mode()
-    def forward(self, ids: Sequence[int], cache: KVCache) -> torch.Tensor:  # type: ignore[override]
-        """Append ``ids`` to ``cache``; float32 logits ``[padded_vocab]`` of the last position.
+    def forward(self, ids: Sequence[int], cache: KVCache,  # type: ignore[override]
+                every_position: bool = False) -> torch.Tensor:
+        """Append ``ids`` to ``cache``; float32 logits ``[padded_vocab]`` of the last position
+        (``[len(ids), padded_vocab]`` of every position with ``every_position``).
 
         The first call (empty cache) is the prompt, ending with ``[gMASK] <sop>``: it fixes the
         context (everything before ``<sop>``, seen bidirectionally) and the mask position.
@@ -264,7 +267,7 @@ class ChatGLMModel(nn.Module):
             keys, values = kv.write(layer, k[0], v[0])
             return keys[None], values[None], mask
 
-        logits = self._run(tokens, positions, attend)
+        logits = self._run(tokens, positions, attend, every=every_position)
         kv.commit(n)
         return logits[0]
 

@@ -288,12 +288,12 @@ class ChatGLM2Model(nn.Module):
 
     def _run(self, ids: torch.Tensor, rope: torch.Tensor, store: KVStore,
              mask: torch.Tensor | None, is_causal: bool,
-             attend: Attend | None = None) -> torch.Tensor:
+             attend: Attend | None = None, every: bool = False) -> torch.Tensor:
         t = self.transformer
         h = t.embedding.word_embeddings(ids)
         for i, layer in enumerate(t.encoder.layers):
             h = layer(h, rope, store, i, mask, is_causal, attend)
-        h = t.encoder.final_layernorm(h[:, -1])
+        h = t.encoder.final_layernorm(h if every else h[:, -1])
         return t.output_layer(h).float()
 
     def _native_attend(self, caches: Sequence[ChatGLM2Cache]) -> Attend | None:
@@ -312,8 +312,10 @@ class ChatGLM2Model(nn.Module):
         return attend
 
     @torch.inference_mode()
-    def forward(self, ids: Sequence[int], cache: KVCache) -> torch.Tensor:  # type: ignore[override]
-        """Append ``ids`` to ``cache``; float32 logits ``[padded_vocab]`` of the last position.
+    def forward(self, ids: Sequence[int], cache: KVCache,  # type: ignore[override]
+                every_position: bool = False) -> torch.Tensor:
+        """Append ``ids`` to ``cache``; float32 logits ``[padded_vocab]`` of the last position
+        (``[len(ids), padded_vocab]`` of every position with ``every_position``).
 
         Prefill (many ids) and decode (one id) take the same path; a prefill that continues a
         non-empty cache gets an explicit causal mask offset by the cached length.
@@ -337,7 +339,7 @@ class ChatGLM2Model(nn.Module):
 
         attend = self._native_attend([cache]) if n == 1 else None
         logits = self._run(tokens, rope, store, mask, is_causal=start == 0 and n > 1,
-                           attend=attend)
+                           attend=attend, every=every_position)
         cache.commit(n)
         return logits[0]
 
