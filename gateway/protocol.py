@@ -542,7 +542,8 @@ class CompletionRequest(SamplingRequest, _CompletionInput):
 
     def to_sampling_params(self, defaults: Mapping[str, Any] | None = None) -> SamplingParams:
         params = super().to_sampling_params(defaults)
-        return replace(params, prompt_logprobs=bool(self.echo) and self.logprobs is not None)
+        return replace(params, prompt_logprobs=bool(self.echo) and self.logprobs is not None,
+                       ending_logprobs=True)
 
     @property
     def prompts(self) -> list[str]:

@@ -298,11 +298,13 @@ class Engine:
         first = seq.cache.length
         every = seq.scorer is not None and seq.scorer.wants(first, len(chunk))
         with torch.inference_mode():
-            logits = self.model.forward(chunk, seq.cache, every_position=every)
-        if every:
-            assert seq.scorer is not None
-            seq.scorer.add(first, logits)
-            logits = logits[-1]
+            if every:
+                assert seq.scorer is not None
+                rows = self.model.forward(chunk, seq.cache, every_position=True)
+                seq.scorer.add(first, rows)
+                logits = rows[-1]
+            else:
+                logits = self.model.forward(chunk, seq.cache)
         if not seq.pending:
             seq.ready = True
             if not seq.generated:
@@ -374,14 +376,14 @@ class Engine:
         seq.sampler.record(token)
         seq.generated.append(token)
 
-        if token in self.spec.stop_ids:
-            self._finish(seq, "stop")
-            return
-        at_limit = len(seq.generated) >= seq.prompt.max_tokens
-        if at_limit and self.spec.drop_last_token_on_length:
-            self._finish(seq, "length")
-            return
         params = seq.prompt.params
+        at_limit = len(seq.generated) >= seq.prompt.max_tokens
+        ending = token in self.spec.stop_ids or (at_limit and self.spec.drop_last_token_on_length)
+        if ending:
+            if params.logprobs and params.ending_logprobs:
+                seq.deliver(Delta(logprobs=self._logprobs(logits, token, params)))
+            self._finish(seq, "stop" if token in self.spec.stop_ids else "length")
+            return
         lps = self._logprobs(logits, token, params) if params.logprobs else ()
         text = seq.stop.feed(seq.post.feed(seq.decoder.push(token)))
         parts = _parts(seq.post)
