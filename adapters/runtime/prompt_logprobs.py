@@ -46,15 +46,17 @@ class PromptScorer:
         lo, hi = max(first, self.start), min(first + len(rows), self.end - 1)
         if hi <= lo:
             return
-        logp = torch.log_softmax(rows[lo - first : hi - first].float(), dim=-1).cpu()
-        following = torch.tensor(self._ids[lo + 1 : hi + 1], dtype=torch.long)
-        chosen = logp.gather(1, following[:, None])[:, 0].tolist()
+        # on the rows' device; only the picked numbers come back
+        logp = torch.log_softmax(rows[lo - first : hi - first].float(), dim=-1)
+        following = self._ids[lo + 1 : hi + 1]
+        index = torch.tensor(following, dtype=torch.long, device=logp.device)
+        chosen = logp.gather(1, index[:, None])[:, 0].tolist()
         if self._top_n > 0:
             values, ids = torch.topk(logp[:, : self._decodable], self._top_n, dim=-1)
             tops = list(zip(ids.tolist(), values.tolist(), strict=True))
         else:
             tops = [([], [])] * (hi - lo)
-        for token, lp, (alt_ids, alt_lps) in zip(following.tolist(), chosen, tops, strict=True):
+        for token, lp, (alt_ids, alt_lps) in zip(following, chosen, tops, strict=True):
             alternatives = []
             for alt, alt_lp in zip(alt_ids, alt_lps, strict=True):
                 alt_text, alt_raw = self._repr(alt)
