@@ -181,8 +181,8 @@ class SamplingParams:
     top_logprobs: int = 0
     prompt_logprobs: bool = False
     #: with ``logprobs``, also report the token that ends the answer without adding text (a
-    #: stop id, ChatGLM3's dropped last token): legacy completions list every generated id, as
-    #: vLLM does (lm-evaluation-harness drops that last entry as the generated one)
+    #: stop id, ChatGLM3's dropped last token): a scored echo lists every id, as vLLM's does
+    #: (lm-evaluation-harness drops that last entry as the generated one)
     ending_logprobs: bool = False
 
     @property

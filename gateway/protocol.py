@@ -542,8 +542,10 @@ class CompletionRequest(SamplingRequest, _CompletionInput):
 
     def to_sampling_params(self, defaults: Mapping[str, Any] | None = None) -> SamplingParams:
         params = super().to_sampling_params(defaults)
-        return replace(params, prompt_logprobs=bool(self.echo) and self.logprobs is not None,
-                       ending_logprobs=True)
+        # A scored echo lists every id the model read or produced, the one that ends the
+        # answer too (vLLM's lists; lm-eval drops that last entry as the generated token).
+        scored = bool(self.echo) and self.logprobs is not None
+        return replace(params, prompt_logprobs=scored, ending_logprobs=scored)
 
     @property
     def prompts(self) -> list[str]:

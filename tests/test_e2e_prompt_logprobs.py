@@ -236,3 +236,19 @@ def test_lm_eval_loglikelihood_requests(base_url: str, local: dict[str, Local],
         assert greedy == all(argmax)
     assert results[0][1] is True
     assert not all(greedy for _, greedy in results)
+
+
+def test_a_scored_echo_lists_the_stop_id_that_ends_the_answer(client: openai.OpenAI) -> None:
+    """vLLM's lists hold every id, the stop id too; lm-eval drops the last entry as the
+    generated token, so an answer that ends at once must still leave one."""
+    name = "chatglm2-6b-tiny"
+    completion = client.completions.create(model=name, prompt="Hi there", echo=True, logprobs=1,
+                                           max_tokens=4, logit_bias={"2": 100})  # 2: </s>
+    (choice,) = completion.choices
+    assert (choice.text, choice.finish_reason) == ("Hi there", "stop")
+    assert completion.usage is not None and completion.usage.completion_tokens == 1
+    lp = choice.logprobs
+    assert lp is not None and lp.tokens and lp.token_logprobs
+    assert lp.tokens == ["Hi", " there", ""]  # THUDM's ChatGLM2 shows </s> as ""
+    last = lp.token_logprobs[-1]  # the model's own distribution: logit_bias forced it
+    assert last is not None and -9999 < last < 0

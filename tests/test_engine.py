@@ -248,8 +248,8 @@ def test_short_prompts_arriving_together_start_in_the_same_step() -> None:
 
 
 def test_ending_token_logprob_is_reported_when_asked(make_engine) -> None:
-    """Legacy completions list every generated id, the stop id too (as vLLM does); chat's
-    content logprobs do not."""
+    """A scored echo lists every generated id, the stop id too (as vLLM does); other logprobs
+    follow the answer's text."""
     engine = make_engine("ab")
     plain = run(engine, logprobs=True)
     assert plain.final.finish_reason == "stop"
