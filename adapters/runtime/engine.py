@@ -282,8 +282,8 @@ class Engine:
             # the next decode step, as it would have been).
             target = list(seq.prompt.token_ids) + seq.generated[:-1]
             seq.scorer = self._scorer(seq.prompt) if not seq.generated else None
-            # A scored prompt reuses no KV past its span's first id: the rows from there on
-            # must be computed.
+            # A scored prompt reuses KV only of the ids before its span: the rows from the
+            # span's first id on must be computed.
             probe = target if seq.scorer is None else target[: seq.scorer.start + 1]
             found = self.prefix.take(probe) if self.prefix.max_bytes else None
             if found is None:
