@@ -162,7 +162,9 @@ class SamplingParams:
     ``max_tokens=None`` means "up to the context limit"; :meth:`ChatModel.prepare` resolves it
     to a number once, in the returned :class:`Prompt`'s params.  ``temperature == 0`` means greedy.
     ``logit_bias`` maps token id -> additive bias.  ``top_logprobs`` only matters when
-    ``logprobs`` is true.
+    ``logprobs`` or ``prompt_logprobs`` is true.  ``prompt_logprobs``: also score the prompt's
+    text (legacy completions' ``echo``; see :class:`PromptLogprobs`).  ``max_tokens=0`` (only
+    asked explicitly) reads the prompt and generates nothing.
     """
 
     max_tokens: int | None = None
@@ -177,6 +179,11 @@ class SamplingParams:
     logit_bias: tuple[tuple[int, float], ...] = ()
     logprobs: bool = False
     top_logprobs: int = 0
+    prompt_logprobs: bool = False
+    #: with ``logprobs``, also report the token that ends the answer without adding text (a
+    #: stop id, ChatGLM3's dropped last token): a scored echo lists every id, as vLLM's does
+    #: (lm-evaluation-harness drops that last entry as the generated one)
+    ending_logprobs: bool = False
 
     @property
     def greedy(self) -> bool:
@@ -219,7 +226,8 @@ class ChatRequest:
             wanted = min(max_tokens, room)
         else:
             wanted = max_tokens
-        if wanted < 1 or wanted > room:
+        least = 0 if max_tokens == 0 else 1  # 0 only when asked: score the prompt, generate none
+        if wanted < least or wanted > room:
             raise ContextLengthExceeded(prompt_tokens, max(wanted, 1), context_length)
         return wanted
 
@@ -237,6 +245,9 @@ class Prompt:
     #: every generated token is masked to what this grammar allows (a response format, or the
     #: family's tool-call format when a call is forced)
     grammar: GrammarSpec | None = None
+    #: with ``params.prompt_logprobs``: the ``[start, end)`` of ``token_ids`` that are scored,
+    #: the tokens of the user's text inside the chat format (the template's are not reported)
+    scored: tuple[int, int] | None = None
 
     @property
     def max_tokens(self) -> int:
@@ -270,6 +281,18 @@ class TokenLogprob:
     logprob: float
     bytes: tuple[int, ...]
     top_logprobs: tuple[TopLogprob, ...] = ()
+
+
+@dataclass(frozen=True)
+class PromptLogprobs:
+    """The logprobs of a prompt's scored tokens (legacy completions' ``echo`` with
+    ``logprobs``), each given every token fed before it.  The first scored token has no entry,
+    only its text and bytes: OpenAI reports ``null`` for it, as it does for a prompt's first
+    token (nothing scored comes before it)."""
+
+    first: str
+    first_bytes: tuple[int, ...]
+    following: tuple[TokenLogprob, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -311,6 +334,9 @@ class Delta:
     #: tool calls as they are generated, where the family's format allows it (else only the
     #: finished ``tool_calls`` come, at the end)
     tool_call_parts: tuple[ToolCallPart, ...] = ()
+    #: the scored prompt (``prompt_logprobs``), on the generation's first Delta only; None when
+    #: the prompt is empty or was not asked to be scored
+    prompt_logprobs: PromptLogprobs | None = None
 
 
 @dataclass(frozen=True)

@@ -86,8 +86,14 @@ class TorchChatModel:
                 )
         max_new = request.completion_budget(len(ids), self.context_length)
         grammar = self._grammar(request)
+        scored = None
+        if params.prompt_logprobs:
+            if self.spec.query_span is None:
+                raise InvalidRequest(f"Model '{self.info.id}' cannot score its prompt.",
+                                     param="logprobs")
+            scored = self.spec.query_span(self.tokenizer, conv, ids)
         return Prompt(token_ids=tuple(ids), params=replace(params, max_tokens=max_new),
-                      text=text, tools=bool(tools), grammar=grammar)
+                      text=text, tools=bool(tools), grammar=grammar, scored=scored)
 
     def _grammar(self, request: ChatRequest) -> GrammarSpec | None:
         """The request's grammar, compiled now so that a bad one is a 400 before any byte is

@@ -142,3 +142,7 @@ class FamilySpec:
     #: follows it, so a cached prefix can be reused and a long prompt prefilled in chunks.
     #: ChatGLM-6B attends bidirectionally over its context (prefix-LM), so neither holds there.
     causal_prompt: bool = True
+    #: ``(tokenizer, conversation, ids build_prompt made) -> (start, end)``: the ids that cover
+    #: the query's text (the last user message), scored for legacy completions' ``echo``
+    #: with ``logprobs``; None: this family cannot say (such a request is a 400)
+    query_span: Callable[[Tokenizer, Conversation, Sequence[int]], tuple[int, int]] | None = None

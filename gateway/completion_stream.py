@@ -9,7 +9,11 @@ role chunk: legacy completions have none.
 ``logprobs`` uses the legacy shape: parallel lists ``tokens``, ``token_logprobs``,
 ``top_logprobs`` (per token a ``{token: logprob}`` dict of the top alternatives plus the chosen
 token, so up to ``logprobs + 1`` entries, as OpenAI documents) and ``text_offset`` (where each
-token starts in the choice's text, echoed prompt included).
+token starts in the choice's text, echoed prompt included).  With ``echo`` the lists start with
+the prompt's tokens, the first with ``null`` logprob and top_logprobs; streamed, a choice's echo
+chunk then waits for its prompt's logprobs (its first Delta) and carries them, as vLLM sends
+them.  Offsets add up the token strings' lengths from the start of each part (prompt, answer),
+as vLLM counts them.
 """
 
 from __future__ import annotations
@@ -17,7 +21,7 @@ from __future__ import annotations
 from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass
 
-from adapters.base import FinishReason, TokenLogprob
+from adapters.base import FinishReason, PromptLogprobs, TokenLogprob
 from gateway import protocol as p
 from gateway.generation import CompletionMeta, Deltas, UsageSum, finish_reason
 
@@ -30,6 +34,8 @@ class CompletionPlan:
     echoes: tuple[str, ...]  # per choice: the echoed prompt ("" without echo)
     n: int  # choices per prompt: choice i answers prompt i // n
     logprobs: bool
+    #: the prompt is scored (``echo`` with ``logprobs``): its logprobs come with a first Delta
+    prompt_logprobs: bool = False
 
     def usage(self) -> UsageSum:
         return UsageSum(lambda index: index // self.n)
@@ -51,6 +57,18 @@ class _LegacyLogprobs:
             out.top_logprobs.append(top)
             out.text_offset.append(self.offset)
             self.offset += len(t.token)
+        return out
+
+    def convert_prompt(self, scored: PromptLogprobs | None) -> p.CompletionLogprobs:
+        """The prompt's entries: its first token with null logprob, then the scored ones."""
+        out = _empty_logprobs()
+        if scored is not None:
+            out.tokens.append(scored.first)
+            out.token_logprobs.append(None)
+            out.top_logprobs.append(None)
+            out.text_offset.append(self.offset)
+            self.offset += len(scored.first)
+            _extend(out, self.convert(scored.following))
         return out
 
 
@@ -75,6 +93,8 @@ async def collect(deltas: Deltas, plan: CompletionPlan) -> p.Completion:
     usage = plan.usage()
     async for index, delta in deltas:
         texts[index] += delta.text
+        if delta.prompt_logprobs is not None:
+            _extend(logprobs[index], _LegacyLogprobs(0).convert_prompt(delta.prompt_logprobs))
         if delta.logprobs:
             _extend(logprobs[index], trackers[index].convert(delta.logprobs))
         if delta.finish_reason is not None:
@@ -98,10 +118,18 @@ async def chunks(deltas: Deltas, plan: CompletionPlan,
     ``(choice index, Delta)``."""
     trackers = [_LegacyLogprobs(len(echo)) for echo in plan.echoes]
     usage = plan.usage()
+    # An echo waits for its prompt's logprobs when they are asked, else it goes first.
+    unechoed = set(range(len(plan.echoes))) if plan.prompt_logprobs else set()
     for index, echo in enumerate(plan.echoes):
-        if echo:
+        if echo and index not in unechoed:
             yield _chunk(plan, p.CompletionChoice(text=echo, index=index, finish_reason=None))
     async for index, delta in deltas:
+        if index in unechoed:
+            unechoed.discard(index)
+            if plan.echoes[index] or delta.prompt_logprobs is not None:
+                yield _chunk(plan, p.CompletionChoice(
+                    text=plan.echoes[index], index=index, finish_reason=None,
+                    logprobs=_LegacyLogprobs(0).convert_prompt(delta.prompt_logprobs)))
         if delta.text or delta.logprobs:
             yield _chunk(plan, p.CompletionChoice(
                 text=delta.text, index=index, finish_reason=None,

@@ -516,14 +516,16 @@ class _CompletionInput(BaseModel):
 class CompletionRequest(SamplingRequest, _CompletionInput):
     """POST /v1/completions (OpenAI's legacy completions).
 
-    The prompt is fed to the chat model as ONE user turn through its chat format.  Not supported
-    (400): token-id prompts, ``suffix``, ``best_of`` other than ``n``, ``echo`` together with
-    ``logprobs`` (the engine does not score prompt tokens).  ``max_tokens`` falls back to the
-    model default, then OpenAI's 16.
+    The prompt is fed to the chat model as ONE user turn through its chat format.  ``echo``
+    with ``logprobs`` also scores the prompt's own tokens (those of its text inside the chat
+    format); ``max_tokens`` 0 (only with ``echo``) scores it without generating.  Not supported
+    (400): token-id prompts, ``suffix``, ``best_of`` other than ``n``.  ``max_tokens`` falls
+    back to the model default, then OpenAI's 16.
     """
 
     route_defaults: ClassVar[SamplingParams] = SamplingParams(max_tokens=COMPLETION_MAX_TOKENS)
 
+    max_tokens: int | None = Field(default=None, ge=0)
     best_of: int | None = Field(default=None, ge=1, le=MAX_N)
     echo: bool | None = None
     logprobs: int | None = Field(default=None, ge=0, le=MAX_LEGACY_LOGPROBS)
@@ -534,9 +536,16 @@ class CompletionRequest(SamplingRequest, _CompletionInput):
             raise FieldError("suffix", "'suffix' (insertion) is not supported by ChatGLM models.")
         if self.best_of is not None and self.best_of != self.choices:
             raise FieldError("best_of", "'best_of' must equal 'n' (no server-side ranking).")
-        if self.echo and self.logprobs is not None:
-            raise FieldError("logprobs", "'logprobs' together with 'echo' is not supported "
-                             "(prompt tokens are not scored).")
+        if self.max_tokens == 0 and not self.echo:
+            raise FieldError("max_tokens", "'max_tokens' 0 is only supported together with "
+                             "'echo' (it scores the prompt without generating).")
+
+    def to_sampling_params(self, defaults: Mapping[str, Any] | None = None) -> SamplingParams:
+        params = super().to_sampling_params(defaults)
+        # A scored echo lists every id the model read or produced, the one that ends the
+        # answer too (vLLM's lists; lm-eval drops that last entry as the generated token).
+        scored = bool(self.echo) and self.logprobs is not None
+        return replace(params, prompt_logprobs=scored, ending_logprobs=scored)
 
     @property
     def prompts(self) -> list[str]:
@@ -548,13 +557,14 @@ class CompletionRequest(SamplingRequest, _CompletionInput):
 
 
 class CompletionLogprobs(BaseModel):
-    """OpenAI's legacy logprobs: parallel lists, one entry per generated token."""
+    """OpenAI's legacy logprobs: parallel lists, one entry per token (with ``echo``, the
+    prompt's first: its first token has ``null`` logprob and ``null`` top_logprobs)."""
 
     model_config = _RESPONSE_CONFIG
 
     tokens: list[str]
-    token_logprobs: list[float]
-    top_logprobs: list[dict[str, float]]
+    token_logprobs: list[float | None]
+    top_logprobs: list[dict[str, float] | None]
     text_offset: list[int]
 
 

@@ -5,7 +5,9 @@ scripted (``reply`` / ``pieces``) or derived from the last user message (``trans
 ``"reverse"``).  It honours the parts of :class:`~adapters.base.SamplingParams` a gateway must
 pass through: ``max_tokens`` (counted in pieces), ``stop`` strings (a partial match is held
 back, never emitted), ``seed``/``temperature`` (sampling with a seed rotates the pieces, so the
-same seed gives the same reply; greedy or unseeded requests get the script), and ``logprobs``.
+same seed gives the same reply; greedy or unseeded requests get the script), ``logprobs``, and
+``prompt_logprobs`` (the last message's characters are scored, one token each, with the same
+deterministic entries; ``max_tokens`` 0 then ends right after them, finish "length").
 
 Counters (:meth:`status`) let tests prove cancellation: ``produced`` counts every piece the fake
 generated, ``cancelled`` counts generations closed before they finished.  ``status()`` also
@@ -33,6 +35,7 @@ from adapters.base import (
     Outcome,
     Overloaded,
     Prompt,
+    PromptLogprobs,
     SamplingParams,
     TokenLogprob,
     Tool,
@@ -127,8 +130,11 @@ class FakeChatModel:
         # The answer is a pure function of the messages, so a cache keyed by the prompt ids is
         # safe and keeps Prompt free of fake-only fields.
         self._answers[token_ids] = self._answer(messages)
+        # the last message's content ends the text: its characters are the scored span
+        scored = (len(text) - len(messages[-1].content), len(text))
         return Prompt(token_ids=token_ids, params=replace(request.params, max_tokens=wanted),
-                      text=text, tools=bool(tools))
+                      text=text, tools=bool(tools),
+                      scored=scored if request.params.prompt_logprobs else None)
 
     async def generate(self, prompt: Prompt) -> AsyncIterator[Delta]:
         """Yield one Delta per piece; the last one carries finish_reason and usage."""
@@ -148,7 +154,14 @@ class FakeChatModel:
         produced = 0
         finished = False
         try:
-            finish: Outcome = "length" if len(pieces) > limit else "stop"
+            if prompt.scored is not None and prompt.scored[1] > prompt.scored[0]:
+                start, end = prompt.scored
+                chars = prompt.text[start:end]
+                yield Delta(prompt_logprobs=PromptLogprobs(
+                    first=chars[0], first_bytes=tuple(chars[0].encode("utf-8")),
+                    following=tuple(entry for i, c in enumerate(chars[1:])
+                                    for entry in _logprobs(c, i, params))))
+            finish: Outcome = "length" if len(pieces) > limit or limit == 0 else "stop"
             for i, piece in enumerate(pieces[:limit]):
                 if self._fail_after is not None and i >= self._fail_after:
                     finish = "error"

@@ -162,6 +162,57 @@ def test_logprobs_legacy_shape(client: openai.OpenAI, base_url: str) -> None:
     assert offsets == [0, 2, 4]
 
 
+def test_echo_with_logprobs_scores_the_prompt(client: openai.OpenAI) -> None:
+    """The prompt's tokens come first (OpenAI's shape: the first has null logprob and null
+    top_logprobs), then the answer's; offsets run over the whole text."""
+    completion = client.completions.create(model="fake", prompt="hey", echo=True, logprobs=1,
+                                           max_tokens=2)
+    (choice,) = completion.choices
+    assert choice.text == "hey你好，世"
+    logprobs = choice.logprobs
+    assert logprobs is not None
+    assert logprobs.tokens == ["h", "e", "y", "你好", "，世"]
+    assert logprobs.token_logprobs == [None, 0.0, -0.125, 0.0, -0.125]
+    assert logprobs.top_logprobs == [None, {"e": 0.0}, {"y": -0.125}, {"你好": 0.0},
+                                     {"，世": -0.125}]
+    assert logprobs.text_offset == [0, 1, 2, 3, 5]
+
+
+def test_max_tokens_0_scores_the_prompt_only(client: openai.OpenAI, base_url: str) -> None:
+    completion = client.completions.create(model="fake", prompt=["ab", "xyz"], echo=True,
+                                           logprobs=0, max_tokens=0, n=2)
+    assert [c.text for c in completion.choices] == ["ab", "ab", "xyz", "xyz"]
+    assert {c.finish_reason for c in completion.choices} == {"length"}
+    assert [c.logprobs.tokens for c in completion.choices if c.logprobs] == [
+        ["a", "b"], ["a", "b"], ["x", "y", "z"], ["x", "y", "z"]]
+    assert completion.choices[2].logprobs is not None
+    assert completion.choices[2].logprobs.token_logprobs == [None, 0.0, -0.125]
+    assert completion.usage is not None
+    assert completion.usage.completion_tokens == 0
+    # without logprobs the echo alone comes back
+    raw = httpx.post(f"{base_url}/v1/completions", json={
+        "model": "fake", "prompt": "ab", "echo": True, "max_tokens": 0}).json()
+    assert raw["choices"][0] == {"text": "ab", "index": 0, "logprobs": None,
+                                 "finish_reason": "length"}
+
+
+def test_streamed_echo_carries_the_prompt_logprobs(base_url: str) -> None:
+    with httpx.stream("POST", f"{base_url}/v1/completions", timeout=10, json={
+        "model": "fake", "prompt": "hey", "stream": True, "echo": True, "logprobs": 1,
+        "max_tokens": 1,
+    }) as response:
+        assert response.status_code == 200
+        events = [json.loads(line.removeprefix("data: ")) for line in response.iter_lines()
+                  if line.startswith("data: {")]
+    choices = [e["choices"][0] for e in events]
+    assert choices[0] == {"text": "hey", "index": 0, "finish_reason": None, "logprobs": {
+        "tokens": ["h", "e", "y"], "token_logprobs": [None, 0.0, -0.125],
+        "top_logprobs": [None, {"e": 0.0}, {"y": -0.125}], "text_offset": [0, 1, 2]}}
+    assert choices[1]["text"] == "你好"
+    assert choices[1]["logprobs"]["text_offset"] == [3]  # the answer follows the echo
+    assert choices[-1]["finish_reason"] == "length"
+
+
 def test_stop_sequences(client: openai.OpenAI) -> None:
     completion = client.completions.create(model="fake", prompt="hi", stop=["😀"], max_tokens=50)
     assert completion.choices[0].text == REPLY[: REPLY.index("😀")]
@@ -176,8 +227,8 @@ def test_stop_sequences(client: openai.OpenAI) -> None:
     ({"prompt": "x", "best_of": 2}, "best_of"),
     ({"prompt": "x", "logprobs": 6}, "logprobs"),
     ({"prompt": "x", "logprobs": True}, "logprobs"),
-    ({"prompt": "x", "echo": True, "logprobs": 1}, "logprobs"),
-    ({"prompt": "x", "max_tokens": 0}, "max_tokens"),
+    ({"prompt": "x", "max_tokens": 0}, "max_tokens"),  # scoring only: needs echo
+    ({"prompt": "x", "max_tokens": -1, "echo": True}, "max_tokens"),
     ({"prompt": "x", "stream_options": {"include_usage": True}}, "stream_options"),
     ({"prompt": "x", "stop": ["a", "b", "c", "d", "e"]}, "stop"),
     ({}, "prompt"),

@@ -245,3 +245,25 @@ def test_short_prompts_arriving_together_start_in_the_same_step() -> None:
         assert lm.log[:4] == ["prefill"] * 4  # 4 x 8 ids fit one 64-id chunk: no decode between
     finally:
         engine.close()
+
+
+def test_ending_token_logprob_is_reported_when_asked(make_engine) -> None:
+    """A scored echo lists every generated id, the stop id too (as vLLM does); other logprobs
+    follow the answer's text."""
+    engine = make_engine("ab")
+    plain = run(engine, logprobs=True)
+    assert plain.final.finish_reason == "stop"
+    assert [lp.token for d in plain.deltas for lp in d.logprobs] == ["a", "b"]
+    listed = run(engine, logprobs=True, ending_logprobs=True)
+    assert listed.final.finish_reason == "stop"
+    assert [lp.token for d in listed.deltas for lp in d.logprobs] == ["a", "b", ""]
+    assert (listed.text, listed.final.finish_reason) == ("ab", "stop")
+    assert listed.final.usage is not None and listed.final.usage.completion_tokens == 3
+
+
+def test_chatglm3_dropped_last_token_is_listed_when_asked(make_engine) -> None:
+    engine = make_engine("abc", drop_last=True)
+    c = run(engine, max_tokens=2, logprobs=True, ending_logprobs=True)
+    assert c.final.finish_reason == "length"
+    assert [lp.token for d in c.deltas for lp in d.logprobs] == ["a", "b"]
+    assert (c.text, c.final.finish_reason) == ("a", "length")

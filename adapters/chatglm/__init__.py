@@ -6,7 +6,7 @@ from __future__ import annotations
 from adapters.chatglm.config import ChatGLMConfig, claims, read_config
 from adapters.chatglm.model import QUANT_LAYOUT, ChatGLMCache, ChatGLMModel, load_model
 from adapters.chatglm.postprocess import ChatGLMStreamPostprocessor, process_response
-from adapters.chatglm.prompt import build_prompt, prompt_text
+from adapters.chatglm.prompt import build_prompt, prompt_text, query_span
 from adapters.chatglm.tokenizer import ChatGLMTokenizer, load_tokenizer
 from adapters.conversation import to_pairs
 from adapters.family import FamilySpec
@@ -30,6 +30,7 @@ SPEC = FamilySpec(
     tool_grammar=call_grammar,
     quant_layout=QUANT_LAYOUT,
     causal_prompt=False,  # prefix-LM: bidirectional attention over the whole context
+    query_span=query_span,  # type: ignore[arg-type]
 )
 
 __all__ = [

@@ -5,6 +5,9 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
+from adapters.base import InvalidRequest
 from adapters.chatglm.tokenizer import ChatGLMTokenizer
 from adapters.conversation import Conversation
 
@@ -24,3 +27,13 @@ def build_prompt(tok: ChatGLMTokenizer, conv: Conversation) -> tuple[list[int], 
     appends them at the END (v2/v3 prefix theirs)."""
     text = prompt_text(conv)
     return [*tok.encode(text), tok.gmask_id, tok.sop_id], text
+
+
+def query_span(tok: ChatGLMTokenizer, conv: Conversation, ids: Sequence[int]) -> tuple[int, int]:
+    """The ids of the query's text: without history the prompt IS the query, so everything
+    before ``[gMASK] <sop>``.  (With history the query sits inside the ``[Round n]`` text, whose
+    normalising tokenizer gives no offsets; nothing asks for that span.)"""
+    if conv.history:
+        raise InvalidRequest("ChatGLM-6B scores a prompt only as a first turn (no history).",
+                             param="messages")
+    return 0, len(ids) - 2

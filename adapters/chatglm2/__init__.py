@@ -19,7 +19,12 @@ from adapters.chatglm2.config import (
 from adapters.chatglm2.conversation import to_turns
 from adapters.chatglm2.model import QUANT_LAYOUT, ChatGLM2Model, load_model
 from adapters.chatglm2.postprocess import ChatGLM2Postprocessor, ChatGLM3Postprocessor
-from adapters.chatglm2.prompt import build_prompt_v2, build_prompt_v3
+from adapters.chatglm2.prompt import (
+    build_prompt_v2,
+    build_prompt_v3,
+    query_span_v2,
+    query_span_v3,
+)
 from adapters.chatglm2.tokenizer import ChatGLM2Tokenizer, load_tokenizer
 from adapters.chatglm2.tools import call_grammar
 from adapters.conversation import to_pairs
@@ -48,6 +53,7 @@ V2_SPEC = FamilySpec(
     new_postprocessor=with_tool_calls(ChatGLM2Postprocessor),
     tool_grammar=json_call_grammar,
     quant_layout=QUANT_LAYOUT,
+    query_span=query_span_v2,  # type: ignore[arg-type]
 )
 
 V3_SPEC = FamilySpec(
@@ -63,6 +69,7 @@ V3_SPEC = FamilySpec(
     tool_grammar=call_grammar,
     quant_layout=QUANT_LAYOUT,
     drop_last_token_on_length=True,
+    query_span=query_span_v3,  # type: ignore[arg-type]
 )
 
 __all__ = [

@@ -52,6 +52,7 @@ from adapters.family import (
 from adapters.runtime.detokenize import IncrementalDecoder, StopMatcher, StripText
 from adapters.runtime.grammar import GrammarMatcher, GrammarViolation, TokenGrammar
 from adapters.runtime.prefix_cache import PrefixCache
+from adapters.runtime.prompt_logprobs import PromptScorer
 from adapters.runtime.sampler import SamplerState, choose, logprob_entries
 
 logger = logging.getLogger(__name__)
@@ -77,6 +78,8 @@ class Sequence:
     generated: list[int] = field(default_factory=list)
     #: prompt tokens whose KV came from the prefix cache at the first admission
     cached: int = 0
+    #: collects the prompt's logprobs during the first prefill (``prompt_logprobs``)
+    scorer: PromptScorer | None = None
     cancelled: bool = False
     done: bool = False
 
@@ -278,7 +281,11 @@ class Engine:
             # A preempted request resumes with what it generated so far (the last id is fed by
             # the next decode step, as it would have been).
             target = list(seq.prompt.token_ids) + seq.generated[:-1]
-            found = self.prefix.take(target) if self.prefix.max_bytes else None
+            seq.scorer = self._scorer(seq.prompt) if not seq.generated else None
+            # A scored prompt reuses KV only of the ids before its span: the rows from the
+            # span's first id on must be computed.
+            probe = target if seq.scorer is None else target[: seq.scorer.start + 1]
+            found = self.prefix.take(probe) if self.prefix.max_bytes else None
             if found is None:
                 seq.cache, reused = self.model.new_cache(), 0
             else:
@@ -288,13 +295,39 @@ class Engine:
             seq.pending = target[reused:]
         n = len(seq.pending) if limit is None else limit
         chunk, seq.pending = seq.pending[:n], seq.pending[n:]
+        first = seq.cache.length
+        every = seq.scorer is not None and seq.scorer.wants(first, len(chunk))
         with torch.inference_mode():
-            logits = self.model.forward(chunk, seq.cache)
+            if every:
+                assert seq.scorer is not None
+                rows = self.model.forward(chunk, seq.cache, every_position=True)
+                seq.scorer.add(first, rows)
+                logits = rows[-1]
+            else:
+                logits = self.model.forward(chunk, seq.cache)
         if not seq.pending:
             seq.ready = True
             if not seq.generated:
-                self._sample([seq], logits[None])
+                self._read_prompt(seq, logits)
         return len(chunk)
+
+    def _scorer(self, prompt: Prompt) -> PromptScorer | None:
+        if not prompt.params.prompt_logprobs or prompt.scored is None:
+            return None
+        return PromptScorer(prompt.token_ids, prompt.scored, prompt.params.top_logprobs,
+                            self.tokenizer.vocab_size, self.token_repr)
+
+    def _read_prompt(self, seq: Sequence, last: torch.Tensor) -> None:
+        """The prompt is in: deliver its logprobs (when asked), then sample the first token
+        from ``last`` (the last position's logits), unless no token is wanted."""
+        if seq.scorer is not None:
+            scored, seq.scorer = seq.scorer.result(), None
+            if scored is not None:
+                seq.deliver(Delta(prompt_logprobs=scored))
+        if seq.prompt.max_tokens == 0:
+            self._finish(seq, "length")
+        else:
+            self._sample([seq], last[None])
 
     def _enforce_budget(self) -> None:
         """Running caches over the budget: preempt the newest requests (never the last one)."""
@@ -343,14 +376,14 @@ class Engine:
         seq.sampler.record(token)
         seq.generated.append(token)
 
-        if token in self.spec.stop_ids:
-            self._finish(seq, "stop")
-            return
-        at_limit = len(seq.generated) >= seq.prompt.max_tokens
-        if at_limit and self.spec.drop_last_token_on_length:
-            self._finish(seq, "length")
-            return
         params = seq.prompt.params
+        at_limit = len(seq.generated) >= seq.prompt.max_tokens
+        ending = token in self.spec.stop_ids or (at_limit and self.spec.drop_last_token_on_length)
+        if ending:
+            if params.logprobs and params.ending_logprobs:
+                seq.deliver(Delta(logprobs=self._logprobs(logits, token, params)))
+            self._finish(seq, "stop" if token in self.spec.stop_ids else "length")
+            return
         lps = self._logprobs(logits, token, params) if params.logprobs else ()
         text = seq.stop.feed(seq.post.feed(seq.decoder.push(token)))
         parts = _parts(seq.post)

@@ -33,6 +33,7 @@ async def create_completion(request: Request) -> Response:
         echoes=tuple(text if body.echo else "" for text in body.prompts for _ in range(n)),
         n=n,
         logprobs=body.logprobs is not None,
+        prompt_logprobs=params.prompt_logprobs,
     )
     stream = await start(request, served, [job for prompt in prompts for job in prompt.choices(n)])
     return await respond(
