@@ -521,7 +521,8 @@ def test_settings_are_remembered_and_sent_with_each_request(
     asked = len(echo.requests)
     page.fill("#prompt", "too hot")
     page.press("#prompt", "Enter")
-    assert page.locator("#error").inner_text().endswith("fix it in Settings.")
+    error = page.locator("#error").inner_text()  # (the middle is the browser's own wording)
+    assert error.startswith("Error: Temperature: ") and error.endswith(" Fix it in Settings."), error
     assert page.locator("#settings").is_visible()
     assert len(echo.requests) == asked and page.input_value("#prompt") == "too hot"
 

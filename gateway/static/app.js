@@ -232,10 +232,12 @@ function ready() {
     showError(new Error("No model selected."));
     return false;
   }
-  if (!ui.settings.checkValidity()) {
+  const invalid = ui.settings.querySelector(":invalid");
+  if (invalid) {
     showSettings(true);
     ui.settings.reportValidity();
-    showError(new Error("A setting is out of range; fix it in Settings."));
+    const label = ui.settings.querySelector(`label[for="${invalid.id}"]`).textContent;
+    showError(new Error(`${label}: ${invalid.validationMessage} Fix it in Settings.`));
     return false;
   }
   return true;
@@ -248,6 +250,7 @@ async function answer(messages, userBox) {
   state.messages = [...messages, reply];
   const box = addMessage(reply);
   box.dataset.state = "streaming";
+  box.setAttribute("aria-busy", "true"); // screen readers read the answer once, when complete
   const controller = new AbortController();
   const epoch = state.epoch;
   state.controller = controller;
@@ -304,6 +307,7 @@ async function answer(messages, userBox) {
   } finally {
     if (frame) cancelAnimationFrame(frame);
     delete box.dataset.state;
+    box.removeAttribute("aria-busy");
     if (box.isConnected) {
       paint();
       showFoot(box, reply);
