@@ -406,11 +406,14 @@ def test_stop_cancels_the_stream_on_the_server_and_keeps_the_partial_answer(
     page.wait_for_function(
         "document.querySelector('.msg-assistant .content').textContent.length > 5")
     assert page.locator("#send").is_disabled()
+    assert page.locator(".msg-assistant .status").count() == 0  # not "(stopped)" yet
+    assert page.locator(".msg-assistant").get_attribute("aria-busy") == "true"
     assert running(chat_url, "slow") == 1
     page.click("#stop")
     page.wait_for_selector(".msg-assistant .status")
     partial = answer.inner_text()
     assert 0 < len(partial) < 400
+    assert page.locator(".msg-assistant").get_attribute("aria-busy") is None
     assert page.locator(".msg-assistant .status").inner_text() == "(stopped)"
     history = page.evaluate("window.chatPage.history()")
     assert history == [{"role": "user", "content": "go"},

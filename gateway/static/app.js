@@ -135,10 +135,14 @@ function nearBottom() {
   return ui.log.scrollHeight - ui.log.scrollTop - ui.log.clientHeight < STICKY_PX;
 }
 
-function addMessage(message) {
+function addMessage(message, streaming = false) {
   ui.empty.hidden = true;
   const box = el("div", undefined, "msg msg-" + message.role);
   box.dataset.role = message.role;
+  if (streaming) {
+    box.dataset.state = "streaming";
+    box.setAttribute("aria-busy", "true"); // screen readers read the answer once, when complete
+  }
   box.append(el("span", message.role === "user" ? "You" : "Assistant", "who"),
     el("div", undefined, "content"));
   if (message.role === "assistant") box.append(el("div", undefined, "foot"));
@@ -248,9 +252,7 @@ async function answer(messages, userBox) {
   showError(null);
   const reply = { role: "assistant", content: "", stopped: true }; // until it finishes
   state.messages = [...messages, reply];
-  const box = addMessage(reply);
-  box.dataset.state = "streaming";
-  box.setAttribute("aria-busy", "true"); // screen readers read the answer once, when complete
+  const box = addMessage(reply, true);
   const controller = new AbortController();
   const epoch = state.epoch;
   state.controller = controller;
