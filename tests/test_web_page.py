@@ -401,6 +401,15 @@ def test_copy_button_puts_the_code_on_the_clipboard(
     assert page.locator("#announce").inner_text() == "Code copied to the clipboard."
     page.wait_for_function("document.querySelectorAll('button.copy')[1].textContent === 'Copy'")
 
+    # Plain http from another host has no Clipboard API; the selection-based fallback copies.
+    page.evaluate("Object.defineProperty(window, 'isSecureContext', {value: false})")
+    assert page.evaluate("window.isSecureContext") is False
+    page.locator(".msg-assistant .code-block").first.get_by_role("button", name="Copy code").click()
+    page.wait_for_function("document.querySelector('button.copy').textContent !== 'Copy'")
+    assert page.locator("button.copy").first.inner_text() == "Copied"
+    assert page.evaluate("navigator.clipboard.readText()") == "first"
+    assert page.locator(".offscreen").count() == 0  # the helper selection is gone again
+
 
 def test_stop_cancels_the_stream_on_the_server_and_keeps_the_partial_answer(
     page: Any, chat_url: str, chat_models: dict[str, FakeChatModel],
