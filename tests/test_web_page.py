@@ -606,6 +606,22 @@ def test_the_conversation_survives_a_reload_until_a_new_chat(
     assert page.evaluate("window.chatPage.history()") == []
 
 
+def test_new_chat_while_streaming_cancels_the_answer(
+    page: Any, chat_url: str, chat_models: dict[str, FakeChatModel],
+) -> None:
+    open_chat(page, chat_url, "slow")
+    page.fill("#prompt", "go")
+    page.press("#prompt", "Enter")
+    page.wait_for_function(
+        "document.querySelector('.msg-assistant .content').textContent.length > 5")
+    page.get_by_role("button", name="New chat").click()
+    wait_until(lambda: running(chat_url, "slow") == 0, "the running gauge never went back to 0")
+    assert page.locator(".msg").count() == 0 and page.locator("#send").is_enabled()
+    page.reload()
+    page.wait_for_function("window.chatPage !== undefined")
+    assert page.evaluate("window.chatPage.history()") == []  # the cut-off turn is not kept
+
+
 def test_a_reload_while_streaming_keeps_the_part_that_arrived(
     page: Any, chat_url: str, chat_models: dict[str, FakeChatModel],
 ) -> None:
