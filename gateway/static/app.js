@@ -441,6 +441,14 @@ window.addEventListener("pagehide", () => {
   store.saveConversation(state.messages);
 });
 
+// The log shrinks when a notice, an error or the settings panel appears: a reader at the bottom
+// stays at the bottom (the end of the last answer stays in view).
+let atBottom = true;
+ui.log.addEventListener("scroll", () => { atBottom = nearBottom(); });
+new ResizeObserver(() => {
+  if (atBottom) ui.log.scrollTop = ui.log.scrollHeight;
+}).observe(ui.log);
+
 for (const message of state.messages) addMessage(message);
 showRegenerate();
 window.chatPage = {
