@@ -310,13 +310,15 @@ async function answer(messages, userBox) {
     if (frame) cancelAnimationFrame(frame);
     delete box.dataset.state;
     box.removeAttribute("aria-busy");
+    const follow = nearBottom();
     if (box.isConnected) {
-      paint();
+      showContent(box, reply);
       showFoot(box, reply);
     }
     if (state.controller === controller) state.controller = null;
     if (epoch === state.epoch) store.saveConversation(state.messages);
     setBusy(false);
+    if (follow) ui.log.scrollTop = ui.log.scrollHeight; // the counts and Regenerate in view too
     ui.prompt.focus();
   }
 }
