@@ -340,6 +340,25 @@ def test_markdown_answers_render_while_streaming(
     assert page.locator(".msg-user .content h2").count() == 0
 
 
+def test_the_end_of_a_long_answer_stays_in_view(
+    page: Any, chat_url: str, chat_models: dict[str, FakeChatModel],
+) -> None:
+    open_chat(page, chat_url, "echo")
+    stream_reply(page, "\n".join(f"line {i}" for i in range(40)))
+    assert page.evaluate("(() => { const log = document.querySelector('#log');"
+                         " return log.scrollHeight > log.clientHeight; })()")  # it overflows
+    # The counts and the Regenerate button under it are in view without scrolling.
+    in_view = """() => {
+        const log = document.querySelector('#log').getBoundingClientRect();
+        const end = document.querySelector('.msg-assistant:last-child').getBoundingClientRect();
+        return end.bottom <= log.bottom + 1;
+    }"""
+    assert page.evaluate(in_view)
+    page.reload()  # the same for a stored conversation, once the model list has come in
+    page.wait_for_function("document.querySelector('#model').value === 'echo'")
+    page.wait_for_function(in_view)
+
+
 def test_model_output_never_becomes_live_html(
     page: Any, chat_url: str, chat_models: dict[str, FakeChatModel],
 ) -> None:
