@@ -1,442 +1,461 @@
 // The chat page: an ordinary OpenAI client of this gateway, written for the browser.
 //
-// Model text is never parsed as HTML: the Markdown subset below builds DOM nodes and puts every
-// piece of model text in with textContent / createTextNode, so a reply containing "<script>"
-// shows as text.  Everything the page needs is served by the gateway itself.
-"use strict";
+// Answers are Markdown, rendered by markdown.js with HTML escaped (model text never becomes live
+// HTML); the user's own text is shown as typed.  Everything the page needs is served by the
+// gateway itself.
 
-(() => {
-  const KEY_STORAGE = "chatglm-gateway.api-key";
-  const MODEL_STORAGE = "chatglm-gateway.model";
-  // /v1/models describes a demo model this way (adapters/demo.py DEMO_DESCRIPTION).
-  const DEMO_PATTERN = /\bdemo\b/i;
-  const SAFE_URL = /^(https?:|mailto:)/i;
+import { ApiError, errorOf, sseData } from "./api.js";
+import { renderMarkdown } from "./markdown.js";
+import * as store from "./store.js";
 
-  // ------------------------------------------------------------------ Markdown subset
+const KEY_STORAGE = "chatglm-gateway.api-key";
+const MODEL_STORAGE = "chatglm-gateway.model";
+// /v1/models describes a demo model this way (adapters/demo.py DEMO_DESCRIPTION).
+const DEMO_PATTERN = /\bdemo\b/i;
+// Follow the answer only while the reader is at the bottom (scrolled up = reading, left alone).
+const STICKY_PX = 80;
 
-  const FENCE = /^\s{0,3}(`{3,}|~{3,})\s*([\w+#.-]*)\s*$/;
-  const HEADING = /^\s{0,3}(#{1,6})\s+(.*?)\s*#*\s*$/;
-  const BULLET = /^\s{0,3}[-*+]\s+(.*)$/;
-  const ORDERED = /^\s{0,3}(\d{1,9})[.)]\s+(.*)$/;
-  const QUOTE = /^\s{0,3}>\s?(.*)$/;
-  const RULE = /^\s{0,3}([-*_])(\s*\1){2,}\s*$/;
+const $ = (id) => document.getElementById(id);
+const ui = {
+  model: $("model"), key: $("api-key"), newChat: $("new-chat"), log: $("log"), empty: $("empty"),
+  error: $("error"), form: $("composer"), prompt: $("prompt"), send: $("send"), stop: $("stop"),
+  info: $("model-info"), demo: $("demo-notice"), announce: $("announce"),
+  settings: $("settings"), settingsToggle: $("settings-toggle"),
+};
+// the settings panel's inputs by stored name (store.SETTINGS)
+const settingInputs = {
+  system: $("system-prompt"), temperature: $("temperature"), top_p: $("top-p"),
+  max_tokens: $("max-tokens"),
+};
 
-  /** Render Markdown text into a DocumentFragment (code blocks, inline code, bold, italic,
-   *  headings, lists, block quotes, links, paragraphs).  An unclosed fence (a reply still
-   *  streaming) renders as a code block up to the end. */
-  function renderMarkdown(text) {
-    const out = document.createDocumentFragment();
-    const lines = String(text).replace(/\r\n?/g, "\n").split("\n");
-    let i = 0;
-    while (i < lines.length) {
-      const line = lines[i];
-      const fence = FENCE.exec(line);
-      if (fence) {
-        const body = [];
-        i += 1;
-        while (i < lines.length && !closesFence(lines[i], fence[1])) {
-          body.push(lines[i]);
-          i += 1;
-        }
-        // A fence still open (the reply is streaming) ends at the text's end; its last line,
-        // if empty, is where the next token will go, not part of the code.
-        if (i >= lines.length && body.length && !body[body.length - 1]) body.pop();
-        i += 1; // the closing fence (or past the end)
-        const pre = el("pre");
-        const code = el("code", body.join("\n"));
-        if (fence[2]) {
-          pre.dataset.lang = fence[2];
-          code.className = "language-" + fence[2];
-        }
-        pre.append(code);
-        out.append(pre);
-        continue;
-      }
-      if (!line.trim()) {
-        i += 1;
-        continue;
-      }
-      const heading = HEADING.exec(line);
-      if (heading) {
-        out.append(inline(el("h" + heading[1].length), heading[2]));
-        i += 1;
-        continue;
-      }
-      if (RULE.test(line)) {
-        out.append(el("hr"));
-        i += 1;
-        continue;
-      }
-      if (QUOTE.test(line)) {
-        const body = [];
-        while (i < lines.length && QUOTE.test(lines[i])) {
-          body.push(QUOTE.exec(lines[i])[1]);
-          i += 1;
-        }
-        const quote = el("blockquote");
-        quote.append(renderMarkdown(body.join("\n")));
-        out.append(quote);
-        continue;
-      }
-      if (BULLET.test(line) || ORDERED.test(line)) {
-        const ordered = !BULLET.test(line);
-        const pattern = ordered ? ORDERED : BULLET;
-        const list = el(ordered ? "ol" : "ul");
-        if (ordered) {
-          const start = Number(ORDERED.exec(line)[1]);
-          if (start !== 1) list.start = start;
-        }
-        while (i < lines.length && pattern.test(lines[i])) {
-          const match = pattern.exec(lines[i]);
-          const item = [match[ordered ? 2 : 1]];
-          i += 1;
-          // Indented continuation lines belong to the item.
-          while (i < lines.length && /^\s{2,}\S/.test(lines[i]) && !pattern.test(lines[i])
-                 && !FENCE.test(lines[i])) {
-            item.push(lines[i].trim());
-            i += 1;
-          }
-          list.append(withBreaks(el("li"), item));
-        }
-        out.append(list);
-        continue;
-      }
-      const para = [];
-      while (i < lines.length && lines[i].trim() && !startsBlock(lines[i])) {
-        para.push(lines[i]);
-        i += 1;
-      }
-      if (!para.length) { // a line that looks like a block start but matched nothing above
-        para.push(lines[i]);
-        i += 1;
-      }
-      out.append(withBreaks(el("p"), para));
-    }
-    return out;
+const state = {
+  // The conversation: {role, content} plus, on answers, stats (token counts and speed) and
+  // stopped (cut short by Stop, or still streaming).
+  messages: store.loadConversation(),
+  settings: store.loadSettings(),
+  models: new Map(),
+  controller: null, // the running answer's AbortController
+  epoch: 0, // bumped by New chat, so an answer ending later cannot write into the new one
+};
+
+function el(tag, text, className) {
+  const node = document.createElement(tag);
+  if (text !== undefined) node.textContent = text;
+  if (className) node.className = className;
+  return node;
+}
+
+// ------------------------------------------------------------------ models, key, errors
+
+function headers() {
+  const h = { "Content-Type": "application/json" };
+  const key = ui.key.value.trim();
+  if (key) h.Authorization = "Bearer " + key;
+  return h;
+}
+
+function api(path) { return new URL(path, document.baseURI).toString(); }
+
+function showError(err) {
+  ui.error.replaceChildren();
+  if (!err) {
+    ui.error.hidden = true;
+    return;
   }
-
-  function closesFence(line, opener) {
-    const trimmed = line.trim();
-    return trimmed.length >= opener.length && trimmed[0] === opener[0]
-      && new RegExp("^\\" + opener[0] + "{" + opener.length + ",}$").test(trimmed);
+  const label = err.status ? `Error ${err.status}` : "Error";
+  ui.error.append(el("strong", label + (err.code ? ` (${err.code})` : "") + ": "),
+    document.createTextNode(err.message));
+  if (err.status === 401) {
+    ui.error.append(document.createTextNode(" Enter a valid API key above."));
   }
+  ui.error.hidden = false;
+}
 
-  function startsBlock(line) {
-    return FENCE.test(line) || HEADING.test(line) || BULLET.test(line) || ORDERED.test(line)
-      || QUOTE.test(line) || RULE.test(line);
+async function loadModels() {
+  let response;
+  try {
+    response = await fetch(api("v1/models"), { headers: headers() });
+  } catch (err) {
+    showError(err);
+    return;
   }
-
-  // Chat models break lines inside paragraphs on purpose (ChatGLM's answers do), so a single
-  // newline is kept as <br> instead of being folded away as CommonMark would.
-  function withBreaks(node, lines) {
-    lines.forEach((line, k) => {
-      if (k) node.append(el("br"));
-      inline(node, line);
-    });
-    return node;
-  }
-
-  // Inline spans, earliest match first: `code`, [text](url), **bold**/__bold__, *italic*/_italic_.
-  const INLINE = /`([^`]+)`|\[([^\]]+)\]\(([^)\s]+)\)|\*\*(.+?)\*\*|__(.+?)__|\*([^*\s](?:[^*]*[^*\s])?)\*|(?<![\w])_([^_\s](?:[^_]*[^_\s])?)_(?![\w])/;
-
-  function inline(node, text) {
-    let rest = text;
-    while (rest) {
-      const m = INLINE.exec(rest);
-      if (!m) {
-        node.append(document.createTextNode(rest));
-        break;
-      }
-      if (m.index) node.append(document.createTextNode(rest.slice(0, m.index)));
-      if (m[1] !== undefined) {
-        node.append(el("code", m[1]));
-      } else if (m[2] !== undefined) {
-        if (SAFE_URL.test(m[3])) {
-          const a = inline(el("a"), m[2]);
-          a.href = m[3];
-          a.target = "_blank";
-          a.rel = "noopener noreferrer";
-          node.append(a);
-        } else { // javascript:, data: and friends stay visible text
-          node.append(document.createTextNode(m[0]));
-        }
-      } else if (m[4] !== undefined || m[5] !== undefined) {
-        node.append(inline(el("strong"), m[4] ?? m[5]));
-      } else {
-        node.append(inline(el("em"), m[6] ?? m[7]));
-      }
-      rest = rest.slice(m.index + m[0].length);
-    }
-    return node;
-  }
-
-  function el(tag, text) {
-    const node = document.createElement(tag);
-    if (text !== undefined) node.textContent = text;
-    return node;
-  }
-
-  // ------------------------------------------------------------------ SSE over fetch
-
-  /** Yield the data of each server-sent event of a fetch Response (comments skipped). */
-  async function* sseData(response) {
-    const reader = response.body.getReader();
-    const decoder = new TextDecoder(); // stream mode: a UTF-8 character split across reads waits
-    let buffer = "";
-    try {
-      for (;;) {
-        const { value, done } = await reader.read();
-        buffer += decoder.decode(value || new Uint8Array(), { stream: !done });
-        buffer = buffer.replace(/\r\n?/g, "\n");
-        let end;
-        while ((end = buffer.indexOf("\n\n")) >= 0) {
-          const block = buffer.slice(0, end);
-          buffer = buffer.slice(end + 2);
-          const data = block.split("\n")
-            .filter((l) => l.startsWith("data:"))
-            .map((l) => l.slice(5).replace(/^ /, ""));
-          if (data.length) yield data.join("\n");
-        }
-        if (done) break;
-      }
-    } finally {
-      reader.releaseLock();
-    }
-  }
-
-  class ApiError extends Error {
-    constructor(status, body) {
-      const error = (body && body.error) || {};
-      super(error.message || `HTTP ${status}`);
-      this.status = status;
-      this.code = error.code || error.type || null;
-    }
-  }
-
-  async function errorOf(response) {
-    let body = null;
-    try {
-      body = await response.json();
-    } catch (_) {
-      body = { error: { message: `${response.status} ${response.statusText}` } };
-    }
-    const err = new ApiError(response.status, body);
-    const retry = response.headers.get("Retry-After");
-    if (retry) err.message += ` (retry after ${retry} s)`;
-    return err;
-  }
-
-  // ------------------------------------------------------------------ the page
-
-  const $ = (id) => document.getElementById(id);
-  const ui = {
-    model: $("model"), key: $("api-key"), clear: $("clear"), log: $("log"), empty: $("empty"),
-    error: $("error"), form: $("composer"), prompt: $("prompt"), send: $("send"), stop: $("stop"),
-    info: $("model-info"), demo: $("demo-notice"),
-  };
-  // epoch: bumped by Clear, so a reply that ends after a Clear cannot write into the new history.
-  const state = { history: [], models: new Map(), controller: null, epoch: 0 };
-
-  function headers() {
-    const h = { "Content-Type": "application/json" };
-    const key = ui.key.value.trim();
-    if (key) h.Authorization = "Bearer " + key;
-    return h;
-  }
-
-  function api(path) { return new URL(path, document.baseURI).toString(); }
-
-  function showError(err) {
-    ui.error.replaceChildren();
-    if (!err) {
-      ui.error.hidden = true;
-      return;
-    }
-    const label = err.status ? `Error ${err.status}` : "Error";
-    ui.error.append(el("strong", label + (err.code ? ` (${err.code})` : "") + ": "),
-      document.createTextNode(err.message));
-    if (err.status === 401) {
-      ui.error.append(document.createTextNode(" Enter a valid API key above."));
-    }
-    ui.error.hidden = false;
-  }
-
-  async function loadModels() {
-    let response;
-    try {
-      response = await fetch(api("v1/models"), { headers: headers() });
-    } catch (err) {
-      showError(err);
-      return;
-    }
-    if (!response.ok) {
-      showError(await errorOf(response));
-      ui.model.replaceChildren(new Option("(no models)", ""));
-      describeModel();
-      return;
-    }
-    const list = (await response.json()).data || [];
-    state.models = new Map(list.map((m) => [m.id, m]));
-    const wanted = ui.model.value || localStorage.getItem(MODEL_STORAGE);
-    ui.model.replaceChildren(...list.map((m) => new Option(m.id, m.id)));
-    if (!list.length) ui.model.append(new Option("(no models)", ""));
-    if (wanted && state.models.has(wanted)) ui.model.value = wanted;
-    showError(null);
+  if (!response.ok) {
+    showError(await errorOf(response));
+    ui.model.replaceChildren(new Option("(no models)", ""));
     describeModel();
+    return;
   }
+  const list = (await response.json()).data || [];
+  state.models = new Map(list.map((m) => [m.id, m]));
+  const wanted = ui.model.value || localStorage.getItem(MODEL_STORAGE);
+  ui.model.replaceChildren(...list.map((m) => new Option(m.id, m.id)));
+  if (!list.length) ui.model.append(new Option("(no models)", ""));
+  if (wanted && state.models.has(wanted)) ui.model.value = wanted;
+  showError(null);
+  describeModel();
+}
 
-  function describeModel() {
-    const card = state.models.get(ui.model.value);
-    const description = (card && card.description) || "";
-    ui.info.textContent = description;
-    ui.info.hidden = !description;
-    const demo = DEMO_PATTERN.test(description);
-    ui.demo.textContent = demo
-      ? `⚠ “${card.id}” is a demo model: its weights are random and its answers are meaningless. `
-        + "Serve a real checkpoint to chat for real."
-      : "";
-    ui.demo.hidden = !demo;
-  }
+function describeModel() {
+  const card = state.models.get(ui.model.value);
+  const description = (card && card.description) || "";
+  ui.info.textContent = description;
+  ui.info.hidden = !description;
+  const demo = DEMO_PATTERN.test(description);
+  ui.demo.textContent = demo
+    ? `⚠ “${card.id}” is a demo model: its weights are random and its answers are meaningless. `
+      + "Serve a real checkpoint to chat for real."
+    : "";
+  ui.demo.hidden = !demo;
+}
 
-  function addMessage(role, text) {
-    ui.empty.hidden = true;
-    const box = el("div");
-    box.className = "msg msg-" + role;
-    box.dataset.role = role;
-    box.append(el("span", role === "user" ? "You" : "Assistant"));
-    box.firstChild.className = "who";
-    const content = el("div");
-    content.className = "content";
-    if (role === "user") content.textContent = text; // user text is shown as typed
-    else content.append(renderMarkdown(text));
-    box.append(content);
-    ui.log.append(box);
-    scrollDown();
-    return box;
-  }
+// ------------------------------------------------------------------ settings panel
 
-  function scrollDown() { ui.log.scrollTop = ui.log.scrollHeight; }
+function showSettings(open) {
+  ui.settings.hidden = !open;
+  ui.settingsToggle.setAttribute("aria-expanded", String(open));
+}
 
-  function setBusy(busy) {
-    ui.send.disabled = busy;
-    ui.stop.hidden = !busy;
-    ui.form.dataset.busy = busy ? "true" : "false";
-  }
+function readSettings() {
+  state.settings = Object.fromEntries(
+    Object.entries(settingInputs).map(([name, input]) => [name, input.value]));
+  store.saveSettings(state.settings);
+  markSettings();
+}
 
-  async function send(text) {
-    const model = ui.model.value;
-    if (!model) {
-      showError(new Error("No model selected."));
-      return;
-    }
-    showError(null);
-    const messages = [...state.history, { role: "user", content: text }];
-    const userBox = addMessage("user", text);
-    const box = addMessage("assistant", "");
+// The toggle shows when a setting is in force, so a remembered system prompt is never a surprise.
+function markSettings() {
+  const active = Object.values(state.settings).some((v) => v.trim() !== "");
+  ui.settingsToggle.classList.toggle("active", active);
+  ui.settingsToggle.title = active ? "Some settings differ from the model's defaults" : "";
+}
+
+// ------------------------------------------------------------------ messages on the page
+
+function nearBottom() {
+  return ui.log.scrollHeight - ui.log.scrollTop - ui.log.clientHeight < STICKY_PX;
+}
+
+function addMessage(message, streaming = false) {
+  ui.empty.hidden = true;
+  const box = el("div", undefined, "msg msg-" + message.role);
+  box.dataset.role = message.role;
+  if (streaming) {
     box.dataset.state = "streaming";
-    const content = box.querySelector(".content");
-    const controller = new AbortController();
-    const epoch = state.epoch;
-    state.controller = controller;
-    setBusy(true);
-    let answer = "";
-    let frame = 0;
-    const paint = () => {
-      frame = 0;
-      content.replaceChildren(renderMarkdown(answer));
-      scrollDown();
-    };
-    try {
-      const response = await fetch(api("v1/chat/completions"), {
-        method: "POST",
-        headers: headers(),
-        body: JSON.stringify({ model, messages, stream: true }),
-        signal: controller.signal,
-      });
-      if (!response.ok) throw await errorOf(response);
-      for await (const data of sseData(response)) {
-        if (data === "[DONE]") break;
-        const chunk = JSON.parse(data);
-        if (chunk.error) throw new ApiError(0, chunk);
-        const delta = chunk.choices && chunk.choices[0] && chunk.choices[0].delta;
-        if (delta && delta.content) {
-          answer += delta.content;
-          if (!frame) frame = requestAnimationFrame(paint);
-        }
-      }
-      if (epoch === state.epoch) state.history = [...messages, { role: "assistant", content: answer }];
-    } catch (err) {
-      if (epoch !== state.epoch) {
-        // Cleared while streaming: the turn is gone with the rest of the conversation.
-      } else if (err.name === "AbortError") {
-        // Keep what arrived: the next turn continues from the visible conversation.
-        state.history = [...messages, { role: "assistant", content: answer }];
-        const note = el("p", "(stopped)");
-        note.className = "status";
-        box.append(note);
-      } else {
-        // The turn failed: drop it from the page and the history, give the text back to retry.
-        userBox.remove();
-        box.remove();
-        if (!ui.prompt.value) ui.prompt.value = text;
-        ui.empty.hidden = state.history.length > 0;
-        showError(err);
-      }
-    } finally {
-      if (frame) cancelAnimationFrame(frame);
-      if (box.isConnected) paint();
-      delete box.dataset.state;
-      if (state.controller === controller) state.controller = null;
-      setBusy(false);
-      ui.log.dataset.turns = String(state.history.length / 2);
-      ui.prompt.focus();
-    }
+    box.setAttribute("aria-busy", "true"); // screen readers read the answer once, when complete
   }
+  box.append(el("span", message.role === "user" ? "You" : "Assistant", "who"),
+    el("div", undefined, "content"));
+  if (message.role === "assistant") box.append(el("div", undefined, "foot"));
+  ui.log.append(box);
+  showContent(box, message);
+  if (message.role === "assistant") showFoot(box, message);
+  ui.log.scrollTop = ui.log.scrollHeight;
+  return box;
+}
 
-  function clearConversation() {
-    state.epoch += 1;
-    if (state.controller) state.controller.abort();
-    state.history = [];
-    ui.log.replaceChildren(ui.empty);
-    ui.empty.hidden = false;
-    ui.log.dataset.turns = "0";
-    showError(null);
+function showContent(box, message) {
+  const content = box.querySelector(".content");
+  if (message.role === "user") content.textContent = message.content; // shown as typed
+  else content.replaceChildren(renderMarkdown(message.content));
+}
+
+const finite = (x) => typeof x === "number" && Number.isFinite(x);
+
+/** The line under an answer: "(stopped)", or its token counts and speed. */
+function showFoot(box, message) {
+  const foot = box.querySelector(".foot");
+  foot.replaceChildren();
+  if (message.stopped && box.dataset.state !== "streaming") {
+    foot.append(el("span", "(stopped)", "status"));
+  }
+  const stats = message.stats || {};
+  if (finite(stats.completion_tokens)) {
+    const parts = [`${stats.completion_tokens} tokens`];
+    if (finite(stats.tokens_per_second)) parts.push(`${stats.tokens_per_second.toFixed(1)} tok/s`);
+    if (finite(stats.prompt_tokens)) parts.push(`prompt ${stats.prompt_tokens} tokens`);
+    if (finite(stats.first_token_seconds)) {
+      parts.push(`first token after ${stats.first_token_seconds.toFixed(2)} s`);
+    }
+    const line = el("span", parts.join(" · "), "stats");
+    line.title = "tok/s: the answer's tokens after the first over the time since the first "
+      + "arrived (the wait for the first token is the prompt's processing)";
+    foot.append(line);
+  }
+}
+
+/** Token counts (the stream's usage chunk) and speed, from the client's clock. */
+function statsOf(usage, started, first, ended) {
+  const stats = { seconds: (ended - started) / 1000 };
+  if (first !== null) stats.first_token_seconds = (first - started) / 1000;
+  if (usage) {
+    const n = usage.completion_tokens;
+    stats.prompt_tokens = usage.prompt_tokens;
+    stats.completion_tokens = n;
+    const decoding = first !== null ? (ended - first) / 1000 : 0;
+    stats.tokens_per_second = n > 1 && decoding > 0 ? (n - 1) / decoding : n / stats.seconds;
+  }
+  return stats;
+}
+
+/** Only the last answer offers Regenerate, and only while nothing is streaming. */
+function showRegenerate() {
+  for (const button of ui.log.querySelectorAll("button.regenerate")) button.remove();
+  const last = state.messages[state.messages.length - 1];
+  const boxes = ui.log.querySelectorAll(".msg-assistant");
+  if (state.controller || !last || last.role !== "assistant" || !boxes.length) return;
+  const button = el("button", "Regenerate", "regenerate link");
+  button.type = "button";
+  button.title = "Ask for this answer again";
+  boxes[boxes.length - 1].querySelector(".foot").append(button);
+}
+
+function setBusy(busy) {
+  ui.send.disabled = busy;
+  ui.stop.hidden = !busy;
+  ui.form.dataset.busy = busy ? "true" : "false";
+  showRegenerate();
+}
+
+// ------------------------------------------------------------------ one answer
+
+function requestBody(model, messages) {
+  const system = state.settings.system;
+  const history = messages.map(({ role, content }) => ({ role, content }));
+  return {
+    model,
+    messages: system.trim() ? [{ role: "system", content: system }, ...history] : history,
+    stream: true,
+    stream_options: { include_usage: true },
+    ...store.requestFields(state.settings),
+  };
+}
+
+/** Whether a request can go out now (a model chosen, the settings valid); says why not. */
+function ready() {
+  if (!ui.model.value) {
+    showError(new Error("No model selected."));
+    return false;
+  }
+  const invalid = ui.settings.querySelector(":invalid");
+  if (invalid) {
+    showSettings(true);
+    ui.settings.reportValidity();
+    const label = ui.settings.querySelector(`label[for="${invalid.id}"]`).textContent;
+    showError(new Error(`${label}: ${invalid.validationMessage} Fix it in Settings.`));
+    return false;
+  }
+  return true;
+}
+
+/** Stream the answer to ``messages`` (which end with the user's turn, shown in ``userBox``). */
+async function answer(messages, userBox) {
+  showError(null);
+  const reply = { role: "assistant", content: "", stopped: true }; // until it finishes
+  state.messages = [...messages, reply];
+  const box = addMessage(reply, true);
+  const controller = new AbortController();
+  const epoch = state.epoch;
+  state.controller = controller;
+  setBusy(true);
+  store.saveConversation(state.messages);
+  const started = performance.now();
+  let first = null;
+  let usage = null;
+  let frame = 0;
+  const paint = () => {
+    frame = 0;
+    const follow = nearBottom();
+    showContent(box, reply);
+    if (follow) ui.log.scrollTop = ui.log.scrollHeight;
+  };
+  try {
+    const response = await fetch(api("v1/chat/completions"), {
+      method: "POST",
+      headers: headers(),
+      body: JSON.stringify(requestBody(ui.model.value, messages)),
+      signal: controller.signal,
+    });
+    if (!response.ok) throw await errorOf(response);
+    for await (const data of sseData(response)) {
+      if (data === "[DONE]") break;
+      const chunk = JSON.parse(data);
+      if (chunk.error) throw new ApiError(0, chunk);
+      if (chunk.usage) usage = chunk.usage;
+      const delta = chunk.choices && chunk.choices[0] && chunk.choices[0].delta;
+      if (delta && delta.content) {
+        if (first === null) first = performance.now();
+        reply.content += delta.content;
+        if (!frame) frame = requestAnimationFrame(paint); // one render per frame, not per token
+      }
+    }
+    delete reply.stopped;
+    reply.stats = statsOf(usage, started, first, performance.now());
+  } catch (err) {
+    if (epoch !== state.epoch) {
+      // New chat while streaming: the turn is gone with the rest of the conversation.
+    } else if (controller.signal.aborted) {
+      // Stopped (or the page is going away): keep what arrived; the next turn continues from
+      // the visible conversation.  (Not err.name === "AbortError": when the page unloads, the
+      // body's stream may fail with a network error first.)
+    } else {
+      // The turn failed: drop it from the page and the history, give the text back to retry.
+      state.messages = messages.slice(0, -1);
+      userBox.remove();
+      box.remove();
+      if (!ui.prompt.value) ui.prompt.value = messages[messages.length - 1].content;
+      ui.empty.hidden = state.messages.length > 0;
+      showError(err);
+    }
+  } finally {
+    if (frame) cancelAnimationFrame(frame);
+    delete box.dataset.state;
+    box.removeAttribute("aria-busy");
+    const follow = nearBottom();
+    if (box.isConnected) {
+      showContent(box, reply);
+      showFoot(box, reply);
+    }
+    if (state.controller === controller) state.controller = null;
+    if (epoch === state.epoch) store.saveConversation(state.messages);
+    setBusy(false);
+    if (follow) ui.log.scrollTop = ui.log.scrollHeight; // the counts and Regenerate in view too
     ui.prompt.focus();
   }
+}
 
-  function submit() {
-    const text = ui.prompt.value;
-    if (!text.trim() || state.controller) return;
-    ui.prompt.value = "";
-    send(text);
+function submit() {
+  const text = ui.prompt.value;
+  if (!text.trim() || state.controller || !ready()) return;
+  ui.prompt.value = "";
+  const message = { role: "user", content: text };
+  answer([...state.messages, message], addMessage(message));
+}
+
+function regenerate() {
+  const last = state.messages[state.messages.length - 1];
+  if (state.controller || !last || last.role !== "assistant" || !ready()) return;
+  const answers = ui.log.querySelectorAll(".msg-assistant");
+  const asks = ui.log.querySelectorAll(".msg-user");
+  answers[answers.length - 1].remove();
+  answer(state.messages.slice(0, -1), asks[asks.length - 1]);
+}
+
+function newChat() {
+  state.epoch += 1;
+  if (state.controller) state.controller.abort();
+  state.messages = [];
+  store.saveConversation(state.messages);
+  ui.log.replaceChildren(ui.empty);
+  ui.empty.hidden = false;
+  showError(null);
+  ui.prompt.focus();
+}
+
+// ------------------------------------------------------------------ copy buttons
+
+async function copyText(text) {
+  if (navigator.clipboard && window.isSecureContext) {
+    try {
+      await navigator.clipboard.writeText(text);
+      return true;
+    } catch (err) {
+      // Denied (no permission, page not focused): the selection-based way below may still work.
+      console.warn("clipboard.writeText failed:", err);
+    }
   }
+  // Plain http from another host has no Clipboard API: copy a selection the old way.
+  const area = el("textarea", undefined, "offscreen");
+  area.value = text;
+  area.readOnly = true;
+  document.body.append(area);
+  area.select();
+  try {
+    return document.execCommand("copy");
+  } finally {
+    area.remove();
+  }
+}
 
-  ui.form.addEventListener("submit", (event) => {
+async function copyCode(button) {
+  const code = button.closest(".code-block").querySelector("code");
+  // Without the fence's final newline: pasted into a terminal, a command must not run by itself.
+  const copied = await copyText(code.textContent.replace(/\n$/, ""));
+  button.textContent = copied ? "Copied" : "Copy failed";
+  ui.announce.textContent = copied ? "Code copied to the clipboard."
+    : "Could not copy; select the code and copy it by hand.";
+  setTimeout(() => { button.textContent = "Copy"; }, 1500);
+}
+
+// ------------------------------------------------------------------ wiring
+
+ui.form.addEventListener("submit", (event) => {
+  event.preventDefault();
+  submit();
+});
+ui.prompt.addEventListener("keydown", (event) => {
+  // isComposing: Enter that confirms a Chinese IME candidate must not send the message.
+  if (event.key === "Enter" && !event.shiftKey && !event.isComposing && event.keyCode !== 229) {
     event.preventDefault();
     submit();
-  });
-  ui.prompt.addEventListener("keydown", (event) => {
-    // isComposing: Enter that confirms a Chinese IME candidate must not send the message.
-    if (event.key === "Enter" && !event.shiftKey && !event.isComposing && event.keyCode !== 229) {
-      event.preventDefault();
-      submit();
-    }
-  });
-  ui.stop.addEventListener("click", () => state.controller && state.controller.abort());
-  ui.clear.addEventListener("click", clearConversation);
-  ui.model.addEventListener("change", () => {
-    localStorage.setItem(MODEL_STORAGE, ui.model.value);
-    describeModel();
-  });
-  ui.key.value = localStorage.getItem(KEY_STORAGE) || "";
-  ui.key.addEventListener("change", () => {
-    const key = ui.key.value.trim();
-    if (key) localStorage.setItem(KEY_STORAGE, key);
-    else localStorage.removeItem(KEY_STORAGE);
-    loadModels();
-  });
+  }
+});
+ui.stop.addEventListener("click", () => state.controller && state.controller.abort());
+ui.newChat.addEventListener("click", newChat);
+ui.log.addEventListener("click", (event) => {
+  const copy = event.target.closest("button.copy");
+  if (copy) copyCode(copy);
+  else if (event.target.closest("button.regenerate")) regenerate();
+});
+ui.model.addEventListener("change", () => {
+  localStorage.setItem(MODEL_STORAGE, ui.model.value);
+  describeModel();
+});
+ui.key.value = localStorage.getItem(KEY_STORAGE) || "";
+ui.key.addEventListener("change", () => {
+  const key = ui.key.value.trim();
+  if (key) localStorage.setItem(KEY_STORAGE, key);
+  else localStorage.removeItem(KEY_STORAGE);
+  loadModels();
+});
 
-  ui.log.dataset.turns = "0";
-  window.chatPage = { renderMarkdown, history: () => state.history.slice() };
-  loadModels().then(() => ui.prompt.focus());
-})();
+for (const [name, input] of Object.entries(settingInputs)) input.value = state.settings[name];
+markSettings();
+ui.settings.addEventListener("input", readSettings);
+ui.settings.addEventListener("reset", () => setTimeout(readSettings)); // after the fields reset
+ui.settings.addEventListener("submit", (event) => event.preventDefault()); // Enter in a field
+ui.settings.addEventListener("keydown", (event) => {
+  if (event.key === "Escape") {
+    showSettings(false);
+    ui.settingsToggle.focus();
+  }
+});
+ui.settingsToggle.addEventListener("click", () => {
+  const open = ui.settings.hidden;
+  showSettings(open);
+  if (open) settingInputs.system.focus();
+});
+
+// A reload (or closing the tab) while an answer streams keeps the part that arrived, as a Stop
+// would.
+window.addEventListener("pagehide", () => {
+  if (!state.controller) return;
+  state.controller.abort();
+  store.saveConversation(state.messages);
+});
+
+// The log shrinks when a notice, an error or the settings panel appears: a reader at the bottom
+// stays at the bottom (the end of the last answer stays in view).
+let atBottom = true;
+ui.log.addEventListener("scroll", () => { atBottom = nearBottom(); });
+new ResizeObserver(() => {
+  if (atBottom) ui.log.scrollTop = ui.log.scrollHeight;
+}).observe(ui.log);
+
+for (const message of state.messages) addMessage(message);
+showRegenerate();
+window.chatPage = {
+  renderMarkdown,
+  history: () => state.messages.map(({ role, content }) => ({ role, content })),
+  messages: () => structuredClone(state.messages),
+};
+loadModels().then(() => ui.prompt.focus());
