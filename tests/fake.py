@@ -96,11 +96,14 @@ class FakeChatModel:
         self._fail_after = fail_after
         self._prepare_error = prepare_error
         self._max_running = max_running
-        self._tool_call = tool_call  # answer with this call when a request offers tools
+        #: answer with this call when a request offers tools, unless the conversation ends with
+        #: a tool result (then in text, as an agent loop's last step)
+        self._tool_call = tool_call
         #: every request prepare() got
         self.requests: list[ChatRequest] = []
         self._closed = False
         self._answers: dict[tuple[int, ...], str] = {}
+        self._calls: set[tuple[int, ...]] = set()  # prompts answered with the tool call
         self.counters = FakeCounters()
         #: every SamplingParams passed to generate, in call order (tests check seed+i for n>1)
         self.calls: list[SamplingParams] = []
@@ -127,6 +130,8 @@ class FakeChatModel:
         # The answer is a pure function of the messages, so a cache keyed by the prompt ids is
         # safe and keeps Prompt free of fake-only fields.
         self._answers[token_ids] = self._answer(messages)
+        if tools and self._tool_call is not None and messages[-1].role != "tool":
+            self._calls.add(token_ids)
         return Prompt(token_ids=token_ids, params=replace(request.params, max_tokens=wanted),
                       text=text, tools=bool(tools))
 
@@ -134,7 +139,7 @@ class FakeChatModel:
         """Yield one Delta per piece; the last one carries finish_reason and usage."""
         params = prompt.params
         self.calls.append(params)
-        if prompt.tools and self._tool_call is not None:
+        if prompt.tools and prompt.token_ids in self._calls and self._tool_call is not None:
             yield Delta(finish_reason="tool_calls", tool_calls=(self._tool_call,),
                         usage=Usage(len(prompt.token_ids), 1))
             return
@@ -215,7 +220,8 @@ class FakeChatModel:
             return "".join(self._pieces)
         if self._reply is not None:
             return self._reply
-        last_user = next((m.content for m in reversed(messages) if m.role == "user"), "")
+        last_user = next((m.content for m in reversed(messages) if m.role in ("user", "tool")),
+                         "")
         return last_user[::-1] if self._transform == "reverse" else last_user
 
     def _split(self, answer: str) -> list[str]:
