@@ -23,6 +23,8 @@ _BODIES: tuple[tuple[str, type[BaseModel], type[BaseModel], bool], ...] = (
     ("/v1/chat/completions", p.ChatCompletionRequest, p.ChatCompletion, True),
     ("/v1/completions", p.CompletionRequest, p.Completion, True),
     ("/v1/responses", responses.ResponsesRequest, responses.Response, True),
+    ("/tokenize", p.TokenizeRequest, p.TokenizeResponse, False),
+    ("/detokenize", p.DetokenizeRequest, p.DetokenizeResponse, False),
     ("/", p.ChatGLMRequest, p.ChatGLMResponse, False),
 )
 

@@ -122,10 +122,7 @@ class FakeChatModel:
             raise Overloaded(f"Model '{self.info.id}' is at capacity "
                              f"({self.counters.active} running). Please retry shortly.",
                              retry_after=2.0)
-        if not messages:
-            raise InvalidRequest("'messages' must contain at least one message.", param="messages")
-        text = "\n".join(f"{m.role}: {m.content}" for m in messages)
-        token_ids = tuple(ord(c) for c in text)
+        text, token_ids = self._prompt(request)
         wanted = request.completion_budget(len(token_ids), self.info.context_length)
         # The answer is a pure function of the messages, so a cache keyed by the prompt ids is
         # safe and keeps Prompt free of fake-only fields.
@@ -134,6 +131,26 @@ class FakeChatModel:
             self._calls.add(token_ids)
         return Prompt(token_ids=token_ids, params=replace(request.params, max_tokens=wanted),
                       text=text, tools=bool(tools))
+
+    def _prompt(self, request: ChatRequest) -> tuple[str, tuple[int, ...]]:
+        if not request.messages:
+            raise InvalidRequest("'messages' must contain at least one message.", param="messages")
+        text = "\n".join(f"{m.role}: {m.content}" for m in request.messages)
+        return text, self.encode(text)
+
+    def tokenize(self, request: ChatRequest) -> tuple[int, ...]:
+        """prepare()'s ids, with no capacity or length check (and nothing recorded)."""
+        return self._prompt(request)[1]
+
+    def encode(self, text: str) -> tuple[int, ...]:
+        return tuple(ord(c) for c in text)
+
+    def decode(self, token_ids: Sequence[int]) -> str:
+        for i, token_id in enumerate(token_ids):
+            if not 0 <= token_id < 0x110000 or 0xD800 <= token_id < 0xE000:
+                raise InvalidRequest(f"Token id {token_id} is out of range.",
+                                     param=f"tokens.[{i}]")
+        return "".join(chr(i) for i in token_ids)
 
     async def generate(self, prompt: Prompt) -> AsyncIterator[Delta]:
         """Yield one Delta per piece; the last one carries finish_reason and usage."""
