@@ -4,8 +4,8 @@ The events, in OpenAI's order (``gateway/sse.py`` writes each as ``event: <type>
 
 1. ``response.created`` and ``response.in_progress`` (the response, ``in_progress``, no output);
 2. per output item, in order: a message (``response.output_item.added``,
-   ``response.content_part.added``, ``response.output_text.delta``..., ``response.output_text.done``,
-   ``response.content_part.done``, ``response.output_item.done``) or a function call
+   ``response.content_part.added``, ``response.output_text.delta``...,
+   ``response.output_text.done``, ``response.content_part.done``, ``response.output_item.done``) or a function call
    (``response.output_item.added``, ``response.function_call_arguments.delta``...,
    ``response.function_call_arguments.done``, ``response.output_item.done``); an item is done
    when the next one starts or the answer ends;
