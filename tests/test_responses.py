@@ -365,3 +365,44 @@ def test_stream_equals_non_stream_greedy(demo_client: openai.OpenAI) -> None:
         assert final.output_text == whole.output_text
         assert final.usage is not None and whole.usage is not None
         assert final.usage.input_tokens == whole.usage.input_tokens
+
+
+def test_a_failure_mid_stream_is_an_error_event() -> None:
+    failing = FakeChatModel("failing", piece_chars=2, fail_after=1)
+    with running_server(create_app(models={"failing": failing})) as url:
+        with httpx.stream("POST", f"{url}/v1/responses",
+                          json={"model": "failing", "input": "abcdef", "stream": True}) as r:
+            text = r.read().decode()
+        with openai.OpenAI(base_url=f"{url}/v1", api_key="unused", max_retries=0) as sdk:
+            with pytest.raises(openai.APIError), sdk.responses.stream(
+                    model="failing", input="abcdef") as stream:
+                list(stream)
+    last = text.strip().split("\n\n")[-1].split("\n")
+    assert last[0] == "event: error"
+    assert json.loads(last[1].removeprefix("data: "))["error"]["code"] == "internal_error"
+    assert "[DONE]" not in text
+
+
+def test_counted_in_the_metrics(client: openai.OpenAI, base_url: str) -> None:
+    def served() -> float:
+        for line in httpx.get(f"{base_url}/metrics").text.splitlines():
+            if line.startswith("chatglm_gateway_requests_total{") and \
+                    'endpoint="responses"' in line and 'model="fake"' in line and \
+                    'status="200"' in line:
+                return float(line.rsplit(" ", 1)[1])
+        return 0.0
+
+    before = served()
+    client.responses.create(model="fake", input="count me")
+    assert served() == before + 1
+
+
+def test_the_openapi_document_describes_it() -> None:
+    schema = create_app(ServerSettings(), models={}).openapi()
+    operation = schema["paths"]["/v1/responses"]["post"]
+    assert operation["requestBody"]["content"]["application/json"]["schema"] == {
+        "$ref": "#/components/schemas/ResponsesRequest"}
+    assert set(operation["responses"]["200"]["content"]) == {"application/json",
+                                                             "text/event-stream"}
+    request = schema["components"]["schemas"]["ResponsesRequest"]["properties"]
+    assert {"input", "instructions", "max_output_tokens", "tools", "text"} <= set(request)

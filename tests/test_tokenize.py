@@ -155,3 +155,14 @@ def test_bad_requests_are_400s(fake_url: str, path: str, body: dict, param: str)
 def test_unknown_model_is_a_404(fake_url: str) -> None:
     r = httpx.post(f"{fake_url}/tokenize", json={"model": "nope", "prompt": "a"})
     assert r.status_code == 404 and r.json()["error"]["code"] == "model_not_found"
+
+
+def test_the_openapi_document_describes_them() -> None:
+    schema = create_app(ServerSettings(), models={}).openapi()
+    for path, request, response in (("/tokenize", "TokenizeRequest", "TokenizeResponse"),
+                                    ("/detokenize", "DetokenizeRequest", "DetokenizeResponse")):
+        operation = schema["paths"][path]["post"]
+        assert operation["requestBody"]["content"]["application/json"]["schema"] == {
+            "$ref": f"#/components/schemas/{request}"}
+        assert operation["responses"]["200"]["content"]["application/json"]["schema"] == {
+            "$ref": f"#/components/schemas/{response}"}
