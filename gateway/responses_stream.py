@@ -120,6 +120,8 @@ class _Output:
                 {"type": "response.content_part.added", "output_index": message.index,
                  "item_id": message.id, "content_index": 0, "part": r.OutputText(text="")},
             ]
+        if not (text or logprobs):  # an empty answer's message: opened, no delta
+            return events
         message.text += text
         message.logprobs += logprobs
         return events + [{"type": "response.output_text.delta", "output_index": message.index,

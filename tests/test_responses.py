@@ -406,3 +406,11 @@ def test_the_openapi_document_describes_it() -> None:
                                                              "text/event-stream"}
     request = schema["components"]["schemas"]["ResponsesRequest"]["properties"]
     assert {"input", "instructions", "max_output_tokens", "tools", "text"} <= set(request)
+
+
+def test_an_empty_answer_is_one_empty_message(client: openai.OpenAI, base_url: str) -> None:
+    events = sse_events(base_url, {"model": "fake", "input": ""})
+    assert [n for n, _ in events] == TEXT_EVENTS + TEXT_END
+    assert events[-1][1]["response"]["output"][0]["content"][0]["text"] == ""
+    r = client.responses.create(model="fake", input="")
+    assert [item.type for item in r.output] == ["message"] and r.output_text == ""
