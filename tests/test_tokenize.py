@@ -1,7 +1,7 @@
 """POST /tokenize and /detokenize (vLLM's fields) on a real uvicorn server: chat messages count
-exactly what a chat completion's ``usage.prompt_tokens`` says, on every family (the demo
-checkpoint as ChatGLM2 and ChatGLM3; THUDM's tiny checkpoints of all three families, with their
-real tokenizers, when ``../shared`` is there), and the fake for the wire format and the 400s."""
+exactly what a chat completion's ``usage.prompt_tokens`` says, on every family (THUDM's tiny
+checkpoints of all three families, with their real tokenizers, when ``../shared`` is there; else
+the demo checkpoint as ChatGLM2 and ChatGLM3), and the fake for the wire format and the 400s."""
 
 from __future__ import annotations
 
@@ -23,7 +23,8 @@ REFERENCE_MODELS = {
     "ref-chatglm2": "chatglm2-6b-tiny",
     "ref-chatglm3": "chatglm3-6b-tiny-safetensors",
 }
-MODELS = ["demo2", "demo3"] + (list(REFERENCE_MODELS) if reference_available() else [])
+#: THUDM's tiny checkpoints (real tokenizers) when there, else the demo as ChatGLM2 and ChatGLM3
+MODELS = list(REFERENCE_MODELS) if reference_available() else ["demo2", "demo3"]
 
 TOOLS = [{"type": "function", "function": {
     "name": "get_weather", "description": "Weather of a city",
@@ -50,13 +51,14 @@ CHATS: dict[str, dict] = {
 
 @pytest.fixture(scope="module")
 def real_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
-    demo = ensure_demo_checkpoint(tmp_path_factory.mktemp("demo"))
-    entries = [ModelEntry(id="demo2", path=demo, dtype="float32", device="cpu"),
-               ModelEntry(id="demo3", path=demo, family="chatglm3", dtype="float32",
-                          device="cpu")]
     if reference_available():
-        entries += [ModelEntry(id=mid, path=REFERENCE / "checkpoints" / folder, dtype="float32",
-                               device="cpu") for mid, folder in REFERENCE_MODELS.items()]
+        entries = [ModelEntry(id=mid, path=REFERENCE / "checkpoints" / folder, dtype="float32",
+                              device="cpu") for mid, folder in REFERENCE_MODELS.items()]
+    else:
+        demo = ensure_demo_checkpoint(tmp_path_factory.mktemp("demo"))
+        entries = [ModelEntry(id="demo2", path=demo, dtype="float32", device="cpu"),
+                   ModelEntry(id="demo3", path=demo, family="chatglm3", dtype="float32",
+                              device="cpu")]
     with running_server(create_app(ServerSettings(models=tuple(entries))), timeout=120,
                         wait_ready=True) as url:
         yield url
