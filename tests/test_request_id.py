@@ -27,7 +27,8 @@ ORIGIN = "http://app.example"
 def url() -> Iterator[str]:
     models = {"fake": FakeChatModel("fake"),
               "broken": FakeChatModel("broken", prepare_error=AdapterError("engine fault")),
-              "crashing": FakeChatModel("crashing", prepare_error=RuntimeError("bug"))}  # type: ignore[arg-type]
+              "crashing": FakeChatModel("crashing", prepare_error=RuntimeError("bug")),  # type: ignore[arg-type]
+              "failing": FakeChatModel("failing", fail_after=1)}
     settings = ServerSettings(api_keys=(KEY,), cors_origins=(ORIGIN,), max_request_bytes=4096)
     with running_server(create_app(settings, models=models)) as base:
         yield base
@@ -130,6 +131,17 @@ def test_error_lines_name_the_request(client: httpx.Client, caplog: pytest.LogCa
     (access,) = [x.getMessage() for x in caplog.records if x.name == "gateway.access"
                  and x.getMessage().startswith(f"user-report-{model} ")]
     assert '" 500 ' in access
+
+
+def test_a_stream_failing_midway_names_the_request(client: httpx.Client,
+                                                   caplog: pytest.LogCaptureFixture) -> None:
+    caplog.handler.addFilter(RequestIdFilter())
+    caplog.set_level(logging.INFO)
+    r = client.post("/v1/responses", json={"model": "failing", "input": "abc", "stream": True},
+                    headers={"X-Request-Id": "user-stream"})
+    assert r.status_code == 200 and "event: error" in r.text
+    assert any(x.getMessage().startswith("[user-stream] stream resp_")
+               and "ended with an error" in x.getMessage() for x in caplog.records), caplog.text
 
 
 def test_lines_outside_requests_are_left_alone() -> None:
