@@ -6,17 +6,22 @@ checkpoint as ChatGLM2 and ChatGLM3 for text formats and forced calls a real gra
 
 from __future__ import annotations
 
+import asyncio
 import json
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Iterator
 
 import httpx
 import openai
 import pytest
 from pydantic import BaseModel, ConfigDict, Field
 
-from adapters.base import GrammarSpec, ToolCall, ToolChoice
+from adapters.base import Delta, GrammarSpec, ToolCall, ToolCallPart, ToolChoice, Usage
 from adapters.demo import ensure_demo_checkpoint
 from gateway.app import create_app
+from gateway.choices import ChoiceStream
+from gateway.generation import CompletionMeta
+from gateway.responses_protocol import ResponsesRequest
+from gateway.responses_stream import ResponsePlan, events
 from gateway.settings import ModelEntry, ServerSettings
 from tests.fake import FakeChatModel
 from tests.server import running_server
@@ -414,3 +419,53 @@ def test_an_empty_answer_is_one_empty_message(client: openai.OpenAI, base_url: s
     assert events[-1][1]["response"]["output"][0]["content"][0]["text"] == ""
     r = client.responses.create(model="fake", input="")
     assert [item.type for item in r.output] == ["message"] and r.output_text == ""
+
+
+# --------------------------------------------------------------------------- item order
+
+
+async def _stream_of(*deltas: Delta) -> list[dict]:
+    async def generation() -> AsyncIterator[Delta]:
+        for delta in deltas:
+            yield delta
+
+    body = ResponsesRequest.model_validate({"model": "m", "input": "x"})
+    plan = ResponsePlan(meta=CompletionMeta(id="resp_1", created=1, model="m"), request=body,
+                        temperature=1.0, top_p=1.0)
+    stream = ChoiceStream([generation()])
+    try:
+        return [json.loads(e.model_dump_json()) async for e in events(stream, plan)]
+    finally:
+        await stream.aclose()
+
+
+def test_text_then_streamed_calls_are_items_one_after_another() -> None:
+    out = asyncio.run(_stream_of(
+        Delta(text="Let me look."),
+        Delta(tool_call_parts=(ToolCallPart(0, name="a"), ToolCallPart(0, arguments='{"x":'))),
+        Delta(tool_call_parts=(ToolCallPart(0, arguments=" 1}"), ToolCallPart(1, name="b"),
+                               ToolCallPart(1, arguments="{}"))),
+        Delta(finish_reason="tool_calls", usage=Usage(3, 9),
+              tool_calls=(ToolCall("a", '{"x": 1}'), ToolCall("b", "{}")))))
+    steps = [(e["type"].removeprefix("response."), e.get("output_index")) for e in out]
+    assert steps == [
+        ("created", None), ("in_progress", None),
+        ("output_item.added", 0), ("content_part.added", 0), ("output_text.delta", 0),
+        ("output_text.done", 0), ("content_part.done", 0), ("output_item.done", 0),
+        ("output_item.added", 1), ("function_call_arguments.delta", 1),
+        ("function_call_arguments.delta", 1),
+        ("function_call_arguments.done", 1), ("output_item.done", 1),
+        ("output_item.added", 2), ("function_call_arguments.delta", 2),
+        ("function_call_arguments.done", 2), ("output_item.done", 2),
+        ("completed", None)]
+    assert [e["sequence_number"] for e in out] == list(range(len(out)))
+    final = out[-1]["response"]
+    assert [i["type"] for i in final["output"]] == ["message", "function_call", "function_call"]
+    assert [(i.get("name"), i.get("arguments")) for i in final["output"][1:]] == [
+        ("a", '{"x": 1}'), ("b", "{}")]
+    assert final["output"][0]["content"][0]["text"] == "Let me look."
+    assert final["usage"]["input_tokens"] == 3 and final["usage"]["output_tokens"] == 9
+    # the done item of each call is the one it opened with
+    added = {e["output_index"]: e["item"] for e in out if e["type"].endswith("item.added")}
+    done = {e["output_index"]: e["item"] for e in out if e["type"].endswith("item.done")}
+    assert all(added[i]["id"] == done[i]["id"] for i in added)
