@@ -14,7 +14,7 @@ Error tree (mapped to OpenAI error bodies once, in ``gateway/errors.py``)::
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Literal, Protocol, runtime_checkable
 
@@ -361,11 +361,28 @@ class ChatModel(Protocol):
     ``prepare`` validates and tokenizes; it may raise :class:`InvalidRequest` and runs before
     any HTTP status is sent.  ``generate`` only finishes: it yields text deltas and ends with one
     Delta carrying ``finish_reason``; closing the iterator early cancels the generation.
+    ``tokenize``, ``encode`` and ``decode`` count and show tokens (``/tokenize``,
+    ``/detokenize``); they start nothing.
     """
 
     info: ModelInfo
 
     def prepare(self, request: ChatRequest) -> Prompt: ...
+
+    def tokenize(self, request: ChatRequest) -> tuple[int, ...]:
+        """The ids :meth:`prepare` would feed for ``request`` (the same conversation mapping,
+        system policy and tools), without the admission and context-length checks; may raise
+        :class:`InvalidRequest` for a conversation the model cannot take."""
+        ...
+
+    def encode(self, text: str) -> tuple[int, ...]:
+        """The ids of ``text`` alone (user text: never a control id, no prompt format)."""
+        ...
+
+    def decode(self, token_ids: Sequence[int]) -> str:
+        """Ids back to text as the family's reference tokenizer shows them; an id outside
+        the vocabulary is an :class:`InvalidRequest`."""
+        ...
 
     def generate(self, prompt: Prompt) -> AsyncIterator[Delta]: ...
 

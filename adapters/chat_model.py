@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Sequence
 from dataclasses import replace
 from typing import Any
 
@@ -22,7 +22,7 @@ from adapters.base import (
     ModelInfo,
     Prompt,
 )
-from adapters.conversation import SystemPolicy
+from adapters.conversation import Conversation, SystemPolicy
 from adapters.family import CausalLM, FamilySpec, Tokenizer
 from adapters.runtime.engine import Engine
 from adapters.runtime.grammar import GrammarError, TokenGrammar
@@ -75,8 +75,7 @@ class TorchChatModel:
         chars = sum(len(m.content) for m in request.messages)
         if chars > self.context_length * max(self._longest_token, 1):
             raise ContextLengthExceeded(chars // self._longest_token, 1, self.context_length)
-        conv = self.spec.to_conversation(request.messages, tools, self.system_policy)
-        ids, text = self.spec.build_prompt(self.tokenizer, conv)
+        conv, ids, text = self._prompt(request)
         for token_id, _ in params.logit_bias:
             if not 0 <= token_id < self.tokenizer.vocab_size:
                 raise InvalidRequest(
@@ -94,6 +93,27 @@ class TorchChatModel:
             scored = self.spec.query_span(self.tokenizer, conv, ids)
         return Prompt(token_ids=tuple(ids), params=replace(params, max_tokens=max_new),
                       text=text, tools=bool(tools), grammar=grammar, scored=scored)
+
+    def _prompt(self, request: ChatRequest) -> tuple[Conversation, list[int], str]:
+        """The family's conversation (system policy, tools), and the prompt's ids and text in
+        its official prompt format."""
+        conv = self.spec.to_conversation(request.messages, request.tools, self.system_policy)
+        ids, text = self.spec.build_prompt(self.tokenizer, conv)
+        return conv, ids, text
+
+    def tokenize(self, request: ChatRequest) -> tuple[int, ...]:
+        return tuple(self._prompt(request)[1])
+
+    def encode(self, text: str) -> tuple[int, ...]:
+        return tuple(self.tokenizer.encode(text))
+
+    def decode(self, token_ids: Sequence[int]) -> str:
+        vocab = self.tokenizer.vocab_size
+        for i, token_id in enumerate(token_ids):
+            if not 0 <= token_id < vocab:
+                raise InvalidRequest(f"Token id {token_id} is out of range for this model "
+                                     f"(0..{vocab - 1}).", param=f"tokens.[{i}]")
+        return self.tokenizer.decode(token_ids)
 
     def _grammar(self, request: ChatRequest) -> GrammarSpec | None:
         """The request's grammar, compiled now so that a bad one is a 400 before any byte is

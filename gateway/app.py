@@ -7,10 +7,11 @@ says 503 until the last model is in, and the loader closes what it loaded when t
 Model code never runs on the event loop: ``generate`` is async and backed by the model's engine
 thread.
 
-Middleware, outermost first: CORS (only with ``cors_origins``; it answers preflights before any
-key check), the request guard (size limits, foreign ``Origin`` and ``Host`` refused; see
-``gateway/guards.py``), the request counter of ``/metrics``, API-key auth (only with keys), then
-the routes.
+Middleware, outermost first: the request id (``X-Request-Id`` on every response and in the
+access log; ``gateway/request_ids.py``), CORS (only with ``cors_origins``; it answers preflights
+before any key check), the request guard (size limits, foreign ``Origin`` and ``Host`` refused;
+see ``gateway/guards.py``), the request counter of ``/metrics``, API-key auth (only with keys),
+then the routes.
 """
 
 from __future__ import annotations
@@ -24,7 +25,7 @@ from fastapi import FastAPI
 from starlette.middleware.cors import CORSMiddleware
 
 from adapters.base import ChatModel
-from gateway import openapi
+from gateway import openapi, request_ids
 from gateway.auth import ApiKeyAuth, warn_if_open
 from gateway.catalog import ModelCatalog
 from gateway.errors import install_error_handlers
@@ -106,6 +107,8 @@ def create_app(
             allow_methods=["GET", "POST", "OPTIONS"],
             # "*": the openai SDKs send a changing set of x-stainless-* headers from browsers.
             allow_headers=["*"],
+            expose_headers=[request_ids.HEADER],
             max_age=600,
         )
+    app.add_middleware(request_ids.RequestIds)
     return app

@@ -26,7 +26,7 @@ from typing import Any
 
 from pydantic import ValidationError
 
-from gateway import terminal
+from gateway import request_ids, terminal
 from gateway.settings import ModelEntry, ServerSettings, load_settings
 
 logger = logging.getLogger("gateway.cli")
@@ -167,5 +167,6 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"chatglm-gateway: invalid settings: {err}", file=sys.stderr)
         return 2
     logging.basicConfig(level=settings.log_level.upper(), format=LOG_FORMAT)
+    request_ids.install_log_filter()  # a request's log lines name its X-Request-Id
     settings = with_demo_model(settings, os.environ, args.dtype, args.device)
     return serve(settings)

@@ -32,6 +32,7 @@ from starlette.requests import ClientDisconnect
 from starlette.routing import Match
 
 from adapters.base import AdapterError, InvalidRequest, ModelUnavailable, Overloaded
+from gateway.request_ids import HEADER as REQUEST_ID
 
 logger = logging.getLogger(__name__)
 
@@ -256,7 +257,12 @@ def install_error_handlers(app: FastAPI) -> None:
     """Route every error the app can raise to OpenAI's error body (never FastAPI's 422)."""
 
     async def on_gateway_error(request: Request, exc: Exception) -> JSONResponse:
-        return from_exception(exc).response()
+        response = from_exception(exc).response()
+        # An unhandled error is answered outside every middleware: name the request here too.
+        request_id = request.scope.get("state", {}).get("request_id")
+        if request_id is not None:
+            response.headers[REQUEST_ID] = request_id
+        return response
 
     async def on_request_validation(request: Request, exc: Exception) -> JSONResponse:
         assert isinstance(exc, RequestValidationError)

@@ -129,19 +129,20 @@ async def start(request: Request, served: ServedModel, prompts: Sequence[Prompt]
 async def respond(
     request: Request, stream: ChoiceStream, name: str, *, streaming: bool = False,
     chunks: Callable[[Deltas], AsyncIterator[BaseModel]] | None = None,
-    collect: Callable[[Deltas], Awaitable[BaseModel]],
+    collect: Callable[[Deltas], Awaitable[BaseModel]], wire: sse.Wire = sse.CHUNKS,
 ) -> Response:
     """The response to started generations: ``streaming``, the SSE stream of
     ``chunks(stream)``; else ``collect(stream)`` as JSON, or a bare 499 when the client leaves
     first (the generations are cancelled).  ``stream`` is closed in every case; ``name`` (the
-    completion id) names the response in logs."""
+    completion id) names the response in logs; ``wire``: how the stream's events are written."""
     lifecycle: Lifecycle = request.app.state.lifecycle
     if streaming:
         assert chunks is not None, "a streamed response needs its chunk generator"
         settings: ServerSettings = request.app.state.settings
         return sse.response(chunks(stream), stream, name=name,
                             ping_seconds=settings.sse_ping_seconds,
-                            shutdown_grace=settings.shutdown_grace, cut=lifecycle.must_cut)
+                            shutdown_grace=settings.shutdown_grace, cut=lifecycle.must_cut,
+                            wire=wire)
     try:
         result = await unless_disconnected(request, collect(stream), lifecycle)
     finally:

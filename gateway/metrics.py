@@ -43,6 +43,7 @@ TPOT_BUCKETS = (0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.4, 0.5, 0.75, 1
 MODEL_ENDPOINTS = {
     ("POST", "/v1/chat/completions"): "chat",
     ("POST", "/v1/completions"): "completions",
+    ("POST", "/v1/responses"): "responses",
     ("POST", "/"): "legacy",  # ChatGLM's own API; the label is part of the metrics' contract
 }
 

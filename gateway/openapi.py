@@ -16,11 +16,15 @@ from fastapi.openapi.utils import get_openapi
 from pydantic import BaseModel
 
 from gateway import protocol as p
+from gateway import responses_protocol as responses
 
 #: (path, request model, response model, streams?)
 _BODIES: tuple[tuple[str, type[BaseModel], type[BaseModel], bool], ...] = (
     ("/v1/chat/completions", p.ChatCompletionRequest, p.ChatCompletion, True),
     ("/v1/completions", p.CompletionRequest, p.Completion, True),
+    ("/v1/responses", responses.ResponsesRequest, responses.Response, True),
+    ("/tokenize", p.TokenizeRequest, p.TokenizeResponse, False),
+    ("/detokenize", p.DetokenizeRequest, p.DetokenizeResponse, False),
     ("/", p.ChatGLMRequest, p.ChatGLMResponse, False),
 )
 

@@ -457,22 +457,11 @@ class ChatCompletionRequest(SamplingRequest, _ChatInput):
         return self.logprobs, self.top_logprobs
 
     def to_messages(self) -> tuple[Message, ...]:
-        return tuple(
-            Message(role=m.role, content=m.text(), name=m.name, tool_calls=tuple(
-                ToolCall(name=c.function.name, arguments=c.function.arguments, id=c.id or "")
-                for c in m.tool_calls or ()), tool_call_id=m.tool_call_id)
-            for m in self.messages
-        )
+        return to_messages(self.messages)
 
     def to_tools(self) -> tuple[Tool, ...]:
         """Offered tools; none when ``tool_choice`` is ``"none"``."""
-        if not self.tools or self.tool_choice == "none":
-            return ()
-        return tuple(
-            Tool(name=t.function.name, description=t.function.description or "",
-                 parameters=t.function.parameters or {}, strict=bool(t.function.strict))
-            for t in self.tools
-        )
+        return to_tools(self.tools, self.tool_choice)
 
     def to_tool_choice(self) -> ToolChoice:
         parallel = self.parallel_tool_calls is not False  # OpenAI's default: true
@@ -482,6 +471,28 @@ class ChatCompletionRequest(SamplingRequest, _ChatInput):
         if choice == "required":
             return ToolChoice(mode="required", parallel=parallel)
         return ToolChoice(parallel=parallel)
+
+
+def to_messages(messages: list[ChatMessage]) -> tuple[Message, ...]:
+    """Chat messages as the adapters take them (text parts joined)."""
+    return tuple(
+        Message(role=m.role, content=m.text(), name=m.name, tool_calls=tuple(
+            ToolCall(name=c.function.name, arguments=c.function.arguments, id=c.id or "")
+            for c in m.tool_calls or ()), tool_call_id=m.tool_call_id)
+        for m in messages
+    )
+
+
+def to_tools(tools: list[ToolDefinition] | None,
+             tool_choice: str | NamedToolChoice | None) -> tuple[Tool, ...]:
+    """Offered tools; none when ``tool_choice`` is ``"none"``."""
+    if not tools or tool_choice == "none":
+        return ()
+    return tuple(
+        Tool(name=t.function.name, description=t.function.description or "",
+             parameters=t.function.parameters or {}, strict=bool(t.function.strict))
+        for t in tools
+    )
 
 
 # --------------------------------------------------------------------------- legacy completions
@@ -804,3 +815,83 @@ class ModelCard(BaseModel):
 class ModelList(BaseModel):
     object: Literal["list"] = "list"
     data: list[ModelCard]
+
+
+# --------------------------------------------------------------------------- token counting
+
+
+class TokenizeRequest(BaseModel):
+    """POST /tokenize, vLLM's fields: ``prompt`` (+ ``add_special_tokens``) or ``messages``
+    (+ ``tools``, ``tool_choice``: a chat request's body counts as it is).
+
+    ``messages`` are tokenized exactly as a chat completion's prompt (the family's format, the
+    server's system policy, the tools' prompt).  ``prompt`` with ``add_special_tokens`` (the
+    default) is what ``/v1/completions`` feeds for it (one user turn in the chat format);
+    without, the text's own ids.  ChatGLM's prompt always ends with the assistant's turn, so
+    ``add_generation_prompt: false`` and ``continue_final_message: true`` are 400s, as are
+    ``chat_template`` and ``return_token_strs``.
+    """
+
+    model_config = _REQUEST_CONFIG
+
+    model: str | None = None
+    prompt: str | None = None
+    messages: list[ChatMessage] | None = Field(default=None, min_length=1)
+    add_special_tokens: bool | None = None
+    add_generation_prompt: bool | None = None
+    continue_final_message: bool | None = None
+    tools: list[ToolDefinition] | None = None
+    tool_choice: Literal["none", "auto", "required"] | NamedToolChoice | None = None
+    chat_template: Any | None = None
+    return_token_strs: bool | None = None
+
+    @model_validator(mode="after")
+    def _one_input(self) -> TokenizeRequest:
+        if (self.prompt is None) == (self.messages is None):
+            raise FieldError("prompt", "Give either 'prompt' or 'messages'.")
+        if self.add_generation_prompt is False:
+            raise FieldError("add_generation_prompt", "ChatGLM's prompt always ends with the "
+                             "assistant's turn; 'add_generation_prompt' cannot be false.")
+        for field in ("continue_final_message", "return_token_strs"):
+            if getattr(self, field):
+                raise FieldError(field, f"'{field}' is not supported by this server.")
+        if self.chat_template is not None:
+            raise FieldError("chat_template", "ChatGLM's prompt format is the family's own; "
+                             "'chat_template' is not supported.")
+        return self
+
+    def to_messages(self) -> tuple[Message, ...]:
+        if self.messages is not None:
+            return to_messages(self.messages)
+        return (Message(role="user", content=self.prompt or ""),)
+
+    def to_tools(self) -> tuple[Tool, ...]:
+        return to_tools(self.tools, self.tool_choice)
+
+    @property
+    def chat_format(self) -> bool:
+        """Whether the ids are a whole prompt (else the prompt text's own ids)."""
+        return self.messages is not None or self.add_special_tokens is not False
+
+
+class TokenizeResponse(BaseModel):
+    model_config = _RESPONSE_CONFIG
+
+    count: int
+    max_model_len: int
+    tokens: list[int]
+
+
+class DetokenizeRequest(BaseModel):
+    """POST /detokenize (vLLM's fields)."""
+
+    model_config = _REQUEST_CONFIG
+
+    model: str | None = None
+    tokens: list[int]
+
+
+class DetokenizeResponse(BaseModel):
+    model_config = _RESPONSE_CONFIG
+
+    prompt: str

@@ -16,6 +16,7 @@ from types import FrameType
 import uvicorn
 from fastapi import FastAPI
 
+from gateway import request_ids
 from gateway.lifecycle import Lifecycle
 from gateway.settings import ServerSettings
 
@@ -51,7 +52,11 @@ def run(app: FastAPI, settings: ServerSettings) -> int:
     config = uvicorn.Config(
         app, host=settings.host, port=settings.port, log_level=settings.log_level,
         timeout_graceful_shutdown=int(round(settings.shutdown_grace)),
+        # the app writes the access lines, with each request's id (gateway/request_ids.py)
+        access_log=False,
     )
+    # uvicorn's own handlers (set up by Config): its error lines name the request too
+    request_ids.install_log_filter(logging.getLogger("uvicorn"))
     lifecycle: Lifecycle = app.state.lifecycle
     DrainingServer(config, lifecycle).run()
     return 1 if lifecycle.reason else 0

@@ -6,8 +6,11 @@ sent after ``ping_seconds`` without an event.  An error once the stream has star
 is sent already) goes out as one ``data: {"error": {...}}`` event, and the stream ends without
 ``[DONE]``.  The model's :class:`~gateway.choices.ChoiceStream` is closed in every case.
 
-The routes' stream modules (``chat_stream``, ``completion_stream``) only turn Deltas into their
-chunk objects; everything about the wire is here.
+The Responses API's stream (:data:`RESPONSES`) differs in two ways, as OpenAI sends it: every
+event also names itself (``event: <its type>``), and there is no ``[DONE]``.
+
+The routes' stream modules (``chat_stream``, ``completion_stream``, ``responses_stream``) only turn
+Deltas into their chunk objects; everything about the wire is here.
 """
 
 from __future__ import annotations
@@ -16,6 +19,7 @@ import asyncio
 import json
 import logging
 from collections.abc import AsyncGenerator, AsyncIterator, Callable
+from dataclasses import dataclass
 from typing import TypeVar
 
 import anyio
@@ -33,9 +37,24 @@ DONE = "[DONE]"
 T = TypeVar("T")
 
 
+@dataclass(frozen=True)
+class Wire:
+    """How a route's events are written: ``named``, each carries ``event: <chunk.type>`` (and an
+    error ``event: error``); ``done``, the data of the last event (None: none)."""
+
+    named: bool = False
+    done: str | None = DONE
+
+
+#: chat and legacy completions: data-only chunks, then ``data: [DONE]``
+CHUNKS = Wire()
+#: the Responses API: named events, no ``[DONE]`` (the last event is ``response.completed``)
+RESPONSES = Wire(named=True, done=None)
+
+
 def response(chunks: AsyncIterator[BaseModel], stream: ChoiceStream, *, name: str,
              ping_seconds: float = 0.0, shutdown_grace: float = 0.0,
-             cut: Callable[[], bool] = lambda: False) -> EventSourceResponse:
+             cut: Callable[[], bool] = lambda: False, wire: Wire = CHUNKS) -> EventSourceResponse:
     """The SSE response sending ``chunks`` (read from ``stream``, closed after it in every case,
     even if the body never started because the client left at once).
 
@@ -44,7 +63,7 @@ def response(chunks: AsyncIterator[BaseModel], stream: ChoiceStream, *, name: st
     itself with an error event and ``[DONE]`` once ``cut()`` says the grace is nearly over.
     """
     return EventSourceResponse(
-        events(chunks, stream, name=name, ping_seconds=ping_seconds, cut=cut),
+        events(chunks, stream, name=name, ping_seconds=ping_seconds, cut=cut, wire=wire),
         sep="\n",
         ping=0,  # events() sends the keep-alive comments, in the format above
         shutdown_grace_period=shutdown_grace,
@@ -55,7 +74,8 @@ def response(chunks: AsyncIterator[BaseModel], stream: ChoiceStream, *, name: st
 
 async def events(chunks: AsyncIterator[BaseModel], stream: ChoiceStream, *, name: str = "",
                  ping_seconds: float = 0.0,
-                 cut: Callable[[], bool] = lambda: False) -> AsyncIterator[str | ServerSentEvent]:
+                 cut: Callable[[], bool] = lambda: False,
+                 wire: Wire = CHUNKS) -> AsyncIterator[str | ServerSentEvent]:
     """The data of each SSE event, in order (sse-starlette adds ``data: `` and the blank line),
     with a comment event after every ``ping_seconds`` without one (0 = never).  ``name`` (the
     completion id) only names the stream in logs; ``cut()`` true ends the stream with an error
@@ -65,15 +85,21 @@ async def events(chunks: AsyncIterator[BaseModel], stream: ChoiceStream, *, name
         async for chunk in pinged:
             if isinstance(chunk, Cut):
                 logger.info("stream %s cut: the shutdown grace period ended", name)
-                yield json_event(cut_error().body())
+                yield _error_event(cut_error().body(), wire)
                 break
-            yield ServerSentEvent(comment="ping", sep="\n") if chunk is None \
-                else chunk.model_dump_json()
-        yield DONE
+            if chunk is None:
+                yield ServerSentEvent(comment="ping", sep="\n")
+            elif wire.named:
+                yield ServerSentEvent(chunk.model_dump_json(), event=getattr(chunk, "type", None),
+                                      sep="\n")
+            else:
+                yield chunk.model_dump_json()
+        if wire.done is not None:
+            yield wire.done
     except Exception as exc:  # the status is sent already: report in-band, then stop
         error = from_exception(exc)
         logger.warning("stream %s ended with an error: %s", name, error.message)
-        yield json_event(error.body())
+        yield _error_event(error.body(), wire)
     finally:
         await pinged.aclose()
         await stream.aclose()
@@ -86,6 +112,12 @@ def cut_error() -> ServiceUnavailable:
 
 def json_event(body: dict[str, object]) -> str:
     return json.dumps(body, ensure_ascii=False, separators=(",", ":"))
+
+
+def _error_event(body: dict[str, object], wire: Wire) -> str | ServerSentEvent:
+    # OpenAI's SDKs raise an APIError for a data line holding "error", named or not.
+    data = json_event(body)
+    return ServerSentEvent(data, event="error", sep="\n") if wire.named else data
 
 
 #: How often a stream checks whether the shutdown grace is over (a signal handler sets it).

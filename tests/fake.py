@@ -99,11 +99,14 @@ class FakeChatModel:
         self._fail_after = fail_after
         self._prepare_error = prepare_error
         self._max_running = max_running
-        self._tool_call = tool_call  # answer with this call when a request offers tools
+        #: answer with this call when a request offers tools, unless the conversation ends with
+        #: a tool result (then in text, as an agent loop's last step)
+        self._tool_call = tool_call
         #: every request prepare() got
         self.requests: list[ChatRequest] = []
         self._closed = False
         self._answers: dict[tuple[int, ...], str] = {}
+        self._calls: set[tuple[int, ...]] = set()  # prompts answered with the tool call
         self.counters = FakeCounters()
         #: every SamplingParams passed to generate, in call order (tests check seed+i for n>1)
         self.calls: list[SamplingParams] = []
@@ -122,25 +125,44 @@ class FakeChatModel:
             raise Overloaded(f"Model '{self.info.id}' is at capacity "
                              f"({self.counters.active} running). Please retry shortly.",
                              retry_after=2.0)
-        if not messages:
-            raise InvalidRequest("'messages' must contain at least one message.", param="messages")
-        text = "\n".join(f"{m.role}: {m.content}" for m in messages)
-        token_ids = tuple(ord(c) for c in text)
+        text, token_ids = self._prompt(request)
         wanted = request.completion_budget(len(token_ids), self.info.context_length)
         # The answer is a pure function of the messages, so a cache keyed by the prompt ids is
         # safe and keeps Prompt free of fake-only fields.
         self._answers[token_ids] = self._answer(messages)
+        if tools and self._tool_call is not None and messages[-1].role != "tool":
+            self._calls.add(token_ids)
         # the last message's content ends the text: its characters are the scored span
         scored = (len(text) - len(messages[-1].content), len(text))
         return Prompt(token_ids=token_ids, params=replace(request.params, max_tokens=wanted),
                       text=text, tools=bool(tools),
                       scored=scored if request.params.prompt_logprobs else None)
 
+    def _prompt(self, request: ChatRequest) -> tuple[str, tuple[int, ...]]:
+        if not request.messages:
+            raise InvalidRequest("'messages' must contain at least one message.", param="messages")
+        text = "\n".join(f"{m.role}: {m.content}" for m in request.messages)
+        return text, self.encode(text)
+
+    def tokenize(self, request: ChatRequest) -> tuple[int, ...]:
+        """prepare()'s ids, with no capacity or length check (and nothing recorded)."""
+        return self._prompt(request)[1]
+
+    def encode(self, text: str) -> tuple[int, ...]:
+        return tuple(ord(c) for c in text)
+
+    def decode(self, token_ids: Sequence[int]) -> str:
+        for i, token_id in enumerate(token_ids):
+            if not 0 <= token_id < 0x110000 or 0xD800 <= token_id < 0xE000:
+                raise InvalidRequest(f"Token id {token_id} is out of range.",
+                                     param=f"tokens.[{i}]")
+        return "".join(chr(i) for i in token_ids)
+
     async def generate(self, prompt: Prompt) -> AsyncIterator[Delta]:
         """Yield one Delta per piece; the last one carries finish_reason and usage."""
         params = prompt.params
         self.calls.append(params)
-        if prompt.tools and self._tool_call is not None:
+        if prompt.tools and prompt.token_ids in self._calls and self._tool_call is not None:
             yield Delta(finish_reason="tool_calls", tool_calls=(self._tool_call,),
                         usage=Usage(len(prompt.token_ids), 1))
             return
@@ -228,7 +250,8 @@ class FakeChatModel:
             return "".join(self._pieces)
         if self._reply is not None:
             return self._reply
-        last_user = next((m.content for m in reversed(messages) if m.role == "user"), "")
+        last_user = next((m.content for m in reversed(messages) if m.role in ("user", "tool")),
+                         "")
         return last_user[::-1] if self._transform == "reverse" else last_user
 
     def _split(self, answer: str) -> list[str]:
