@@ -334,8 +334,7 @@ class ChatGLM2Model(nn.Module):
 
         def attend(layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
             cache.write(layer, k[0].transpose(0, 1), v[0].transpose(0, 1))
-            q0 = q[0] if q.stride(3) == 1 and q.stride(2) == q.shape[3] else q[0].contiguous()
-            return native.prefill_attention(lib, cache.storage, layer, q0, lengths).unsqueeze(0)
+            return native.prefill_attention(lib, cache.storage, layer, q[0], lengths).unsqueeze(0)
 
         return attend
 

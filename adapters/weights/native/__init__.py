@@ -305,8 +305,9 @@ def prefill_attention(lib: ctypes.CDLL, storage: torch.Tensor, layer: int, q: to
     would (``wq_prefill_attention``), so a prompt's results do not depend on its chunking."""
     t, heads, hd = q.shape
     groups, cap = storage.shape[2], storage.shape[3]
-    if (q.dtype != torch.bfloat16 or q.stride(2) != 1 or q.stride(1) != hd
-            or hd % ATTENTION_HEAD_MULTIPLE or heads % groups or storage.shape[4] != hd
+    if q.stride(2) != 1 or q.stride(1) != hd:
+        q = q.contiguous()
+    if (q.dtype != torch.bfloat16 or hd % ATTENTION_HEAD_MULTIPLE or heads % groups or storage.shape[4] != hd
             or storage.dtype != torch.bfloat16 or not storage.is_contiguous()
             or lengths.dtype != torch.int64 or lengths.shape != (t,)
             or int(lengths.max()) > cap or int(lengths.min()) < 1):
@@ -522,3 +523,35 @@ class NativeLinear(nn.Module):
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, "
                 f"bias={self.bias is not None}, native=True")
+
+
+class PackedEmbedding(nn.Module):
+    """A word embedding whose table is also the (tied) output layer, stored once in the bf16
+    kernel's layout: ``linear`` multiplies by it, lookups gather each row's runs back out of the
+    blocks of 4 (ChatGLM-6B ties its 130528 x 4096 output layer to the embedding)."""
+
+    def __init__(self, linear: NativeLinear) -> None:
+        super().__init__()
+        self.linear = linear
+        self.num_embeddings, self.embedding_dim = linear.out_features, linear.in_features
+
+    @classmethod
+    def replacing(cls, embedding: nn.Embedding) -> PackedEmbedding | None:
+        """``embedding`` packed in place (no second copy of the table; ``embedding`` must not be
+        used after), or ``None`` where the kernel does not apply or would need a padded copy."""
+        weight = embedding.weight
+        n, k = weight.shape
+        if (weight.dtype != torch.bfloat16 or weight.device.type != "cpu" or n % BLOCK_ROWS
+                or k % BF16_K_MULTIPLE or not weight.is_contiguous() or library() is None):
+            return None
+        return cls(NativeLinear(weight))
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        flat = ids.reshape(-1)
+        n_pad, k = self.linear.packed.shape
+        blocks = self.linear.packed.view(n_pad // BLOCK_ROWS, k // 32, BLOCK_ROWS, 32)
+        rows = blocks[flat // BLOCK_ROWS, :, flat % BLOCK_ROWS]  # [len, k / 32, 32]
+        return rows.reshape(*ids.shape, k)
+
+    def extra_repr(self) -> str:
+        return f"{self.num_embeddings}, {self.embedding_dim}, packed=True"

@@ -55,6 +55,10 @@ static inline bf16_t f32_to_bf16(float f) {
 
 int wq_block_rows(void) { return NB; }
 
+/* Threads for `work` multiply-adds: one below ~256 K (small models, tiny calls), where waking a
+ * second thread costs more than it saves, and far more when other processes hold the cores. */
+static inline int threads_for(int64_t work, int nthreads) { return work < (1 << 18) ? 1 : nthreads; }
+
 int wq_cpu_supported(void) {
     __builtin_cpu_init();
     return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
@@ -166,7 +170,7 @@ static inline __attribute__((always_inline)) void quant_gemm(
     }
     const __m512i table = int4_table();
     const int64_t nblocks = N / NB;
-#pragma omp parallel for num_threads(nthreads) schedule(static)
+#pragma omp parallel for num_threads(threads_for(M * N * K, nthreads)) schedule(static)
     for (int64_t nb = 0; nb < nblocks; nb++) {
         const int64_t n = nb * NB;
         const uint8_t *wblock = w + n * K * bits / 8;
@@ -256,7 +260,7 @@ static inline __attribute__((always_inline)) void block_bf16(
 void wq_bf16_linear(const bf16_t *x, int64_t M, int64_t K, const bf16_t *w, const float *bias,
                     int64_t N, void *y, int out_bf16, int nthreads) {
     const int64_t nblocks = N / NB;
-#pragma omp parallel for num_threads(nthreads) schedule(static)
+#pragma omp parallel for num_threads(threads_for(M * N * K, nthreads)) schedule(static)
     for (int64_t nb = 0; nb < nblocks; nb++) {
         const int64_t n = nb * NB;
         const bf16_t *wblock = w + n * K;
@@ -286,7 +290,7 @@ static void quant_gemm_rows(const int bits, const bf16_t *x, int64_t M, int64_t 
                             void *y, int out_bf16, int nthreads) {
     const __m512i table = int4_table();
     const int64_t nblocks = N / NB;
-#pragma omp parallel num_threads(nthreads)
+#pragma omp parallel num_threads(threads_for(M * N * K, nthreads))
     {
         bf16_t *buf = (bf16_t *)aligned_alloc(64, (size_t)(NB * K * sizeof(bf16_t)));
 #pragma omp for schedule(static)
@@ -446,7 +450,8 @@ void wq_decode_attention(const bf16_t *q, const bf16_t *k_new, const bf16_t *v_n
                              hd * sizeof(bf16_t));
         }
     }
-#pragma omp parallel for num_threads(nthreads) schedule(dynamic, 1) collapse(2)
+#pragma omp parallel for num_threads(threads_for(B * heads * max_len * hd, nthreads)) \
+    schedule(dynamic, 1) collapse(2)
     for (int64_t b = 0; b < B; b++) {
         for (int64_t h = 0; h < heads; h++) {
             const int64_t g = h / per_group, C = cap[b];
@@ -472,7 +477,7 @@ void wq_prefill_attention(const bf16_t *q, int64_t ldq, int64_t T, int64_t heads
     int64_t max_len = 0;
     for (int64_t t = 0; t < T; t++) max_len = lens[t] > max_len ? lens[t] : max_len;
     max_len = (max_len + 15) / 16 * 16;
-#pragma omp parallel num_threads(T * heads > 1 ? nthreads : 1)
+#pragma omp parallel num_threads(threads_for(T * heads * max_len * hd, nthreads))
     {
         float *p = (float *)malloc((size_t)max_len * sizeof(float));
 #pragma omp for schedule(dynamic, 4) collapse(2)
@@ -498,7 +503,7 @@ void wq_prefill_attention(const bf16_t *q, int64_t ldq, int64_t T, int64_t heads
 /* RMSNorm: out = bf16(w * (x * rsqrt(mean(x^2) + eps))), variance in fp32.  H % 16 == 0. */
 void wq_rms_norm(const bf16_t *x, const bf16_t *w, int64_t M, int64_t H, float eps, bf16_t *out,
                  int nthreads) {
-#pragma omp parallel for num_threads(M > 1 ? nthreads : 1) schedule(static)
+#pragma omp parallel for num_threads(threads_for(M * H, nthreads)) schedule(static)
     for (int64_t m = 0; m < M; m++) {
         const bf16_t *row = x + m * H;
         __m512 ss = _mm512_setzero_ps();
@@ -517,7 +522,7 @@ void wq_rms_norm(const bf16_t *x, const bf16_t *w, int64_t M, int64_t H, float e
  * g / (1 + exp(-g)) as torch's vectorised CPU silu.  F % 16 == 0. */
 void wq_swiglu(const bf16_t *h, int64_t M, int64_t F, bf16_t *out, int nthreads) {
     const int64_t chunks = M * (F / 16);
-#pragma omp parallel for num_threads(chunks >= 512 ? nthreads : 1) schedule(static)
+#pragma omp parallel for num_threads(threads_for(M * F, nthreads)) schedule(static)
     for (int64_t c = 0; c < chunks; c++) {
         const int64_t m = c / (F / 16), i = (c % (F / 16)) * 16;
         const bf16_t *gate = h + m * 2 * F, *up = gate + F;
@@ -534,7 +539,7 @@ void wq_swiglu(const bf16_t *h, int64_t M, int64_t F, bf16_t *out, int nthreads)
  * rope[r, p, 0..1]:  (a, b) -> (a c - b s, b c + a s), every product and sum rounded to bf16. */
 void wq_rotary(bf16_t *x, int64_t rows, int64_t ldx, int64_t heads, int64_t hd,
                const bf16_t *rope, int64_t npairs, int nthreads) {
-#pragma omp parallel for num_threads(rows > 1 ? nthreads : 1) schedule(static)
+#pragma omp parallel for num_threads(threads_for(rows * heads * npairs * 8, nthreads)) schedule(static)
     for (int64_t r = 0; r < rows; r++) {
         const bf16_t *cs = rope + r * npairs * 2;
         for (int64_t h = 0; h < heads; h++) {
