@@ -15,6 +15,7 @@ real uvicorn server on 127.0.0.1, asked with the official async ``openai`` clien
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import json
 import shutil
 from collections.abc import Callable, Iterator
@@ -25,6 +26,7 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
+from adapters.chat_model import TorchChatModel
 from adapters.chatglm import config as v1_config
 from adapters.chatglm.model import ChatGLMModel
 from adapters.chatglm2 import config as v2_config
@@ -79,7 +81,7 @@ def write_bf16_checkpoint(folder: Path, family: str) -> Path:
         elif "layernorm" in name:
             tensors[name] = torch.ones(shape, dtype=torch.bfloat16)
         else:
-            tensors[name] = torch.empty(shape).normal_(0, 0.05, generator=gen).to(torch.bfloat16)
+            tensors[name] = torch.empty(shape, dtype=torch.bfloat16).normal_(0, 0.05, generator=gen)
     save_file(tensors, str(folder / "model.safetensors"), metadata={"format": "pt"})
     return folder
 
@@ -92,11 +94,12 @@ def served(request: pytest.FixtureRequest,
     prompt is cut into pieces whose boundaries depend on the prompts queued before it)."""
     family = request.param
     folder = write_bf16_checkpoint(tmp_path_factory.mktemp(family) / "ckpt", family)
-    models = {
-        "plain": load_chat_model("plain", folder, dtype="bfloat16", device="cpu", max_running=8),
-        "chunked": load_chat_model("chunked", folder, dtype="bfloat16", device="cpu",
-                                   max_running=8, prefill_chunk=7, prefix_cache=False),
-    }
+    plain = load_chat_model("plain", folder, dtype="bfloat16", device="cpu", max_running=8)
+    # the same loaded weights behind a second engine (the two are never asked at once)
+    chunked = TorchChatModel(dataclasses.replace(plain.info, id="chunked"), plain.spec,
+                             plain.tokenizer, plain.model, max_running=8, prefill_chunk=7,
+                             prefix_cache=False)
+    models = {"plain": plain, "chunked": chunked}
     try:
         with running_server(create_app(ServerSettings(), models=models), timeout=60) as url:
             yield url, family
