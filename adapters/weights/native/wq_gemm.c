@@ -38,8 +38,8 @@
         _mm_prefetch((const char *)(p) + PREFETCH_AHEAD + _l, _MM_HINT_T0)
 #define MB 4 /* activation rows per register block: MB * NB accumulators + 2 * NB weights */
 #define MBP 6 /* the same on the many-row paths (bf16 weights: MBP * NB accumulators + NB weights) */
-/* Activation rows from which int4/int8 layers widen each weight block once (quant_gemm_rows)
- * rather than per MB rows; the results are the same bits either way. */
+/* Activation rows from which the GEMMs take the many-row loop (gemm_many_rows: weight panels,
+ * int4/int8 widened once); the results are the same bits either way. */
 #define ROWS_WIDEN_ONCE 8
 
 typedef uint16_t bf16_t;
@@ -257,8 +257,16 @@ static inline __attribute__((always_inline)) void block_bf16(
 /* y (fp32, or bf16 if out_bf16) = x . w^T (+ bias, fp32, may be NULL), w in the interleaved bf16
  * layout.  Every output is one fp32 vector accumulated over K in 32-column steps, then
  * store_output: the same operations for any M. */
+static void gemm_many_rows(const int bits, const bf16_t *x, int64_t M, int64_t K,
+                           const void *w, const float *scale, const float *bias, int64_t N,
+                           void *y, int out_bf16, int nthreads);
+
 void wq_bf16_linear(const bf16_t *x, int64_t M, int64_t K, const bf16_t *w, const float *bias,
                     int64_t N, void *y, int out_bf16, int nthreads) {
+    if (M >= ROWS_WIDEN_ONCE) {
+        gemm_many_rows(16, x, M, K, w, 0, bias, N, y, out_bf16, nthreads);
+        return;
+    }
     const int64_t nblocks = N / NB;
 #pragma omp parallel for num_threads(threads_for(M * N * K, nthreads)) schedule(static)
     for (int64_t nb = 0; nb < nblocks; nb++) {
@@ -280,45 +288,70 @@ void wq_bf16_gemm(const bf16_t *x, int64_t M, int64_t K, const bf16_t *w, int64_
 }
 
 /* ---------------------------------------------------------------------------------------------
- * Many activation rows (prefill chunks, large decode batches) on int4/int8 weights: each thread
- * widens a block of NB weight rows to bf16 once (the interleaved bf16 layout above) and runs every
- * activation row over it, instead of re-widening the block for every MB rows.  The bf16 values
- * and their order in each dot product are the few-row kernel's (64-column chunk = its two
- * 32-column halves, low then high), and both end in store_output: the bits are the same. */
-static void quant_gemm_rows(const int bits, const bf16_t *x, int64_t M, int64_t K,
-                            const uint8_t *w, const float *scale, const float *bias, int64_t N,
-                            void *y, int out_bf16, int nthreads) {
+ * Many activation rows (prefill chunks, large decode batches).  Weight blocks are taken in
+ * panels of P consecutive blocks (about 256 KB of bf16, so a panel stays in L2); int4/int8 panels
+ * are first widened to bf16 once (the interleaved bf16 layout above) instead of once per MB rows.
+ * Each block of MBP activation rows then runs over every block of the panel, so the activations
+ * are read from L3 once per panel instead of once per weight block.  The bf16 values and their
+ * order in each dot product are the few-row kernels' (a 64-column chunk = its two 32-column
+ * halves, low then high), and every output ends in store_output: the bits are the same.
+ * bits: 4, 8, or 16 (bf16 weights, used in place). */
+static void gemm_many_rows(const int bits, const bf16_t *x, int64_t M, int64_t K,
+                           const void *w, const float *scale, const float *bias, int64_t N,
+                           void *y, int out_bf16, int nthreads) {
     const __m512i table = int4_table();
     const int64_t nblocks = N / NB;
+    int64_t P = (256 * 1024) / (NB * K * (int64_t)sizeof(bf16_t));
+    P = P < 1 ? 1 : (P > 16 ? 16 : P);
+    const int64_t npanels = (nblocks + P - 1) / P;
 #pragma omp parallel num_threads(threads_for(M * N * K, nthreads))
     {
-        bf16_t *buf = (bf16_t *)aligned_alloc(64, (size_t)(NB * K * sizeof(bf16_t)));
+        bf16_t *buf = bits == 16 ? 0
+                                 : (bf16_t *)aligned_alloc(64, (size_t)(P * NB * K * sizeof(bf16_t)));
 #pragma omp for schedule(static)
-        for (int64_t nb = 0; nb < nblocks; nb++) {
-            const int64_t n = nb * NB;
-            const uint8_t *wblock = w + n * K * bits / 8;
-            const int run = 8 * bits;
-            for (int64_t k = 0; k < K; k += 64) {
-                const uint8_t *chunk = wblock + (k / 64) * NB * run;
-                PREFETCH(chunk, NB * run);
-                for (int j = 0; j < NB; j++) {
-                    __m512i lo, hi;
-                    if (bits == 4) unpack_run(chunk + j * run, table, &lo, &hi);
-                    else unpack_run8((const int8_t *)(chunk + j * run), &lo, &hi);
-                    _mm512_store_si512((void *)(buf + (k / 32) * NB * 32 + j * 32), lo);
-                    _mm512_store_si512((void *)(buf + (k / 32 + 1) * NB * 32 + j * 32), hi);
+        for (int64_t panel = 0; panel < npanels; panel++) {
+            const int64_t nb0 = panel * P, nb1 = nb0 + P < nblocks ? nb0 + P : nblocks;
+            const bf16_t *wp;
+            if (bits == 16) {
+                wp = (const bf16_t *)w + nb0 * NB * K;
+            } else {
+                const int run = 8 * bits;
+                for (int64_t nb = nb0; nb < nb1; nb++) {
+                    const uint8_t *wblock = (const uint8_t *)w + nb * NB * K * bits / 8;
+                    bf16_t *out = buf + (nb - nb0) * NB * K;
+                    for (int64_t k = 0; k < K; k += 64) {
+                        const uint8_t *chunk = wblock + (k / 64) * NB * run;
+                        PREFETCH(chunk, NB * run);
+                        for (int j = 0; j < NB; j++) {
+                            __m512i lo, hi;
+                            if (bits == 4) unpack_run(chunk + j * run, table, &lo, &hi);
+                            else unpack_run8((const int8_t *)(chunk + j * run), &lo, &hi);
+                            _mm512_store_si512((void *)(out + (k / 32) * NB * 32 + j * 32), lo);
+                            _mm512_store_si512((void *)(out + (k / 32 + 1) * NB * 32 + j * 32), hi);
+                        }
+                    }
                 }
+                wp = buf;
             }
-            const float *bn = bias ? bias + n : 0;
-#define ROWS_BLOCK(mb)                                                                         \
-    block_bf16(mb, x + m * K, K, buf, K, scale + n, bn,                                       \
-               out_bf16 ? (void *)((bf16_t *)y + m * N + n) : (void *)((float *)y + m * N + n), \
-               N, out_bf16, 0)
-            FOR_ROW_BLOCKS_P(M, m, ROWS_BLOCK)
-#undef ROWS_BLOCK
+#define PANEL_BLOCK(mb)                                                                        \
+    for (int64_t nb = nb0; nb < nb1; nb++) {                                                   \
+        const int64_t n = nb * NB;                                                             \
+        block_bf16(mb, x + m * K, K, wp + (nb - nb0) * NB * K, K, scale ? scale + n : 0,       \
+                   bias ? bias + n : 0,                                                        \
+                   out_bf16 ? (void *)((bf16_t *)y + m * N + n) : (void *)((float *)y + m * N + n), \
+                   N, out_bf16, bits == 16 && m == 0);                                         \
+    }
+            FOR_ROW_BLOCKS_P(M, m, PANEL_BLOCK)
+#undef PANEL_BLOCK
         }
         free(buf);
     }
+}
+
+static void quant_gemm_rows(const int bits, const bf16_t *x, int64_t M, int64_t K,
+                            const uint8_t *w, const float *scale, const float *bias, int64_t N,
+                            void *y, int out_bf16, int nthreads) {
+    gemm_many_rows(bits, x, M, K, w, scale, bias, N, y, out_bf16, nthreads);
 }
 
 /* exp(x) for 16 floats: Cephes' expf range reduction and polynomial (~1 ulp), scaled by 2^n with
