@@ -9,9 +9,15 @@ output layer at half the memory's rate.  No library on PyPI ships such kernels f
 
 * int4 / int8 / bf16 weight GEMMs on AVX512-BF16 dot products (exact bf16 integers for the
   quantised weights: 2x the fp32 FMA rate, the same products) reading each thread's weights as
-  one sequential stream (``python -m bench.kernels`` compares them with torch's kernels);
-* decode attention over each sequence's own KV cache, in place;
+  one sequential stream (``python -m bench.kernels`` compares them with torch's kernels), for
+  every linear of a bf16 model too (:class:`NativeLinear`);
+* attention over each sequence's own KV cache, in place, for decode steps and prefill chunks
+  (ChatGLM2/3, and ChatGLM-6B's ``attention_fn`` roundings);
 * RMSNorm, rotary embedding and SwiGLU, each one call, with torch's bf16 roundings.
+
+Each output row of a GEMM and each attention query is computed in an order fixed by that row
+alone, whatever else is passed with it, so a sequence's logits are bit-identical alone, in any
+batch, and however its prompt was split into prefill chunks (``wq_gemm.c`` says how).
 
 It is compiled on first use with the system C compiler (``$CC``, else ``cc``) into
 ``$CHATGLM_GATEWAY_CACHE/kernels`` (default ``~/.cache/chatglm-gateway/kernels``), keyed by a hash

@@ -21,6 +21,10 @@
  * LOW nibble and column c + 32 + b in its HIGH nibble (c = 64 * chunk), as u = q + 8.  K must be a
  * multiple of 64 and N of NB: the caller pads (u = 8, i.e. q = 0).
  *
+ * Batch invariance: every output (any number of activation rows, any weight format) is one fp32
+ * vector accumulated over K in the same order and finished by store_output; every attention query
+ * goes through attend_query.  A row's bits never depend on the rows computed with it.
+ *
  * Threads: OpenMP with the thread count the caller passes (torch.get_num_threads()); the library
  * links libgomp.so.1, the soname torch's own OpenMP runtime is loaded under, so both share it.
  */
