@@ -555,8 +555,10 @@ class PackedEmbedding(nn.Module):
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
         flat = ids.reshape(-1)
         n_pad, k = self.linear.packed.shape
-        blocks = self.linear.packed.view(n_pad // BLOCK_ROWS, k // 32, BLOCK_ROWS, 32)
-        rows = blocks[flat // BLOCK_ROWS, :, flat % BLOCK_ROWS]  # [len, k / 32, 32]
+        # each id's whole block of 4 rows (contiguous), then that id's runs within it
+        blocks = self.linear.packed.view(n_pad // BLOCK_ROWS, BLOCK_ROWS * k)
+        picked = blocks.index_select(0, flat // BLOCK_ROWS).view(-1, k // 32, BLOCK_ROWS, 32)
+        rows = picked.transpose(1, 2)[torch.arange(flat.numel()), flat % BLOCK_ROWS]
         return rows.reshape(*ids.shape, k)
 
     def extra_repr(self) -> str:
