@@ -111,7 +111,7 @@ def served(request: pytest.FixtureRequest,
 async def _answer(client: openai.AsyncOpenAI, model: str, question: str) -> str:
     stream = await client.chat.completions.create(
         model=model, messages=[{"role": "user", "content": question}], stream=True,
-        temperature=0, max_tokens=20,
+        temperature=0, max_tokens=12,
     )
     parts = []
     async for chunk in stream:
