@@ -26,9 +26,13 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from adapters.chatglm import SPEC as V1_SPEC
+from adapters.chatglm.config import ChatGLMConfig
+from adapters.chatglm.model import ChatGLMModel
 from adapters.chatglm2 import V2_SPEC
 from adapters.chatglm2.config import ChatGLM2Config
 from adapters.chatglm2.model import ChatGLM2Model
+from adapters.weights import native
 from adapters.weights.loader import QuantizedLinearLoader
 
 logger = logging.getLogger(__name__)
@@ -66,6 +70,11 @@ PRESETS: dict[str, ChatGLM2Config] = {
     ),
 }
 
+#: THUDM/chatglm-6b config.json (v1: multi-head KV cache, 130528-token vocabulary, tied output
+#: layer).  Only the benchmarks that take ``--preset v1-6b`` build it.
+CHATGLM_6B = ChatGLMConfig(vocab_size=130528, max_sequence_length=2048)
+PRESETS_V1: dict[str, ChatGLMConfig] = {"v1-6b": CHATGLM_6B}
+
 #: Weight formats a benchmark can build: quantize mode of adapters.weights.format (None = plain bf16).
 MODES: dict[str, str | None] = {"bf16": None, "int8": "8", "int4": "4", "int4-g128": "int4-g128"}
 
@@ -85,7 +94,22 @@ class ModelShape:
         cfg = PRESETS[self.preset]
         return cfg if self.layers is None else dataclasses.replace(cfg, num_layers=self.layers)
 
+    @property
+    def v1(self) -> bool:
+        """A ChatGLM-6B (v1) shape: built by :func:`build_model` as a ChatGLMModel."""
+        return self.preset in PRESETS_V1
+
+    @property
+    def v1_config(self) -> ChatGLMConfig:
+        cfg = PRESETS_V1[self.preset]
+        return cfg if self.layers is None else dataclasses.replace(cfg, num_layers=self.layers)
+
     def describe(self) -> str:
+        if self.v1:
+            v = self.v1_config
+            return (f"{self.preset}: hidden {v.hidden_size}, {v.num_layers} layers, "
+                    f"{v.num_attention_heads} heads (KV cache multi-head), ffn "
+                    f"{v.inner_hidden_size}, vocab {v.vocab_size}")
         c = self.config
         return (f"{self.preset}: hidden {c.hidden_size}, {c.num_layers} layers, {c.num_attention_heads}"
                 f" heads, kv {c.multi_query_group_num}x{c.kv_channels}, ffn {c.ffn_hidden_size}, "
@@ -93,7 +117,8 @@ class ModelShape:
 
 
 def add_model_arguments(parser: argparse.ArgumentParser, default_preset: str = "6b") -> None:
-    parser.add_argument("--preset", choices=sorted(PRESETS), default=default_preset,
+    parser.add_argument("--preset", choices=sorted(PRESETS) + sorted(PRESETS_V1),
+                        default=default_preset,
                         help=f"model shape (default {default_preset})")
     parser.add_argument("--layers", type=int, default=None,
                         help="number of layers (default: the preset's); fewer for quick runs")
@@ -116,7 +141,8 @@ def _random(shape: tuple[int, ...], dtype: torch.dtype, gen: torch.Generator,
 
 def build_model(shape: ModelShape, mode: str, *, seed: int = 0,
                 dtype: torch.dtype = torch.bfloat16) -> ChatGLM2Model:
-    """A random :class:`ChatGLM2Model` of ``shape`` with weights in ``mode`` (a :data:`MODES` key).
+    """A random :class:`ChatGLM2Model` (or :class:`ChatGLMModel` for a v1 preset) of ``shape``
+    with weights in ``mode`` (a :data:`MODES` key).
 
     Parameters are materialised one at a time (bf16 random values; norms at one) and each of the
     four linears of a layer is handed to the quantizer as soon as its weight exists, so no more
@@ -124,17 +150,22 @@ def build_model(shape: ModelShape, mode: str, *, seed: int = 0,
     """
     if mode not in MODES:
         raise ValueError(f"mode must be one of {sorted(MODES)}, got {mode!r}")
-    cfg = shape.config
     device = torch.device("cpu")
+    model: ChatGLM2Model | ChatGLMModel
     with torch.device("meta"):
-        model = ChatGLM2Model(cfg)
+        model = ChatGLMModel(shape.v1_config) if shape.v1 else ChatGLM2Model(shape.config)
+    layout = (V1_SPEC if shape.v1 else V2_SPEC).quant_layout
     quant = None
     if MODES[mode] is not None:
-        quant = QuantizedLinearLoader(model, V2_SPEC.quant_layout, mode=MODES[mode], dtype=dtype,
+        quant = QuantizedLinearLoader(model, layout, mode=MODES[mode], dtype=dtype,
                                       device=device)
     gen = torch.Generator().manual_seed(seed)
     for name, param in list(model.named_parameters()):
-        value = _random(tuple(param.shape), dtype, gen, ones=name.endswith("layernorm.weight"))
+        norm = name.endswith("layernorm.weight")
+        if name.endswith("layernorm.bias"):  # v1's LayerNorm: zero shift
+            value = torch.zeros(tuple(param.shape), dtype=dtype)
+        else:
+            value = _random(tuple(param.shape), dtype, gen, ones=norm)
         if quant is not None and quant.take(name, value):
             continue
         module_name, _, attr = name.rpartition(".")
@@ -144,22 +175,47 @@ def build_model(shape: ModelShape, mode: str, *, seed: int = 0,
         quant.finish()
     model.finish_loading(dtype, device)
     gc.collect()
-    return model
+    # a ChatGLMModel for v1 presets: the benchmarks use only what both families have
+    return model  # type: ignore[return-value]
 
 
-def weight_bytes_per_token(model: ChatGLM2Model) -> int:
+def torch_linears(model: nn.Module) -> int:
+    """Put the four linears of every layer back on torch's ``nn.Linear`` (oneDNN for bf16): the
+    path bf16 models took before the native bf16 linears, for side-by-side timing.  Returns how
+    many were swapped."""
+    swapped = 0
+    for name, module in list(model.named_modules()):
+        if isinstance(module, native.NativeLinear) and ".layers." in name:
+            linear = nn.Linear(module.in_features, module.out_features,
+                               bias=module.bias is not None, dtype=torch.bfloat16, device="meta")
+            linear.weight = nn.Parameter(module.plain_weight(), requires_grad=False)
+            if module.bias is not None:
+                linear.bias = nn.Parameter(module.bias[: module.out_features].to(torch.bfloat16),
+                                           requires_grad=False)
+            parent, _, child = name.rpartition(".")
+            setattr(model.get_submodule(parent), child, linear)
+            swapped += 1
+    gc.collect()
+    return swapped
+
+
+def weight_bytes_per_token(model: nn.Module) -> int:
     """Bytes of weights one decode step must read: every parameter and buffer of the layers, the
     final norm and the output layer, plus ONE row of the embedding (a lookup, not a matmul).
-    Non-persistent helper buffers (the rotary table) are left out: a step reads one row of them."""
-    t = model.transformer
+    Non-persistent helper buffers (the rotary table) are left out: a step reads one row of them.
+    ChatGLM-6B's output layer is its embedding table (tied): counted once, in full."""
+    seen: set[int] = set()
     total = 0
-    for module in (t.encoder, t.output_layer):
-        for name, tensor in list(module.named_parameters()) + list(module.named_buffers()):
-            if name.endswith("_unit_scale"):
-                continue  # a constant [out] vector of ones: negligible, not a weight
-            total += tensor.numel() * tensor.element_size()
-    emb = t.embedding.word_embeddings.weight
-    return total + emb.shape[1] * emb.element_size()
+    rows = 0
+    for name, tensor in list(model.named_parameters()) + list(model.named_buffers()):
+        if name.endswith("_unit_scale") or name.endswith("rope") or tensor.data_ptr() in seen:
+            continue  # constant vectors of ones / tables read one row at a time; a tied copy
+        seen.add(tensor.data_ptr())
+        if name.endswith("embedding.word_embeddings.weight"):  # ChatGLM2: an untied lookup table
+            rows = tensor.shape[1] * tensor.element_size()
+            continue
+        total += tensor.numel() * tensor.element_size()
+    return total + rows
 
 
 def model_bytes(model: nn.Module) -> int:

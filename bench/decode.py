@@ -1,6 +1,7 @@
 """Decode tokens/s at several batch sizes and 512-token prefill tokens/s, per weight format.
 
-    python -m bench.decode [--modes int4,int8,bf16] [--batches 1,4,8,16] [--layers N] [--preset 6b]
+    python -m bench.decode [--modes int4,int8,bf16] [--batches 1,4,8,16] [--layers N]
+                           [--preset 6b|mid|v1-6b] [--compare-onednn]
 
 Each mode's model is built in memory (bench/common.py), measured, then freed before the next.
 Decoding goes through the engine's own calls: ``model.forward`` for one sequence and
@@ -9,6 +10,11 @@ random positions (written straight into the cache: prefilling 16 x 512 tokens wo
 than the measurement and change nothing about a decode step).  Warm-up steps are excluded; each
 figure is repeated and the best and median are printed, because other processes share the cores.
 Prints a Markdown table; asserts nothing.
+
+``--compare-onednn``: bf16 weights are timed twice in the same run, alternating repeat by repeat:
+the four linears of every layer on the native kernel (the gateway's path) and on torch's
+``nn.Linear`` (oneDNN, the path before it), both beside the bandwidth bound.  The two models exist
+at once: pass ``--layers`` to fit memory.  ``--preset v1-6b`` builds ChatGLM-6B (v1) instead.
 """
 
 from __future__ import annotations
@@ -17,10 +23,13 @@ import argparse
 import gc
 import logging
 import time
+from collections.abc import Callable
 
 import torch
 
-from adapters.chatglm2.model import ChatGLM2Cache, ChatGLM2Model
+from adapters.chatglm.model import ChatGLMCache
+from adapters.chatglm2.model import ChatGLM2Model
+from adapters.runtime.kv_cache import KVCacheBase
 from bench.common import (
     ModelShape,
     Timing,
@@ -32,6 +41,7 @@ from bench.common import (
     model_bytes,
     shape_from_args,
     timed,
+    torch_linears,
     weight_bytes_per_token,
 )
 
@@ -39,26 +49,28 @@ logger = logging.getLogger("bench.decode")
 
 
 @torch.inference_mode()
-def filled_cache(model: ChatGLM2Model, context: int, gen: torch.Generator) -> ChatGLM2Cache:
-    """A cache holding ``context`` random positions in every layer."""
+def filled_cache(model: ChatGLM2Model, context: int, gen: torch.Generator) -> KVCacheBase:
+    """A cache holding ``context`` random positions in every layer (for ChatGLM-6B: a context
+    of that length with its [gMASK] last, so later positions are generated ones)."""
     cache = model.new_cache()
     if context == 0:
         return cache
-    c = model.config
     cache.reserve(context)
-    for layer in range(c.num_layers):
-        kv = torch.randn(2, c.kv_groups, context, c.kv_channels, generator=gen).to(model.dtype)
+    layers, _, heads, _, head_dim = cache.storage.shape
+    for layer in range(layers):
+        kv = torch.randn(2, heads, context, head_dim, generator=gen).to(model.dtype)
         cache.write(layer, kv[0], kv[1])
     cache.commit(context)
+    if isinstance(cache, ChatGLMCache):
+        cache.context_length, cache.mask_position = context, context - 1
     return cache
 
 
-def decode_timing(model: ChatGLM2Model, batch: int, context: int, steps: int, repeats: int,
-                  gen: torch.Generator) -> Timing:
-    """Seconds per decode step of ``batch`` sequences (``steps`` steps per run)."""
+def decode_run(model: ChatGLM2Model, batch: int, context: int, steps: int,
+               gen: torch.Generator) -> Callable[[], None]:
+    """``steps`` decode steps of ``batch`` sequences with ``context`` cached positions each."""
     caches = [filled_cache(model, context, gen) for _ in range(batch)]
-    vocab = model.config.padded_vocab_size
-    ids = [[int(i)] for i in torch.randint(3, vocab, (batch,), generator=gen)]
+    ids = [[int(i)] for i in torch.randint(3, 20000, (batch,), generator=gen)]
 
     def run() -> None:
         for _ in range(steps):
@@ -67,14 +79,35 @@ def decode_timing(model: ChatGLM2Model, batch: int, context: int, steps: int, re
             else:
                 model.forward_batch(ids, caches)
 
+    return run
+
+
+def decode_timing(model: ChatGLM2Model, batch: int, context: int, steps: int, repeats: int,
+                  gen: torch.Generator) -> Timing:
+    """Seconds per decode step of ``batch`` sequences (``steps`` steps per run)."""
     # Each run appends ``steps`` positions: the context grows by a few percent, no more.
-    t = timed(run, repeats, warmup=1)
+    t = timed(decode_run(model, batch, context, steps, gen), repeats, warmup=1)
     return Timing(tuple(r / steps for r in t.runs))
+
+
+def alternating_timings(runs: list[Callable[[], None]], repeats: int,
+                        steps: int) -> list[Timing]:
+    """Seconds per step of each of ``runs``, timed in turn within every repeat (after one warm-up
+    each), so that a change in the host's load hits them all alike."""
+    for run in runs:
+        run()
+    times: list[list[float]] = [[] for _ in runs]
+    for _ in range(repeats):
+        for run, out in zip(runs, times, strict=True):
+            start = time.perf_counter()
+            run()
+            out.append((time.perf_counter() - start) / steps)
+    return [Timing(tuple(t)) for t in times]
 
 
 def prefill_timing(model: ChatGLM2Model, length: int, repeats: int,
                    gen: torch.Generator) -> Timing:
-    ids = torch.randint(3, model.config.padded_vocab_size, (length,), generator=gen).tolist()
+    ids = torch.randint(3, 20000, (length,), generator=gen).tolist()
     model.forward(ids[:16], model.new_cache())  # warm-up: first-call allocations, thread pool
     runs = []
     for _ in range(repeats):
@@ -96,6 +129,8 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--prefill", type=int, default=512, help="prompt length (0: skip)")
     parser.add_argument("--prefill-repeats", type=int, default=2)
+    parser.add_argument("--compare-onednn", action="store_true",
+                        help="bf16: time the native linears and oneDNN's side by side")
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
     shape: ModelShape = shape_from_args(args)
@@ -114,21 +149,33 @@ def main() -> None:
         logger.info("%s: built in %.0f s, %.2f GB in memory, %.2f GB read per token, bound %.2f "
                     "tok/s", mode, time.perf_counter() - start, model_bytes(model) / 1e9,
                     per_token / 1e9, bound)
+        twin = None
+        if args.compare_onednn and mode == "bf16":
+            twin = build_model(shape, mode)
+            logger.info("bf16 twin on oneDNN: %d linears", torch_linears(twin))
         for batch in batches:
-            t = decode_timing(model, batch, args.context, args.steps, args.repeats, gen)
-            best, median = batch / t.best, batch / t.median
-            logger.info("%s decode batch %d: %.2f tok/s best, %.2f median", mode, batch, best,
-                        median)
-            rows.append([mode, f"decode b={batch}", f"{best:.2f}", f"{median:.2f}",
-                         f"{bound:.2f}" if batch == 1 else "", f"{best / bound:.0%}"
-                         if batch == 1 else f"{best / bound:.2f}x bound"])
+            if twin is None:
+                timings = {mode: decode_timing(model, batch, args.context, args.steps,
+                                               args.repeats, gen)}
+            else:
+                native_t, onednn_t = alternating_timings(
+                    [decode_run(m, batch, args.context, args.steps, gen) for m in (model, twin)],
+                    args.repeats, args.steps)
+                timings = {"bf16 native": native_t, "bf16 oneDNN": onednn_t}
+            for label, t in timings.items():
+                best, median = batch / t.best, batch / t.median
+                logger.info("%s decode batch %d: %.2f tok/s best, %.2f median", label, batch,
+                            best, median)
+                rows.append([label, f"decode b={batch}", f"{best:.2f}", f"{median:.2f}",
+                             f"{bound:.2f}" if batch == 1 else "", f"{best / bound:.0%}"
+                             if batch == 1 else f"{best / bound:.2f}x bound"])
         if args.prefill:
             t = prefill_timing(model, args.prefill, args.prefill_repeats, gen)
             logger.info("%s prefill %d: %.1f tok/s best", mode, args.prefill,
                         args.prefill / t.best)
             rows.append([mode, f"prefill {args.prefill}", f"{args.prefill / t.best:.1f}",
                          f"{args.prefill / t.median:.1f}", "", ""])
-        del model
+        del model, twin
         gc.collect()
 
     print(f"\n{shape.describe()}; {machine_summary()}; bandwidth {bandwidth:.1f} GB/s; "

@@ -1,6 +1,6 @@
 """Per-linear kernel choice: fused weight-only kernels vs "dequantise to bf16 once + one GEMM".
 
-    python -m bench.kernels [--rows 1,4,8,16,32,64,128,512] [--shapes 6b] [--modes int4,int8]
+    python -m bench.kernels [--rows 1,4,8,16,32,64,128,512] [--shapes 6b] [--modes int4,int8,bf16]
 
 For each of ChatGLM2-6B's four linear shapes and each number of activation rows (1 = batch-1
 decode, 8 = eight streams, 512 = a prefill chunk) it times, on bf16 activations:
@@ -13,7 +13,8 @@ decode, 8 = eight streams, 512 = a prefill chunk) it times, on bf16 activations:
 * ``bf16 gemm``: a plain bf16 ``nn.Linear`` (the bf16 model; the floor the dequant path tends to),
 
 and prints the best of ``--repeats`` in milliseconds, summed over the four shapes (one layer), so
-the crossover row count can be read off.
+the crossover row count can be read off.  ``bf16`` weights: ``native`` is the native bf16 linear
+(what a bf16 model's layers run on) and ``torch kernel`` oneDNN's ``nn.functional.linear``.
 
 ``--attention`` instead times one decode step's attention per layer (one query per sequence over
 ``L`` cached positions, 32 heads over 2 KV groups, bf16): ``scaled_dot_product_attention`` with
@@ -81,6 +82,31 @@ def attention_table(preset: str, repeats: int) -> None:
                           "native (in place)"], table))
 
 
+def bf16_rows(shapes: list[tuple[int, int]], rows_list: list[int], repeats: int,
+              gen: torch.Generator, has_native: bool) -> list[list[str]]:
+    """The bf16 rows of the table: the native bf16 linear vs oneDNN's, per layer."""
+    layers = []
+    for out_f, in_f in shapes:
+        w = torch.empty(out_f, in_f, dtype=torch.bfloat16).normal_(0, 0.02, generator=gen)
+        mine = native.NativeLinear(w.clone()) if has_native else None
+        layers.append((mine, w))
+    table = []
+    for rows in rows_list:
+        t_native = t_torch = 0.0
+        for mine, w in layers:
+            x = torch.randn(rows, w.shape[1], generator=gen).to(torch.bfloat16)
+            if mine is not None:
+                t_native += best(mine, x, repeats=repeats)
+            t_torch += best(torch.nn.functional.linear, x, w, repeats=repeats)
+        logger.info("bf16 rows %d: native %.1f ms, oneDNN %.1f ms", rows, t_native * 1e3,
+                    t_torch * 1e3)
+        table.append(["bf16", str(rows), f"{t_native * 1e3:.1f}" if has_native else "-",
+                      f"{t_torch * 1e3:.1f}",
+                      f"{t_torch / t_native:.2f}x" if has_native else "-", "-",
+                      f"{t_torch * 1e3:.1f}"])
+    return table
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--rows", default="1,4,8,16,32,64,128,512")
@@ -101,6 +127,9 @@ def main() -> None:
     table = []
     has_native = native.library() is not None
     for mode in args.modes.split(","):
+        if mode == "bf16":
+            table += bf16_rows(shapes, rows_list, args.repeats, gen, has_native)
+            continue
         layers = []
         for out_f, in_f in shapes:
             w = torch.empty(out_f, in_f, dtype=torch.bfloat16).normal_(0, 0.02, generator=gen)

@@ -245,11 +245,66 @@ def test_native_linear_computes_what_the_bf16_linear_does(out_f: int, in_f: int)
     assert torch.all((a - b).abs() <= 2**-7 * b.abs().amax())
 
 
-def test_native_linear_replaces_only_bias_free_bf16_cpu_linears() -> None:
+def test_native_linear_replaces_only_bf16_cpu_linears() -> None:
     fp32 = torch.nn.Linear(64, 8, bias=False)
-    with_bias = torch.nn.Linear(64, 8).to(torch.bfloat16)
+    fp16 = torch.nn.Linear(64, 8).to(torch.float16)
     assert native.NativeLinear.replacing(fp32) is fp32
-    assert native.NativeLinear.replacing(with_bias) is with_bias
+    assert native.NativeLinear.replacing(fp16) is fp16
+
+
+@needs_kernel
+@pytest.mark.parametrize(("n", "k"), [(8, 64), (36, 96), (64, 256)])
+@pytest.mark.parametrize("out_dtype", [torch.float32, torch.bfloat16])
+def test_bf16_linear_with_bias_equals_the_exact_product(n: int, k: int,
+                                                        out_dtype: torch.dtype) -> None:
+    """The bf16 linear (every linear of a bf16 model): x . w^T + bias against float64, for row
+    counts on both of the kernel's loops, rounded once to bf16 where asked."""
+    lib = native.library()
+    assert lib is not None
+    gen = torch.Generator().manual_seed(n * k)
+    w = torch.randn(n, k, generator=gen).to(torch.bfloat16)
+    bias = torch.randn(n, generator=gen)
+    x = torch.randn(29, k, generator=gen).to(torch.bfloat16)
+    got = native.bf16_linear(lib, x, native.pack_bf16(w, n, k), bias, out_dtype)
+    ref = x.double() @ w.double().T + bias.double()
+    if out_dtype == torch.float32:
+        assert (got.double() - ref).abs().max() <= 1e-5 * ref.abs().max()
+    else:  # one rounding of a sum within fp32 noise of the exact one: at most 1 bf16 ulp off
+        assert torch.all((got.double() - ref).abs() <= 2**-8 * ref.abs() + 1e-5 * ref.abs().max())
+
+
+def _rows_alone_and_together(layer: torch.nn.Module, x: torch.Tensor) -> None:
+    """Every row of ``layer(x)`` has the bits of that row passed alone and of every slice of the
+    rows containing it (the few-row and many-row loops, every block tail)."""
+    together = layer(x)
+    for i in range(x.shape[0]):
+        assert torch.equal(layer(x[i:i + 1]), together[i:i + 1]), i
+    for start, stop in ((0, 3), (2, 9), (5, 6), (1, x.shape[0])):
+        assert torch.equal(layer(x[start:stop]), together[start:stop]), (start, stop)
+
+
+@needs_kernel
+@pytest.mark.parametrize("fmt", ["bf16", "4", "8"])
+def test_a_rows_result_does_not_depend_on_the_rows_beside_it(fmt: str) -> None:
+    """Batch invariance at the kernel: decode rows (1 row), batches (a few), prefill chunks (many)
+    all give a row the same bits, for every weight format (oneDNN's bf16 GEMM does not, at this
+    width)."""
+    gen = torch.Generator().manual_seed(11)
+    w = torch.randn(40, 1000, generator=gen) * 0.05
+    bias = torch.randn(40, generator=gen)
+    layer: torch.nn.Module
+    if fmt == "bf16":
+        linear = torch.nn.Linear(1000, 40).to(torch.bfloat16)
+        with torch.no_grad():
+            linear.weight.copy_(w)
+            linear.bias.copy_(bias)
+        layer = native.NativeLinear.replacing(linear)
+        assert isinstance(layer, native.NativeLinear)
+    else:
+        layer = quantize_weight(w, fmt, bias.to(torch.bfloat16), kernel=True, native_kernel=True)
+        assert layer.native
+    x = torch.randn(37, 1000, generator=gen).to(torch.bfloat16)
+    _rows_alone_and_together(layer, x)
 
 
 @needs_kernel

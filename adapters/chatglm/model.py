@@ -22,6 +22,7 @@ What sets v1 apart from v2/v3 (each quirk cites THUDM/chatglm-6b ``modeling_chat
 
 from __future__ import annotations
 
+import ctypes
 import logging
 import math
 from collections.abc import Callable, Sequence
@@ -35,9 +36,10 @@ from adapters.chatglm.config import ChatGLMConfig
 from adapters.family import KVCache
 from adapters.runtime.dtypes import resolve_dtype
 from adapters.runtime.kv_cache import KVCacheBase, batch_caches, own
+from adapters.weights import native
 from adapters.weights.checkpoint import CheckpointError
 from adapters.weights.format import QuantLayout
-from adapters.weights.layers import QuantizedEmbedding, from_thudm
+from adapters.weights.layers import QuantizedEmbedding, from_thudm, use_native_linears
 from adapters.weights.loader import load_weights
 
 logger = logging.getLogger(__name__)
@@ -59,9 +61,20 @@ QUANT_LAYOUT = QuantLayout(
     arithmetic=torch.float32,
 )
 
-# (layer, q, k, v) -> (keys, values, mask): appends k/v to the cache(s), returns what to attend.
-Attend = Callable[[int, torch.Tensor, torch.Tensor, torch.Tensor],
-                  tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]]
+# (layer, q, k, v, coeff) -> context: appends k/v ``[batch, heads, n, head_dim]`` to the
+# cache(s) and attends ``q`` (already divided by ``sqrt(head_dim) * coeff``) over them.
+Attend = Callable[[int, torch.Tensor, torch.Tensor, torch.Tensor, float], torch.Tensor]
+
+
+def glm_attention(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor,
+                  mask: torch.Tensor | None, coeff: float) -> torch.Tensor:
+    """``attention_fn`` after its query scaling: scores in the model dtype, masked with -10000,
+    multiplied back by ``coeff`` and softmaxed in float32, probabilities in the model dtype."""
+    scores = torch.matmul(q, keys.transpose(-1, -2))
+    if mask is not None:
+        scores = scores.masked_fill(mask, _MASKED_SCORE)
+    probs = torch.softmax(scores.float() * coeff, dim=-1).to(values.dtype)
+    return torch.matmul(probs, values)
 
 
 class ChatGLMCache(KVCacheBase):
@@ -120,14 +133,9 @@ class SelfAttention(nn.Module):
         k = torch.cat((k[..., :half] * cos0 + _rotate_half(k[..., :half]) * sin0,
                        k[..., half:] * cos1 + _rotate_half(k[..., half:]) * sin1), dim=-1)
         q, k, v = (t.transpose(1, 2) for t in (q, k, v))  # [batch, heads, n, head_dim]
-        keys, values, mask = attend(self.layer, q, k, v)
         q = q / (math.sqrt(self.head_dim) * self.coeff)
-        scores = torch.matmul(q, keys.transpose(-1, -2))
-        if mask is not None:
-            scores = scores.masked_fill(mask, _MASKED_SCORE)
-        probs = torch.softmax(scores.float() * self.coeff, dim=-1).to(values.dtype)
-        context = torch.matmul(probs, values).transpose(1, 2).reshape(batch, n, hidden)
-        return self.dense(context)
+        context = attend(self.layer, q, k, v, self.coeff)
+        return self.dense(context.transpose(1, 2).reshape(batch, n, hidden))
 
 
 class GLU(nn.Module):
@@ -185,8 +193,11 @@ class ChatGLMModel(nn.Module):
         self.device = torch.device("cpu")
         self.dtype = torch.float32
         self._inv_freq = torch.empty(0)
-        #: set for int4-qe folders (quantized embeddings): the quantized, tied output layer
+        #: set for int4-qe folders (quantized embeddings): the quantized, tied output layer; for
+        #: bf16 on the native kernels: the packed output layer the embedding reads from
         self.lm_head: nn.Module | None = None
+        #: the native kernels where attention runs on them (bf16 on the CPU; finish_loading)
+        self._attention: ctypes.CDLL | None = None
 
     def finish_loading(self, dtype: torch.dtype, device: torch.device) -> None:
         """Record where the weights live and compute the rotary frequencies there."""
@@ -197,6 +208,19 @@ class ChatGLMModel(nn.Module):
         inv_freq = 1.0 / (_ROTARY_BASE ** exponents)
         # RotaryEmbedding.__init__: inv_freq = inv_freq.half()
         self._inv_freq = inv_freq.half().float().to(device)
+        # bf16 on the CPU: the four linears of every layer and the tied output layer on the native
+        # kernels (batch-invariant rows, weights streamed at the memory's rate); the embedding
+        # then reads its rows from the output layer's packed storage (one copy of the table).
+        use_native_linears(self, QUANT_LAYOUT)
+        if self.lm_head is None and isinstance(self.transformer.word_embeddings, nn.Embedding):
+            packed = native.PackedEmbedding.replacing(self.transformer.word_embeddings)
+            if packed is not None:
+                self.transformer.word_embeddings = packed  # type: ignore[assignment]
+                self.lm_head = packed.linear
+        self._attention = None
+        if (dtype == torch.bfloat16 and device.type == "cpu"
+                and self.config.head_dim % native.ATTENTION_HEAD_MULTIPLE == 0):
+            self._attention = native.library()
         self.eval()
 
     @property
@@ -262,10 +286,18 @@ class ChatGLMModel(nn.Module):
         blocked = (key > query) & (key >= kv.context_length)
         mask = blocked if bool(blocked.any()) else None
 
-        def attend(layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> tuple[
-                torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        lib = self._attention
+        # native: query j attends every position up to itself and the whole context (a prefix)
+        lengths = torch.clamp(query[:, 0] + 1, min=kv.context_length)
+
+        def attend(layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                   coeff: float) -> torch.Tensor:
             keys, values = kv.write(layer, k[0], v[0])
-            return keys[None], values[None], mask
+            if lib is not None:  # each query as a decode step of its position computes it
+                context = native.prefill_attention(lib, kv.storage, layer, q[0].transpose(0, 1),
+                                                   lengths, glm_coeff=coeff)
+                return context.transpose(0, 1)[None]
+            return glm_attention(q, keys[None], values[None], mask, coeff)
 
         logits = self._run(tokens, positions, attend, every=every_position)
         kv.commit(n)
@@ -293,8 +325,16 @@ class ChatGLMModel(nn.Module):
         mask = padding[:, None, None, :] if bool(padding.any()) else None
         c = self.config
 
-        def attend(layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> tuple[
-                torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        lib = self._attention
+        decode = native.DecodeBatch([cache.storage for cache in owned],
+                                    [start + 1 for start in starts]) if lib is not None else None
+
+        def attend(layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                   coeff: float) -> torch.Tensor:
+            if lib is not None and decode is not None:  # in place, as a solo forward computes it
+                return native.decode_attention(lib, decode, layer, q.transpose(1, 2),
+                                               k.transpose(1, 2), v.transpose(1, 2),
+                                               glm_coeff=coeff)
             shape = (batch, c.num_attention_heads, total, c.head_dim)
             keys = torch.zeros(shape, dtype=k.dtype, device=k.device)
             values = torch.zeros(shape, dtype=v.dtype, device=v.device)
@@ -302,7 +342,7 @@ class ChatGLMModel(nn.Module):
                 kb, vb = cache.write(layer, k[b], v[b])
                 keys[b, :, : start + 1] = kb
                 values[b, :, : start + 1] = vb
-            return keys, values, mask
+            return glm_attention(q, keys, values, mask, coeff)
 
         logits = self._run(tokens, positions, attend)
         for cache in owned:

@@ -23,6 +23,7 @@ from adapters.runtime.dtypes import resolve_dtype
 from adapters.runtime.kv_cache import KVCacheBase, batch_caches, own
 from adapters.weights import native
 from adapters.weights.format import QuantLayout
+from adapters.weights.layers import use_native_linears
 from adapters.weights.loader import load_weights
 
 logger = logging.getLogger(__name__)
@@ -123,8 +124,8 @@ def decode_attention(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor,
 # How one forward pass stores new keys/values and reads the history of every sequence:
 # (layer, keys [B, T, g, hd], values [B, T, g, hd]) -> (all keys [B, g, L, hd], all values).
 KVStore = Callable[[int, torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
-# A decode step that stores and attends in one call (the native kernel, reading every cache in
-# place): (layer, q [B, 1, heads, hd], k, v [B, 1, g, hd]) -> [B, heads, 1, hd].
+# A step that stores and attends in one call (the native kernels, reading every cache in place):
+# (layer, q [B, T, heads, hd], k, v [B, T, g, hd]) -> [B, T, heads, hd].
 Attend = Callable[[int, torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
 
 
@@ -166,8 +167,8 @@ class SelfAttention(nn.Module):
             k = apply_rotary(k, rope)
         if attend is not None:
             out = attend(layer, q, k, v)
-            b = out.shape[0]
-            return self.dense(out.transpose(1, 2).reshape(b, 1, self.heads * self.head_dim))
+            b, t = out.shape[:2]
+            return self.dense(out.reshape(b, t, self.heads * self.head_dim))
         keys, values = store(layer, k, v)
         if q.shape[1] == 1:  # a decode step: see decode_attention for why not SDPA
             out = decode_attention(q, keys, values, mask)
@@ -262,6 +263,9 @@ class ChatGLM2Model(nn.Module):
         # per sequence: the native bf16 kernel streams it faster than oneDNN's GEMM (bench.kernels).
         t = self.transformer
         t.output_layer = native.NativeLinear.replacing(t.output_layer)
+        # bf16 weights: the four linears of every layer too (the native kernel's rows are
+        # batch-invariant and it streams the weights faster than oneDNN at few rows)
+        use_native_linears(self, QUANT_LAYOUT)
         # bf16 on the CPU: the element-wise parts of each layer (norms, rotary, SwiGLU) run as one
         # native call each, reproducing torch's bf16 roundings (wq_gemm.c).
         lib = native.library() if dtype == torch.bfloat16 and device.type == "cpu" else None
@@ -296,18 +300,41 @@ class ChatGLM2Model(nn.Module):
         h = t.encoder.final_layernorm(h if every else h[:, -1])
         return t.output_layer(h).float()
 
-    def _native_attend(self, caches: Sequence[ChatGLM2Cache]) -> Attend | None:
-        """The native decode attention over ``caches`` (each reserved for this step), where it
-        applies: bf16 on the CPU with the kernel built.  Used for solo and batched decode steps
-        alike, so a sequence's tokens do not depend on what it is batched with."""
+    def _attention_kernels(self) -> ctypes.CDLL | None:
+        """The native library where its attention applies: bf16 on the CPU, kernels built."""
         lib = native.library()
         if lib is None or self.dtype != torch.bfloat16 or self.device.type != "cpu" \
-                or self.config.kv_channels % 32:
+                or self.config.kv_channels % native.ATTENTION_HEAD_MULTIPLE:
+            return None
+        return lib
+
+    def _native_attend(self, caches: Sequence[ChatGLM2Cache]) -> Attend | None:
+        """The native decode attention over ``caches`` (each reserved for this step), where it
+        applies.  Used for solo and batched decode steps alike, so a sequence's tokens do not
+        depend on what it is batched with."""
+        lib = self._attention_kernels()
+        if lib is None:
             return None
         batch = native.DecodeBatch([c.storage for c in caches], [c.length + 1 for c in caches])
 
         def attend(layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-            return native.decode_attention(lib, batch, layer, q, k, v)
+            return native.decode_attention(lib, batch, layer, q, k, v).transpose(1, 2)
+
+        return attend
+
+    def _native_prefill(self, cache: ChatGLM2Cache, n: int) -> Attend | None:
+        """The native attention of ``n`` new positions of one sequence (a prefill chunk; its
+        cache reserved for them): each query as a decode step of that position computes it, so
+        a prompt's logits do not depend on how the engine split it into chunks, nor on the
+        other prompts prefilled in the same step (SDPA's blocking depends on the lengths)."""
+        lib = self._attention_kernels()
+        if lib is None:
+            return None
+        lengths = torch.arange(cache.length + 1, cache.length + n + 1)
+
+        def attend(layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+            cache.write(layer, k[0].transpose(0, 1), v[0].transpose(0, 1))
+            return native.prefill_attention(lib, cache.storage, layer, q[0], lengths).unsqueeze(0)
 
         return attend
 
@@ -337,7 +364,7 @@ class ChatGLM2Model(nn.Module):
             keys, values = cache.write(layer, k[0].transpose(0, 1), v[0].transpose(0, 1))
             return keys.unsqueeze(0), values.unsqueeze(0)
 
-        attend = self._native_attend([cache]) if n == 1 else None
+        attend = self._native_attend([cache]) if n == 1 else self._native_prefill(cache, n)
         logits = self._run(tokens, rope, store, mask, is_causal=start == 0 and n > 1,
                            attend=attend, every=every_position)
         cache.commit(n)

@@ -9,9 +9,15 @@ output layer at half the memory's rate.  No library on PyPI ships such kernels f
 
 * int4 / int8 / bf16 weight GEMMs on AVX512-BF16 dot products (exact bf16 integers for the
   quantised weights: 2x the fp32 FMA rate, the same products) reading each thread's weights as
-  one sequential stream (``python -m bench.kernels`` compares them with torch's kernels);
-* decode attention over each sequence's own KV cache, in place;
+  one sequential stream (``python -m bench.kernels`` compares them with torch's kernels), for
+  every linear of a bf16 model too (:class:`NativeLinear`);
+* attention over each sequence's own KV cache, in place, for decode steps and prefill chunks
+  (ChatGLM2/3, and ChatGLM-6B's ``attention_fn`` roundings);
 * RMSNorm, rotary embedding and SwiGLU, each one call, with torch's bf16 roundings.
+
+Each output row of a GEMM and each attention query is computed in an order fixed by that row
+alone, whatever else is passed with it, so a sequence's logits are bit-identical alone, in any
+batch, and however its prompt was split into prefill chunks (``wq_gemm.c`` says how).
 
 It is compiled on first use with the system C compiler (``$CC``, else ``cc``) into
 ``$CHATGLM_GATEWAY_CACHE/kernels`` (default ``~/.cache/chatglm-gateway/kernels``), keyed by a hash
@@ -46,7 +52,9 @@ SOURCE = Path(__file__).with_name("wq_gemm.c")
 ENV_SWITCH = "CHATGLM_GATEWAY_NATIVE"
 CACHE_ENV = "CHATGLM_GATEWAY_CACHE"
 FLAGS = (
-    "-O3", "-fPIC", "-shared", "-fopenmp",
+    # no fused multiply-adds the source does not ask for: the few-row and many-row loops must
+    # round every scalar step alike (wq_gemm.c store_output)
+    "-O3", "-fPIC", "-shared", "-fopenmp", "-ffp-contract=off",
     "-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512bf16", "-lm",
 )
 #: The kernel's K granularity: one chunk is 64 columns (two 32-lane bf16 vectors).
@@ -55,25 +63,15 @@ K_MULTIPLE = 64
 BLOCK_ROWS = 4
 
 
-def _has_amx() -> bool:
-    try:
-        with open("/proc/cpuinfo") as f:
-            return any(line.startswith("flags") and " amx_bf16" in line for line in f)
-    except OSError:
-        return False
-
-
-#: Activation rows from which a layer on these kernels dequantises its weight to bf16 and runs one
-#: GEMM instead (prefill chunks).  Without AMX (``python -m bench.kernels``, ms per ChatGLM2-6B
-#: layer): the int4 kernel ties with dequant+GEMM even at 512 rows (587 vs 552, 599 vs 640 in two
-#: runs; its dot products run at the bf16 GEMM's rate and it reads 4x fewer bytes), so it keeps
-#: every size; the int8 kernel widens each weight in more instructions and loses from ~100 rows
-#: (64 rows: 100 vs 125; 512 rows: 841 vs 634).  With AMX, oneDNN's bf16 GEMM is several times
-#: faster than AVX512-BF16, so the crossovers measured for torch's kernels apply (not measured
-#: here: no AMX).
-DEQUANT_MIN_ROWS = (
-    {"int4": 96, "int8": 32} if _has_amx() else {"int4": 2**62, "int8": 128}
-)
+#: Activation rows from which a layer on these kernels would dequantise its weight to bf16 and run
+#: oneDNN's GEMM instead: never.  oneDNN picks its blocking, so its summation order, by the number
+#: of rows, so a prompt's logits would depend on what else was prefilled in the same chunk and on
+#: where the chunk boundaries fell.  The kernels' many-row loop (``quant_gemm_rows`` in wq_gemm.c:
+#: each weight block widened to bf16 once per call, not once per 4 rows) gives every row the bits
+#: of the few-row loop.  Without AMX it ties with dequant+GEMM at 512 rows
+#: (``python -m bench.kernels``); with AMX oneDNN's GEMM would be several times faster, at the
+#: price of batch invariance (not measured here: no AMX).
+DEQUANT_MIN_ROWS = {"int4": 2**62, "int8": 2**62}
 
 
 def _cache_dir() -> Path:
@@ -130,9 +128,14 @@ def _load() -> ctypes.CDLL:
     lib.wq_int4_dequant.restype = None
     lib.wq_bf16_gemm.argtypes = [ptr, i64, i64, ptr, i64, ptr, ctypes.c_int]
     lib.wq_bf16_gemm.restype = None
+    lib.wq_bf16_linear.argtypes = [ptr, i64, i64, ptr, ptr, i64, ptr, ctypes.c_int, ctypes.c_int]
+    lib.wq_bf16_linear.restype = None
     lib.wq_decode_attention.argtypes = [ptr, ptr, ptr, i64, i64, i64, i64, ptr, ptr, ptr, i64,
-                                        ptr, ptr, i64, ctypes.c_int]
+                                        ptr, ptr, i64, ctypes.c_float, ctypes.c_int]
     lib.wq_decode_attention.restype = None
+    lib.wq_prefill_attention.argtypes = [ptr, i64, i64, i64, i64, i64, ptr, i64, ptr,
+                                         ctypes.c_float, ptr, ctypes.c_int]
+    lib.wq_prefill_attention.restype = None
     lib.wq_rms_norm.argtypes = [ptr, ptr, i64, i64, ctypes.c_float, ptr, ctypes.c_int]
     lib.wq_swiglu.argtypes = [ptr, i64, i64, ptr, ctypes.c_int]
     lib.wq_rotary.argtypes = [ptr, i64, i64, i64, i64, ptr, i64, ctypes.c_int]
@@ -203,6 +206,9 @@ def pack_int4(q: torch.Tensor, n_pad: int, k_pad: int) -> torch.Tensor:
     return out
 
 
+#: Head sizes the attention kernels take: multiples of this (a last half vector is masked).
+ATTENTION_HEAD_MULTIPLE = 16
+
 #: The bf16 kernel's K granularity: one chunk is 32 columns (one 32-lane bf16 vector).
 BF16_K_MULTIPLE = 32
 
@@ -235,6 +241,27 @@ def bf16_gemm(lib: ctypes.CDLL, x: torch.Tensor, packed: torch.Tensor) -> torch.
     return y
 
 
+def bf16_linear(lib: ctypes.CDLL, x: torch.Tensor, packed: torch.Tensor,
+                bias: torch.Tensor | None = None,
+                out_dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """``x @ w.T (+ bias)`` for contiguous bf16 ``x [M, k_pad]``, ``packed`` from
+    :func:`pack_bf16` and an fp32 ``bias [n_pad]``; ``[M, n_pad]`` in ``out_dtype`` (fp32, or bf16
+    rounded once from the fp32 sum).  Every output row's bits are independent of M."""
+    m, k = x.shape
+    n = packed.shape[0]
+    if x.dtype != torch.bfloat16 or not x.is_contiguous() or packed.shape[1] != k:
+        raise ValueError(f"contiguous bf16 [M, {packed.shape[1]}] expected")
+    if out_dtype not in (torch.float32, torch.bfloat16):
+        raise ValueError(f"out_dtype must be float32 or bfloat16, got {out_dtype}")
+    if bias is not None and (bias.dtype != torch.float32 or bias.shape != (n,)):
+        raise ValueError(f"fp32 bias [{n}] expected")
+    y = torch.empty(m, n, dtype=out_dtype)
+    lib.wq_bf16_linear(x.data_ptr(), m, k, packed.data_ptr(),
+                       None if bias is None else bias.data_ptr(), n, y.data_ptr(),
+                       int(out_dtype == torch.bfloat16), _threads())
+    return y
+
+
 class DecodeBatch:
     """Where a decode step's sequences keep their KV caches, for :func:`decode_attention`:
     each cache's storage ``[layers, 2, groups, capacity, head_dim]`` (bf16, contiguous) and its
@@ -255,13 +282,15 @@ class DecodeBatch:
 
 
 def decode_attention(lib: ctypes.CDLL, batch: DecodeBatch, layer: int, q: torch.Tensor,
-                     k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+                     k: torch.Tensor, v: torch.Tensor, glm_coeff: float = 0.0) -> torch.Tensor:
     """Store this step's ``k``/``v`` ``[B, 1, groups, hd]`` at each sequence's last position of
     ``layer`` and attend ``q [B, 1, heads, hd]`` over every cached position; ``[B, heads, 1, hd]``
-    bf16 (see ``wq_decode_attention`` in wq_gemm.c)."""
+    bf16 (see ``wq_decode_attention`` in wq_gemm.c; ``glm_coeff`` > 0: ChatGLM-6B's
+    ``attention_fn`` with that layer's scaling coefficient, ``q`` already divided by it).
+    Each query is computed as :func:`prefill_attention` computes it."""
     b, _, heads, hd = q.shape
     groups = k.shape[2]
-    if hd % 32 or heads % groups or b != len(batch.storages):
+    if hd % ATTENTION_HEAD_MULTIPLE or heads % groups or b != len(batch.storages):
         raise ValueError(f"unsupported decode attention shape {tuple(q.shape)} / {tuple(k.shape)}")
     q, k, v = (t.to(torch.bfloat16).contiguous() for t in (q, k, v))
     out = torch.empty(b, heads, 1, hd, dtype=torch.bfloat16)
@@ -269,7 +298,32 @@ def decode_attention(lib: ctypes.CDLL, batch: DecodeBatch, layer: int, q: torch.
     lib.wq_decode_attention(q.data_ptr(), k.data_ptr(), v.data_ptr(), b, heads, groups, hd,
                             batch.base.data_ptr(), batch.cap.data_ptr(), batch.len.data_ptr(),
                             layer, out.data_ptr(), scratch.data_ptr(),
-                            -(-batch.max_len // 16) * 16, _threads())
+                            -(-batch.max_len // 16) * 16, glm_coeff, _threads())
+    return out
+
+
+def prefill_attention(lib: ctypes.CDLL, storage: torch.Tensor, layer: int, q: torch.Tensor,
+                      lengths: torch.Tensor, glm_coeff: float = 0.0) -> torch.Tensor:
+    """Attention of the ``T`` queries ``q [T, heads, hd]`` (rows may be strided, heads contiguous)
+    of one sequence whose keys/values for these positions are already in its cache ``storage``
+    ``[layers, 2, groups, capacity, hd]``: query ``t`` attends positions ``0 .. lengths[t] - 1``
+    (int64 ``[T]``).  ``[T, heads, hd]`` bf16.  Every query gets the bits a decode step of it
+    would (``wq_prefill_attention``), so a prompt's results do not depend on its chunking."""
+    t, heads, hd = q.shape
+    groups, cap = storage.shape[2], storage.shape[3]
+    if q.stride(2) != 1 or q.stride(1) != hd:
+        q = q.contiguous()
+    if (q.dtype != torch.bfloat16 or hd % ATTENTION_HEAD_MULTIPLE or heads % groups or storage.shape[4] != hd
+            or storage.dtype != torch.bfloat16 or not storage.is_contiguous()
+            or lengths.dtype != torch.int64 or lengths.shape != (t,)
+            or int(lengths.max()) > cap or int(lengths.min()) < 1):
+        raise ValueError(f"unsupported prefill attention shape {tuple(q.shape)} / "
+                         f"{tuple(storage.shape)}")
+    lengths = lengths.contiguous()
+    out = torch.empty(t, heads, hd, dtype=torch.bfloat16)
+    lib.wq_prefill_attention(q.data_ptr(), q.stride(0), t, heads, groups, hd,
+                             storage[layer].data_ptr(), cap, lengths.data_ptr(), glm_coeff,
+                             out.data_ptr(), _threads())
     return out
 
 
@@ -386,7 +440,9 @@ def _self_test(lib: ctypes.CDLL) -> bool:
     n, k = 12, 128
     q = torch.randint(-8, 8, (n, k), generator=gen, dtype=torch.int8)
     scale = torch.rand(n, generator=gen) + 0.5
-    x = torch.randn(7, k, generator=gen).to(torch.bfloat16)
+    # 13 rows: the few-row loop (first 7) and the many-row one (all 13) must both be right
+    x13 = torch.randn(13, k, generator=gen).to(torch.bfloat16)
+    x = x13[:7].contiguous()
     packed = pack_int4(q, n, k)
     ref = (x.double() @ q.double().T) * scale.double()
     got = int4_gemm(lib, x, packed, scale).double()
@@ -397,8 +453,14 @@ def _self_test(lib: ctypes.CDLL) -> bool:
     q8 = torch.randint(-127, 128, (n, k), generator=gen, dtype=torch.int8)
     ref8 = (x.double() @ q8.double().T) * scale.double()
     got8 = int8_gemm(lib, x, pack_int8(q8, n, k), scale).double()
+    got13 = int4_gemm(lib, x13, packed, scale)
+    bias = torch.randn(n, generator=gen)
+    lin = bf16_linear(lib, x13, pack_bf16(w, n, k), bias).double()
+    ref_lin = x13.double() @ w.double().T + bias.double()
     return bool(
         (got - ref).abs().max() <= 1e-5 * ref.abs().max()
+        and torch.equal(got13[:7], got.float())
+        and (lin - ref_lin).abs().max() <= 1e-5 * ref_lin.abs().max()
         and (got8 - ref8).abs().max() <= 1e-5 * ref8.abs().max()
         and torch.equal(deq.to(torch.int8), q[4:12])
         and (got_bf16 - ref_bf16).abs().max() <= 1e-5 * ref_bf16.abs().max()
@@ -406,13 +468,16 @@ def _self_test(lib: ctypes.CDLL) -> bool:
 
 
 class NativeLinear(nn.Module):
-    """A bias-free bf16 linear on the bf16 kernel, for layers called with few activation rows
-    (ChatGLM2/3's output layer: one row per sequence, 15 % of a ChatGLM2-6B int4 model's bytes).
-    Computes what ``nn.Linear`` does in bf16 (fp32 accumulation, result in the input's dtype)."""
+    """A bf16 linear on the bf16 kernel: the output layer (one row per sequence, 15 % of a
+    ChatGLM2-6B int4 model's bytes) and every linear of a bf16 model.  Computes what
+    ``nn.Linear`` does in bf16 (fp32 accumulation, + bias, rounded once to the input's dtype), with
+    each row's bits independent of the rows passed with it (a sequence's logits do not depend on
+    its batch)."""
 
     packed: torch.Tensor
+    bias: torch.Tensor | None
 
-    def __init__(self, weight: torch.Tensor) -> None:
+    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None = None) -> None:
         super().__init__()
         self.out_features, self.in_features = weight.shape
         self.k_pad = -(-self.in_features // BF16_K_MULTIPLE) * BF16_K_MULTIPLE
@@ -420,23 +485,34 @@ class NativeLinear(nn.Module):
         # in place where no padding is needed: the linear's weight storage becomes the packed one
         self.register_buffer("packed", pack_bf16(weight.detach(), n_pad, self.k_pad,
                                                  in_place=True))
+        padded_bias = None
+        if bias is not None:  # as the kernel adds it: fp32, padded
+            padded_bias = torch.zeros(n_pad)
+            padded_bias[: self.out_features] = bias.detach().float()
+        self.register_buffer("bias", padded_bias)
 
     @classmethod
     def replacing(cls, linear: nn.Module) -> nn.Module:
-        """``linear`` on the kernel where it applies (bf16, no bias, on the CPU, kernel built),
-        which takes over ``linear``'s weight storage (``linear`` must not be used after);
-        otherwise ``linear`` itself."""
+        """``linear`` on the kernel where it applies (bf16, on the CPU, kernel built), which takes
+        over ``linear``'s weight storage (``linear`` must not be used after); otherwise
+        ``linear`` itself."""
         weight = getattr(linear, "weight", None)
         if (
             not isinstance(linear, nn.Linear)
-            or linear.bias is not None
             or weight is None
             or weight.dtype != torch.bfloat16
             or weight.device.type != "cpu"
             or library() is None
         ):
             return linear
-        return cls(weight)
+        return cls(weight, linear.bias)
+
+    def plain_weight(self) -> torch.Tensor:
+        """The bf16 weight ``[out, in]`` in the plain row-major layout (a copy)."""
+        n_pad, k_pad = self.packed.shape
+        blocks = self.packed.reshape(n_pad // BLOCK_ROWS, k_pad // 32, BLOCK_ROWS, 32)
+        plain = blocks.transpose(1, 2).reshape(n_pad, k_pad)
+        return plain[: self.out_features, : self.in_features].contiguous()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         lib = library()
@@ -444,8 +520,46 @@ class NativeLinear(nn.Module):
         x2 = x.reshape(-1, self.in_features).to(torch.bfloat16)
         if self.k_pad != self.in_features:
             x2 = nn.functional.pad(x2, (0, self.k_pad - self.in_features))
-        y = bf16_gemm(lib, x2.contiguous(), self.packed)[:, : self.out_features]
+        out_dtype = torch.bfloat16 if x.dtype == torch.bfloat16 else torch.float32
+        y = bf16_linear(lib, x2.contiguous(), self.packed, self.bias, out_dtype)
+        if y.shape[1] != self.out_features:
+            y = y[:, : self.out_features]
         return y.to(x.dtype).reshape(*x.shape[:-1], self.out_features)
 
     def extra_repr(self) -> str:
-        return f"in_features={self.in_features}, out_features={self.out_features}, native=True"
+        return (f"in_features={self.in_features}, out_features={self.out_features}, "
+                f"bias={self.bias is not None}, native=True")
+
+
+class PackedEmbedding(nn.Module):
+    """A word embedding whose table is also the (tied) output layer, stored once in the bf16
+    kernel's layout: ``linear`` multiplies by it, lookups gather each row's runs back out of the
+    blocks of 4 (ChatGLM-6B ties its 130528 x 4096 output layer to the embedding)."""
+
+    def __init__(self, linear: NativeLinear) -> None:
+        super().__init__()
+        self.linear = linear
+        self.num_embeddings, self.embedding_dim = linear.out_features, linear.in_features
+
+    @classmethod
+    def replacing(cls, embedding: nn.Embedding) -> PackedEmbedding | None:
+        """``embedding`` packed in place (no second copy of the table; ``embedding`` must not be
+        used after), or ``None`` where the kernel does not apply or would need a padded copy."""
+        weight = embedding.weight
+        n, k = weight.shape
+        if (weight.dtype != torch.bfloat16 or weight.device.type != "cpu" or n % BLOCK_ROWS
+                or k % BF16_K_MULTIPLE or not weight.is_contiguous() or library() is None):
+            return None
+        return cls(NativeLinear(weight))
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        flat = ids.reshape(-1)
+        n_pad, k = self.linear.packed.shape
+        # each id's whole block of 4 rows (contiguous), then that id's runs within it
+        blocks = self.linear.packed.view(n_pad // BLOCK_ROWS, BLOCK_ROWS * k)
+        picked = blocks.index_select(0, flat // BLOCK_ROWS).view(-1, k // 32, BLOCK_ROWS, 32)
+        rows = picked.transpose(1, 2)[torch.arange(flat.numel()), flat % BLOCK_ROWS]
+        return rows.reshape(*ids.shape, k)
+
+    def extra_repr(self) -> str:
+        return f"{self.num_embeddings}, {self.embedding_dim}, packed=True"

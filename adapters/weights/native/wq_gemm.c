@@ -21,11 +21,16 @@
  * LOW nibble and column c + 32 + b in its HIGH nibble (c = 64 * chunk), as u = q + 8.  K must be a
  * multiple of 64 and N of NB: the caller pads (u = 8, i.e. q = 0).
  *
+ * Batch invariance: every output (any number of activation rows, any weight format) is one fp32
+ * vector accumulated over K in the same order and finished by store_output; every attention query
+ * goes through attend_query.  A row's bits never depend on the rows computed with it.
+ *
  * Threads: OpenMP with the thread count the caller passes (torch.get_num_threads()); the library
  * links libgomp.so.1, the soname torch's own OpenMP runtime is loaded under, so both share it.
  */
 #include <immintrin.h>
 #include <stdint.h>
+#include <stdlib.h>
 
 #define NB 4 /* weight rows (output columns) per register block */
 /* Software prefetch distance into a thread's weight stream, in bytes.  The hardware prefetcher
@@ -36,6 +41,10 @@
     for (int _l = 0; _l < (bytes); _l += 64)                                                    \
         _mm_prefetch((const char *)(p) + PREFETCH_AHEAD + _l, _MM_HINT_T0)
 #define MB 4 /* activation rows per register block: MB * NB accumulators + 2 * NB weights */
+#define MBP 6 /* the same on the many-row paths (bf16 weights: MBP * NB accumulators + NB weights) */
+/* Activation rows from which the GEMMs take the many-row loop (gemm_many_rows: weight panels,
+ * int4/int8 widened once); the results are the same bits either way. */
+#define ROWS_WIDEN_ONCE 8
 
 typedef uint16_t bf16_t;
 
@@ -49,6 +58,10 @@ static inline bf16_t f32_to_bf16(float f) {
 }
 
 int wq_block_rows(void) { return NB; }
+
+/* Threads for `work` multiply-adds: one below ~256 K (small models, tiny calls), where waking a
+ * second thread costs more than it saves, and far more when other processes hold the cores. */
+static inline int threads_for(int64_t work, int nthreads) { return work < (1 << 18) ? 1 : nthreads; }
 
 int wq_cpu_supported(void) {
     __builtin_cpu_init();
@@ -91,6 +104,21 @@ static inline __attribute__((always_inline)) void unpack_run8(const int8_t *run,
     *hi = (__m512i)_mm512_cvtne2ps_pbh(f3, f2);
 }
 
+/* One output of every GEMM path: the fp32 lanes of `acc` summed (one fixed reduction tree), times
+ * the row scale (quantised weights), plus the bias, stored as fp32 or rounded once to bf16.  Each
+ * step rounds separately (built with -ffp-contract=off: no fused multiply-add), and the few-row
+ * and many-row loops below all end here, so an output's bits do not depend on the loop that made
+ * it, i.e. on how many activation rows were passed together. */
+static inline __attribute__((always_inline)) void store_output(__m512 acc, const float *scale,
+                                                               const float *bias, int j, void *y,
+                                                               int64_t at, int out_bf16) {
+    float v = _mm512_reduce_add_ps(acc);
+    if (scale) v = v * scale[j];
+    if (bias) v = v + bias[j];
+    if (out_bf16) ((bf16_t *)y)[at] = f32_to_bf16(v);
+    else ((float *)y)[at] = v;
+}
+
 /* Runs BLOCK(mb) for each block of at most MB activation rows starting at row m, mb being a
  * compile-time constant in every branch (so the block functions unroll fully). */
 #define FOR_ROW_BLOCKS(M, m, BLOCK)                                                            \
@@ -128,22 +156,25 @@ static inline __attribute__((always_inline)) void block_quant(
         }
     }
     for (int i = 0; i < mb; i++)
-        for (int j = 0; j < NB; j++) {
-            float v = _mm512_reduce_add_ps(acc[i][j]) * scale[j];
-            if (bias) v += bias[j];
-            if (out_bf16) ((bf16_t *)y)[i * ldy + j] = f32_to_bf16(v);
-            else ((float *)y)[i * ldy + j] = v;
-        }
+        for (int j = 0; j < NB; j++) store_output(acc[i][j], scale, bias, j, y, i * ldy + j, out_bf16);
 }
+
+static void quant_gemm_rows(const int bits, const bf16_t *x, int64_t M, int64_t K,
+                            const uint8_t *w, const float *scale, const float *bias, int64_t N,
+                            void *y, int out_bf16, int nthreads);
 
 /* y (fp32, or bf16 if out_bf16) = x . q^T * scale (+ bias, fp32, may be NULL), the sum rounded
  * once: what torch computes for `(acc * scale + bias).to(bf16)`. */
 static inline __attribute__((always_inline)) void quant_gemm(
     const int bits, const bf16_t *x, int64_t M, int64_t K, const uint8_t *w, const float *scale,
     const float *bias, int64_t N, void *y, int out_bf16, int nthreads) {
+    if (M >= ROWS_WIDEN_ONCE) {
+        quant_gemm_rows(bits, x, M, K, w, scale, bias, N, y, out_bf16, nthreads);
+        return;
+    }
     const __m512i table = int4_table();
     const int64_t nblocks = N / NB;
-#pragma omp parallel for num_threads(nthreads) schedule(static)
+#pragma omp parallel for num_threads(threads_for(M * N * K, nthreads)) schedule(static)
     for (int64_t nb = 0; nb < nblocks; nb++) {
         const int64_t n = nb * NB;
         const uint8_t *wblock = w + n * K * bits / 8;
@@ -189,21 +220,22 @@ void wq_int4_dequant(const uint8_t *w, int64_t K, int64_t n0, int64_t n1, bf16_t
 }
 
 /* ---------------------------------------------------------------------------------------------
- * bf16 weights (the output layer, which THUDM keeps unquantized): y[M, N] = x[M, K] . w[N, K]^T.
- * oneDNN's bf16 GEMM reads a 65024 x 4096 weight well under the memory's rate for one activation
- * row; the same
- * interleaved layout as above (chunks of 32 columns: NB runs of 32 bf16, one per row) streams it
- * at the memory's rate.  K must be a multiple of 32 and N of NB.
+ * bf16 weights (the output layer, which THUDM keeps unquantized, and every linear of a bf16
+ * model): y[M, N] = x[M, K] . w[N, K]^T.  oneDNN's bf16 GEMM reads a 65024 x 4096 weight well
+ * under the memory's rate for one activation row, and picks its blocking (so its summation order)
+ * by M, so a row's result depended on the rows beside it; the same interleaved layout as above
+ * (chunks of 32 columns: NB runs of 32 bf16, one per row) streams it at the memory's rate, and
+ * every output is summed in one order whatever M.  K must be a multiple of 32 and N of NB.
  */
 static inline __attribute__((always_inline)) void block_bf16(
-    const int mb, const bf16_t *x, int64_t ldx, const bf16_t *wblock, int64_t K, float *y,
-    int64_t ldy) {
-    __m512 acc[MB][NB];
+    const int mb, const bf16_t *x, int64_t ldx, const bf16_t *wblock, int64_t K, const float *scale,
+    const float *bias, void *y, int64_t ldy, int out_bf16, const int prefetch) {
+    __m512 acc[MBP][NB];
     for (int i = 0; i < mb; i++)
         for (int j = 0; j < NB; j++) acc[i][j] = _mm512_setzero_ps();
     for (int64_t k = 0; k < K; k += 32) {
         const bf16_t *chunk = wblock + (k / 32) * NB * 32;
-        PREFETCH(chunk, NB * 64);
+        if (prefetch) PREFETCH(chunk, NB * 64);
         __m512i wv[NB];
         for (int j = 0; j < NB; j++) wv[j] = _mm512_loadu_si512((const void *)(chunk + j * 32));
         for (int i = 0; i < mb; i++) {
@@ -212,20 +244,118 @@ static inline __attribute__((always_inline)) void block_bf16(
         }
     }
     for (int i = 0; i < mb; i++)
-        for (int j = 0; j < NB; j++) y[i * ldy + j] = _mm512_reduce_add_ps(acc[i][j]);
+        for (int j = 0; j < NB; j++) store_output(acc[i][j], scale, bias, j, y, i * ldy + j, out_bf16);
+}
+
+/* FOR_ROW_BLOCKS with blocks of up to MBP rows (the many-row loops: fewer loads per product). */
+#define FOR_ROW_BLOCKS_P(M, m, BLOCK)                                                          \
+    for (int64_t m = 0; m < (M); m += MBP) switch ((M) - m >= MBP ? MBP : (M) - m) {          \
+        case 6: BLOCK(6); break;                                                               \
+        case 5: BLOCK(5); break;                                                               \
+        case 4: BLOCK(4); break;                                                               \
+        case 3: BLOCK(3); break;                                                               \
+        case 2: BLOCK(2); break;                                                               \
+        default: BLOCK(1); break;                                                              \
+        }
+
+/* y (fp32, or bf16 if out_bf16) = x . w^T (+ bias, fp32, may be NULL), w in the interleaved bf16
+ * layout.  Every output is one fp32 vector accumulated over K in 32-column steps, then
+ * store_output: the same operations for any M. */
+static void gemm_many_rows(const int bits, const bf16_t *x, int64_t M, int64_t K,
+                           const void *w, const float *scale, const float *bias, int64_t N,
+                           void *y, int out_bf16, int nthreads);
+
+void wq_bf16_linear(const bf16_t *x, int64_t M, int64_t K, const bf16_t *w, const float *bias,
+                    int64_t N, void *y, int out_bf16, int nthreads) {
+    if (M >= ROWS_WIDEN_ONCE) {
+        gemm_many_rows(16, x, M, K, w, 0, bias, N, y, out_bf16, nthreads);
+        return;
+    }
+    const int64_t nblocks = N / NB;
+#pragma omp parallel for num_threads(threads_for(M * N * K, nthreads)) schedule(static)
+    for (int64_t nb = 0; nb < nblocks; nb++) {
+        const int64_t n = nb * NB;
+        const bf16_t *wblock = w + n * K;
+        const float *bn = bias ? bias + n : 0;
+#define BF16_BLOCK(mb)                                                                         \
+    block_bf16(mb, x + m * K, K, wblock, K, 0, bn,                                            \
+               out_bf16 ? (void *)((bf16_t *)y + m * N + n) : (void *)((float *)y + m * N + n), \
+               N, out_bf16, 1)
+        FOR_ROW_BLOCKS_P(M, m, BF16_BLOCK)
+#undef BF16_BLOCK
+    }
 }
 
 void wq_bf16_gemm(const bf16_t *x, int64_t M, int64_t K, const bf16_t *w, int64_t N, float *y,
                   int nthreads) {
+    wq_bf16_linear(x, M, K, w, 0, N, y, 0, nthreads);
+}
+
+/* ---------------------------------------------------------------------------------------------
+ * Many activation rows (prefill chunks, large decode batches).  Weight blocks are taken in
+ * panels of P consecutive blocks (about 256 KB of bf16, so a panel stays in L2); int4/int8 panels
+ * are first widened to bf16 once (the interleaved bf16 layout above) instead of once per MB rows.
+ * Each block of MBP activation rows then runs over every block of the panel, so the activations
+ * are read from L3 once per panel instead of once per weight block.  The bf16 values and their
+ * order in each dot product are the few-row kernels' (a 64-column chunk = its two 32-column
+ * halves, low then high), and every output ends in store_output: the bits are the same.
+ * bits: 4, 8, or 16 (bf16 weights, used in place). */
+static void gemm_many_rows(const int bits, const bf16_t *x, int64_t M, int64_t K,
+                           const void *w, const float *scale, const float *bias, int64_t N,
+                           void *y, int out_bf16, int nthreads) {
+    const __m512i table = int4_table();
     const int64_t nblocks = N / NB;
-#pragma omp parallel for num_threads(nthreads) schedule(static)
-    for (int64_t nb = 0; nb < nblocks; nb++) {
-        const int64_t n = nb * NB;
-        const bf16_t *wblock = w + n * K;
-#define BF16_BLOCK(mb) block_bf16(mb, x + m * K, K, wblock, K, y + m * N + n, N)
-        FOR_ROW_BLOCKS(M, m, BF16_BLOCK)
-#undef BF16_BLOCK
+    int64_t P = (256 * 1024) / (NB * K * (int64_t)sizeof(bf16_t));
+    P = P < 1 ? 1 : (P > 16 ? 16 : P);
+    const int64_t npanels = (nblocks + P - 1) / P;
+#pragma omp parallel num_threads(threads_for(M * N * K, nthreads))
+    {
+        bf16_t *buf = bits == 16 ? 0
+                                 : (bf16_t *)aligned_alloc(64, (size_t)(P * NB * K * sizeof(bf16_t)));
+#pragma omp for schedule(static)
+        for (int64_t panel = 0; panel < npanels; panel++) {
+            const int64_t nb0 = panel * P, nb1 = nb0 + P < nblocks ? nb0 + P : nblocks;
+            const bf16_t *wp;
+            if (bits == 16) {
+                wp = (const bf16_t *)w + nb0 * NB * K;
+            } else {
+                const int run = 8 * bits;
+                for (int64_t nb = nb0; nb < nb1; nb++) {
+                    const uint8_t *wblock = (const uint8_t *)w + nb * NB * K * bits / 8;
+                    bf16_t *out = buf + (nb - nb0) * NB * K;
+                    for (int64_t k = 0; k < K; k += 64) {
+                        const uint8_t *chunk = wblock + (k / 64) * NB * run;
+                        PREFETCH(chunk, NB * run);
+                        for (int j = 0; j < NB; j++) {
+                            __m512i lo, hi;
+                            if (bits == 4) unpack_run(chunk + j * run, table, &lo, &hi);
+                            else unpack_run8((const int8_t *)(chunk + j * run), &lo, &hi);
+                            _mm512_store_si512((void *)(out + (k / 32) * NB * 32 + j * 32), lo);
+                            _mm512_store_si512((void *)(out + (k / 32 + 1) * NB * 32 + j * 32), hi);
+                        }
+                    }
+                }
+                wp = buf;
+            }
+#define PANEL_BLOCK(mb)                                                                        \
+    for (int64_t nb = nb0; nb < nb1; nb++) {                                                   \
+        const int64_t n = nb * NB;                                                             \
+        block_bf16(mb, x + m * K, K, wp + (nb - nb0) * NB * K, K, scale ? scale + n : 0,       \
+                   bias ? bias + n : 0,                                                        \
+                   out_bf16 ? (void *)((bf16_t *)y + m * N + n) : (void *)((float *)y + m * N + n), \
+                   N, out_bf16, bits == 16 && m == 0);                                         \
     }
+            FOR_ROW_BLOCKS_P(M, m, PANEL_BLOCK)
+#undef PANEL_BLOCK
+        }
+        free(buf);
+    }
+}
+
+static void quant_gemm_rows(const int bits, const bf16_t *x, int64_t M, int64_t K,
+                            const uint8_t *w, const float *scale, const float *bias, int64_t N,
+                            void *y, int out_bf16, int nthreads) {
+    gemm_many_rows(bits, x, M, K, w, scale, bias, N, y, out_bf16, nthreads);
 }
 
 /* exp(x) for 16 floats: Cephes' expf range reduction and polynomial (~1 ulp), scaled by 2^n with
@@ -271,8 +401,9 @@ static inline __m512 round_bf16x16(__m512 v) {
  *   k_new, v_new  bf16 [B, groups, hd]: this step's key/value, first written at position len[b] - 1
  *   out    bf16 [B, heads, hd]
  * Scores and the softmax in fp32, scale 1 / sqrt(hd), probabilities times values accumulated in
- * fp32, rounded to bf16 once: what torch's fp32 matmul/softmax path computes, up to summation order.
- * hd must be a multiple of 32.  `scratch` holds B * heads * max_len floats.
+ * fp32, rounded to bf16 once: what torch's fp32 matmul/softmax path computes, up to summation order
+ * (ChatGLM-6B: see attend_query).  hd must be a multiple of 16.  `scratch` holds B * heads *
+ * max_len floats.
  */
 static inline float bf16_to_f32(bf16_t v) {
     uint32_t bits = (uint32_t)v << 16;
@@ -281,10 +412,70 @@ static inline float bf16_to_f32(bf16_t v) {
     return f;
 }
 
+/* One query head over positions 0 .. L - 1 of `keys` / `values` ([L, hd] each, rows of hd):
+ * the arithmetic every attention path shares (decode steps, prefill chunks, solo or batched), so a
+ * query's output depends only on its own query, keys and values, never on what was computed with
+ * it.  `p` has room for L rounded up to 16 floats.
+ *   glm_coeff == 0 (ChatGLM2/3, torch's fp32 path): score = (q . k) * scale, softmax in fp32,
+ *     out = bf16((sum e_t v_t) / sum e_t).
+ *   glm_coeff > 0 (ChatGLM-6B's attention_fn in bf16; q already divided by sqrt(hd) * coeff as
+ *     torch does): score = bf16(q . k) * coeff in fp32, softmax in fp32, probabilities rounded to
+ *     bf16, out = bf16(sum p_t v_t). */
+static inline void attend_query(const bf16_t *qh, const bf16_t *keys, const bf16_t *values,
+                                int64_t L, int64_t hd, float scale, float glm_coeff, float *p,
+                                bf16_t *out) {
+    float mx = -__builtin_inff();
+    for (int64_t t = 0; t < L; t++) {
+        __m512 acc = _mm512_setzero_ps();
+        int64_t d = 0;
+        for (; d + 32 <= hd; d += 32)
+            acc = _mm512_dpbf16_ps(acc, (__m512bh)_mm512_loadu_si512((const void *)(qh + d)),
+                                   (__m512bh)_mm512_loadu_si512((const void *)(keys + t * hd + d)));
+        if (d < hd) /* a last half vector (hd = 16 mod 32), the rest zeros: exact */
+            acc = _mm512_dpbf16_ps(acc, (__m512bh)_mm512_maskz_loadu_epi16(0xFFFF, qh + d),
+                                   (__m512bh)_mm512_maskz_loadu_epi16(0xFFFF, keys + t * hd + d));
+        const float dot = _mm512_reduce_add_ps(acc);
+        p[t] = glm_coeff > 0 ? bf16_to_f32(f32_to_bf16(dot)) * glm_coeff : dot * scale;
+        if (p[t] > mx) mx = p[t];
+    }
+    /* softmax numerator, 16 positions at a time (p has room: padded to 16) */
+    __m512 vsum = _mm512_setzero_ps();
+    const int64_t L16 = (L + 15) / 16 * 16;
+    for (int64_t t = L; t < L16; t++) p[t] = -__builtin_inff();
+    for (int64_t t = 0; t < L16; t += 16) {
+        __m512 e = exp512(_mm512_sub_ps(_mm512_loadu_ps(p + t), _mm512_set1_ps(mx)));
+        e = _mm512_mask_mov_ps(_mm512_setzero_ps(),
+                               (__mmask16)(L - t >= 16 ? 0xFFFF : (1u << (L - t)) - 1), e);
+        _mm512_storeu_ps(p + t, e);
+        vsum = _mm512_add_ps(vsum, e);
+    }
+    const float inv = 1.0f / _mm512_reduce_add_ps(vsum);
+    if (glm_coeff > 0) /* torch: softmax(...).to(bf16), then a bf16 matmul */
+        for (int64_t t = 0; t < L16; t += 16)
+            _mm512_storeu_ps(p + t, round_bf16x16(_mm512_mul_ps(_mm512_loadu_ps(p + t),
+                                                                _mm512_set1_ps(inv))));
+    /* probabilities times values: four position streams in flight per 16 dimensions */
+    for (int64_t d = 0; d < hd; d += 16) {
+        __m512 o0 = _mm512_setzero_ps(), o1 = o0, o2 = o0, o3 = o0;
+        int64_t t = 0;
+        for (; t + 4 <= L; t += 4) {
+            o0 = _mm512_fmadd_ps(_mm512_set1_ps(p[t]), load_bf16x16(values + t * hd + d), o0);
+            o1 = _mm512_fmadd_ps(_mm512_set1_ps(p[t + 1]), load_bf16x16(values + (t + 1) * hd + d), o1);
+            o2 = _mm512_fmadd_ps(_mm512_set1_ps(p[t + 2]), load_bf16x16(values + (t + 2) * hd + d), o2);
+            o3 = _mm512_fmadd_ps(_mm512_set1_ps(p[t + 3]), load_bf16x16(values + (t + 3) * hd + d), o3);
+        }
+        for (; t < L; t++)
+            o0 = _mm512_fmadd_ps(_mm512_set1_ps(p[t]), load_bf16x16(values + t * hd + d), o0);
+        __m512 o = _mm512_add_ps(_mm512_add_ps(o0, o1), _mm512_add_ps(o2, o3));
+        if (glm_coeff <= 0) o = _mm512_mul_ps(o, _mm512_set1_ps(inv));
+        store_bf16x16(out + d, o);
+    }
+}
+
 void wq_decode_attention(const bf16_t *q, const bf16_t *k_new, const bf16_t *v_new, int64_t B,
                          int64_t heads, int64_t groups, int64_t hd, const int64_t *base,
                          const int64_t *cap, const int64_t *len, int64_t layer, bf16_t *out,
-                         float *scratch, int64_t max_len, int nthreads) {
+                         float *scratch, int64_t max_len, float glm_coeff, int nthreads) {
     const int64_t per_group = heads / groups;
     const float scale = 1.0f / __builtin_sqrtf((float)hd);
     for (int64_t b = 0; b < B; b++) {
@@ -296,53 +487,45 @@ void wq_decode_attention(const bf16_t *q, const bf16_t *k_new, const bf16_t *v_n
                              hd * sizeof(bf16_t));
         }
     }
-#pragma omp parallel for num_threads(nthreads) schedule(dynamic, 1) collapse(2)
+#pragma omp parallel for num_threads(threads_for(B * heads * max_len * hd, nthreads)) \
+    schedule(dynamic, 1) collapse(2)
     for (int64_t b = 0; b < B; b++) {
         for (int64_t h = 0; h < heads; h++) {
-            const int64_t g = h / per_group, L = len[b], C = cap[b];
+            const int64_t g = h / per_group, C = cap[b];
             const bf16_t *kv = (const bf16_t *)base[b] + layer * 2 * groups * C * hd;
-            const bf16_t *keys = kv + g * C * hd;
-            const bf16_t *values = kv + (groups + g) * C * hd;
-            const bf16_t *qh = q + (b * heads + h) * hd;
-            float *p = scratch + (b * heads + h) * max_len;
-            float mx = -__builtin_inff();
-            for (int64_t t = 0; t < L; t++) {
-                __m512 acc = _mm512_setzero_ps();
-                for (int64_t d = 0; d < hd; d += 32)
-                    acc = _mm512_dpbf16_ps(
-                        acc, (__m512bh)_mm512_loadu_si512((const void *)(qh + d)),
-                        (__m512bh)_mm512_loadu_si512((const void *)(keys + t * hd + d)));
-                p[t] = _mm512_reduce_add_ps(acc) * scale;
-                if (p[t] > mx) mx = p[t];
-            }
-            /* softmax numerator, 16 positions at a time (p has room: max_len is padded to 16) */
-            __m512 vsum = _mm512_setzero_ps();
-            const int64_t L16 = (L + 15) / 16 * 16;
-            for (int64_t t = L; t < L16; t++) p[t] = -__builtin_inff();
-            for (int64_t t = 0; t < L16; t += 16) {
-                __m512 e = exp512(_mm512_sub_ps(_mm512_loadu_ps(p + t), _mm512_set1_ps(mx)));
-                e = _mm512_mask_mov_ps(_mm512_setzero_ps(),
-                                       (__mmask16)(L - t >= 16 ? 0xFFFF : (1u << (L - t)) - 1), e);
-                _mm512_storeu_ps(p + t, e);
-                vsum = _mm512_add_ps(vsum, e);
-            }
-            const float inv = 1.0f / _mm512_reduce_add_ps(vsum);
-            /* probabilities times values: four position streams in flight per 16 dimensions */
-            for (int64_t d = 0; d < hd; d += 16) {
-                __m512 o0 = _mm512_setzero_ps(), o1 = o0, o2 = o0, o3 = o0;
-                int64_t t = 0;
-                for (; t + 4 <= L; t += 4) {
-                    o0 = _mm512_fmadd_ps(_mm512_set1_ps(p[t]), load_bf16x16(values + t * hd + d), o0);
-                    o1 = _mm512_fmadd_ps(_mm512_set1_ps(p[t + 1]), load_bf16x16(values + (t + 1) * hd + d), o1);
-                    o2 = _mm512_fmadd_ps(_mm512_set1_ps(p[t + 2]), load_bf16x16(values + (t + 2) * hd + d), o2);
-                    o3 = _mm512_fmadd_ps(_mm512_set1_ps(p[t + 3]), load_bf16x16(values + (t + 3) * hd + d), o3);
-                }
-                for (; t < L; t++)
-                    o0 = _mm512_fmadd_ps(_mm512_set1_ps(p[t]), load_bf16x16(values + t * hd + d), o0);
-                __m512 o = _mm512_add_ps(_mm512_add_ps(o0, o1), _mm512_add_ps(o2, o3));
-                store_bf16x16(out + (b * heads + h) * hd + d, _mm512_mul_ps(o, _mm512_set1_ps(inv)));
+            attend_query(q + (b * heads + h) * hd, kv + g * C * hd, kv + (groups + g) * C * hd,
+                         len[b], hd, scale, glm_coeff, scratch + (b * heads + h) * max_len,
+                         out + (b * heads + h) * hd);
+        }
+    }
+}
+
+/* Attention of T queries of ONE sequence (a prefill chunk, or several new positions) over that
+ * sequence's cache, whose keys/values for these positions are already stored: query t (heads at
+ * q + t * ldq + h * hd) attends positions 0 .. lens[t] - 1 of `kv` (this layer's
+ * [2, groups, cap, hd]).  Each (t, h) is attend_query, exactly what a decode step of that
+ * position computes, so a prompt's results do not depend on how it was split into chunks.
+ * out: [T, heads, hd]. */
+void wq_prefill_attention(const bf16_t *q, int64_t ldq, int64_t T, int64_t heads, int64_t groups,
+                          int64_t hd, const bf16_t *kv, int64_t cap, const int64_t *lens,
+                          float glm_coeff, bf16_t *out, int nthreads) {
+    const int64_t per_group = heads / groups;
+    const float scale = 1.0f / __builtin_sqrtf((float)hd);
+    int64_t max_len = 0;
+    for (int64_t t = 0; t < T; t++) max_len = lens[t] > max_len ? lens[t] : max_len;
+    max_len = (max_len + 15) / 16 * 16;
+#pragma omp parallel num_threads(threads_for(T * heads * max_len * hd, nthreads))
+    {
+        float *p = (float *)malloc((size_t)max_len * sizeof(float));
+#pragma omp for schedule(dynamic, 4) collapse(2)
+        for (int64_t t = 0; t < T; t++) {
+            for (int64_t h = 0; h < heads; h++) {
+                const int64_t g = h / per_group;
+                attend_query(q + t * ldq + h * hd, kv + g * cap * hd, kv + (groups + g) * cap * hd,
+                             lens[t], hd, scale, glm_coeff, p, out + (t * heads + h) * hd);
             }
         }
+        free(p);
     }
 }
 
@@ -357,7 +540,7 @@ void wq_decode_attention(const bf16_t *q, const bf16_t *k_new, const bf16_t *v_n
 /* RMSNorm: out = bf16(w * (x * rsqrt(mean(x^2) + eps))), variance in fp32.  H % 16 == 0. */
 void wq_rms_norm(const bf16_t *x, const bf16_t *w, int64_t M, int64_t H, float eps, bf16_t *out,
                  int nthreads) {
-#pragma omp parallel for num_threads(M > 1 ? nthreads : 1) schedule(static)
+#pragma omp parallel for num_threads(threads_for(M * H, nthreads)) schedule(static)
     for (int64_t m = 0; m < M; m++) {
         const bf16_t *row = x + m * H;
         __m512 ss = _mm512_setzero_ps();
@@ -376,7 +559,7 @@ void wq_rms_norm(const bf16_t *x, const bf16_t *w, int64_t M, int64_t H, float e
  * g / (1 + exp(-g)) as torch's vectorised CPU silu.  F % 16 == 0. */
 void wq_swiglu(const bf16_t *h, int64_t M, int64_t F, bf16_t *out, int nthreads) {
     const int64_t chunks = M * (F / 16);
-#pragma omp parallel for num_threads(chunks >= 512 ? nthreads : 1) schedule(static)
+#pragma omp parallel for num_threads(threads_for(M * F, nthreads)) schedule(static)
     for (int64_t c = 0; c < chunks; c++) {
         const int64_t m = c / (F / 16), i = (c % (F / 16)) * 16;
         const bf16_t *gate = h + m * 2 * F, *up = gate + F;
@@ -393,7 +576,7 @@ void wq_swiglu(const bf16_t *h, int64_t M, int64_t F, bf16_t *out, int nthreads)
  * rope[r, p, 0..1]:  (a, b) -> (a c - b s, b c + a s), every product and sum rounded to bf16. */
 void wq_rotary(bf16_t *x, int64_t rows, int64_t ldx, int64_t heads, int64_t hd,
                const bf16_t *rope, int64_t npairs, int nthreads) {
-#pragma omp parallel for num_threads(rows > 1 ? nthreads : 1) schedule(static)
+#pragma omp parallel for num_threads(threads_for(rows * heads * npairs * 8, nthreads)) schedule(static)
     for (int64_t r = 0; r < rows; r++) {
         const bf16_t *cs = rope + r * npairs * 2;
         for (int64_t h = 0; h < heads; h++) {
