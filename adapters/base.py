@@ -311,6 +311,9 @@ class Delta:
     #: tool calls as they are generated, where the family's format allows it (else only the
     #: finished ``tool_calls`` come, at the end)
     tool_call_parts: tuple[ToolCallPart, ...] = ()
+    #: where the generation runs, on its first Delta: the Ray Serve replica's id (the
+    #: ``X-Replica`` header); empty in a single-process server
+    replica: str = ""
 
 
 @dataclass(frozen=True)

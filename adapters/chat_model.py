@@ -126,7 +126,7 @@ class TorchChatModel:
             self.engine.cancel(seq)
 
     def status(self) -> dict[str, int]:
-        return self.engine.counts()
+        return {**self.engine.counts(), **self.engine.cache_counts()}
 
     def close(self) -> None:
         self.engine.close()

@@ -1,0 +1,102 @@
+"""Joining (or starting) a Ray cluster and deploying each model as a Ray Serve application.
+
+``RayCluster(address)`` connects to the cluster at ``address`` (``ray start --head`` on one
+machine, ``ray start --address`` on the others), or starts a local one when ``address`` is None;
+``stop()`` stops what it started (Serve, the local Ray processes) and leaves a joined cluster
+running.  ``deploy`` makes one application per model, named after the model id, with one
+deployment of :class:`~adapters.distributed.replica.ModelReplica`; an application of that name
+already running (``serve deploy`` of ``deploy/ray-serve.yaml``) is used as it is.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Mapping
+from typing import Any
+
+import ray
+from ray import serve
+from ray.serve.config import RequestRouterConfig
+
+from adapters.distributed.board import board
+from adapters.distributed.remote import RemoteChatModel
+from adapters.distributed.replica import ModelReplica
+from adapters.distributed.replicas import ScaleOptions
+from adapters.distributed.router import AffinityRouter
+
+logger = logging.getLogger(__name__)
+
+#: requests a replica takes beyond its engine's capacity: ``prepare`` calls in flight
+PREPARE_SLOTS = 8
+
+
+class RayCluster:
+    def __init__(self, address: str | None = None) -> None:
+        self.started = address is None
+        if ray.is_initialized():
+            self.started = False  # someone else (a test, a notebook) owns this connection
+        else:
+            # No dashboard: the gateway is the cluster's front end, and it starts faster.
+            ray.init(address=address, include_dashboard=False if self.started else None,
+                     logging_level=logging.WARNING)
+        # Handles only: the gateway serves HTTP itself, Serve's own proxy would be a second door.
+        serve.start(proxy_location="Disabled")
+        created = board(create=True)
+        assert created is not None
+        self.board = created
+        logger.info("Ray cluster %s: %s", "started" if self.started else "joined",
+                    ray.get_runtime_context().gcs_address)
+
+    def deploy(self, model_id: str, path: str, load: Mapping[str, Any],
+               scale: ScaleOptions) -> RemoteChatModel:
+        """Deploy ``model_id`` (``load``: ``load_chat_model``'s keyword arguments) and wait
+        until its replicas serve (blocking: run it in a thread)."""
+        capacity = int(load.get("max_running", 8)) + int(load.get("max_waiting", 64))
+        if _running(model_id):
+            logger.info("model '%s': using the Ray Serve application already running", model_id)
+            handle = serve.get_app_handle(model_id)
+        else:
+            deployment = serve.deployment(ModelReplica).options(**_options(  # type: ignore[attr-defined]
+                model_id, scale, capacity, int(load.get("max_running", 8))))
+            app = deployment.bind(model_id, str(path), dict(load))
+            handle = serve.run(app, name=model_id, route_prefix=None)
+        info = handle.info.remote().result()
+        return RemoteChatModel(info, handle, self.board, capacity=capacity)
+
+    def stop(self) -> None:
+        if not self.started:
+            return
+        serve.shutdown()
+        ray.shutdown()
+        logger.info("Ray cluster stopped")
+
+
+def _running(app_name: str) -> bool:
+    app = serve.status().applications.get(app_name)
+    return app is not None and str(app.status) in ("RUNNING", "ApplicationStatus.RUNNING")
+
+
+def _options(model_id: str, scale: ScaleOptions, capacity: int,
+             max_running: int) -> dict[str, Any]:
+    """The deployment's options: replicas (or autoscaling), resources, the affinity router."""
+    options: dict[str, Any] = {
+        "name": model_id,
+        "ray_actor_options": {"num_cpus": scale.num_cpus, "num_gpus": scale.num_gpus,
+                              "resources": dict(scale.resources)},
+        "max_ongoing_requests": capacity + PREPARE_SLOTS,
+        "request_router_config": RequestRouterConfig(
+            request_router_class=AffinityRouter,  # type: ignore[arg-type]
+            request_router_kwargs={"max_running": max_running}),
+        # A replica's __init__ loads a checkpoint: minutes for a 6B model on a slow disk.
+        "health_check_period_s": 2.0,
+        "graceful_shutdown_timeout_s": 5.0,
+    }
+    if scale.autoscaling:
+        options["autoscaling_config"] = {
+            "min_replicas": scale.min_replicas if scale.min_replicas is not None else 1,
+            "max_replicas": scale.max_replicas,
+            "target_ongoing_requests": scale.target_ongoing_requests or max_running,
+        }
+    else:
+        options["num_replicas"] = scale.replicas
+    return options

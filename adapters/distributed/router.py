@@ -1,0 +1,98 @@
+"""Conversation affinity: send each turn of a chat to the replica that holds its prefix cache.
+
+A chat client resends the whole conversation every turn, so turn ``n + 1``'s prompt starts with
+turn ``n``'s.  The replica that served turn ``n`` keeps its KV cache (``runtime/prefix_cache.py``)
+and prefills only what is new; any other replica prefills the whole history again.  Ray Serve's
+default router balances by queue length alone, so a 10-turn chat would land on either replica at
+random.  This router (Ray Serve's request-router API) remembers the prompts each replica was sent,
+keyed by their leading token ids, and prefers the replica holding the longest shared prefix, as
+long as that replica is not saturated (``max_running`` requests in flight): then, and for a
+conversation no replica knows, the least-loaded replica takes it (ties: the one holding fewer
+conversations, so new conversations spread).
+
+Other calls (``prepare``, ``info``) go to the least-loaded replica.
+"""
+
+from __future__ import annotations
+
+import collections
+import logging
+from typing import Any
+
+from ray.serve.request_router import (
+    PendingRequest,
+    ReplicaID,
+    RequestRouter,
+    RunningReplica,
+)
+
+from adapters.base import Prompt
+from adapters.runtime.prefix_cache import common_prefix
+
+logger = logging.getLogger(__name__)
+
+#: A shared prefix shorter than this, or than a quarter of the prompt, is the chat template's
+#: first tokens (or a short system prompt) that every conversation shares: no affinity.
+MIN_AFFINITY_TOKENS = 16
+#: prompts remembered per replica (a conversation counts once: a turn replaces the one before)
+HISTORY = 256
+
+
+class AffinityRouter(RequestRouter):
+    def initialize_state(self, max_running: int = 8, **kwargs: Any) -> None:
+        #: a replica with this many requests in flight is saturated: affinity yields to load
+        self.max_running = max_running
+        self.history: dict[ReplicaID, collections.deque[tuple[int, ...]]] = {}
+
+    async def choose_replicas(
+        self, candidate_replicas: list[RunningReplica],
+        pending_request: PendingRequest | None = None,
+    ) -> list[list[RunningReplica]]:
+        by_load = sorted(candidate_replicas, key=self._load)
+        prompt = _prompt(pending_request)
+        if prompt is None:
+            return [by_load]
+        affine = self._affine(prompt.token_ids, candidate_replicas)
+        if affine is None or self._queue(affine) >= self.max_running:
+            return [by_load]
+        return [[affine], [r for r in by_load if r is not affine]]
+
+    def on_request_routed(self, pending_request: PendingRequest, replica_id: ReplicaID,
+                          result: Any) -> None:
+        prompt = _prompt(pending_request)
+        if prompt is None:
+            return
+        ids = prompt.token_ids
+        held = self.history.setdefault(replica_id, collections.deque(maxlen=HISTORY))
+        # This turn continues an earlier one: it replaces it (one entry per conversation).
+        for earlier in [h for h in held if len(h) <= len(ids) and ids[: len(h)] == h]:
+            held.remove(earlier)
+        held.append(ids)
+        for gone in self.history.keys() - self.curr_replicas.keys():
+            del self.history[gone]
+
+    def _affine(self, ids: tuple[int, ...],
+                candidates: list[RunningReplica]) -> RunningReplica | None:
+        best, best_len = None, 0
+        for replica in candidates:
+            for held in self.history.get(replica.replica_id, ()):
+                n = common_prefix(held, ids)
+                if n > best_len:
+                    best, best_len = replica, n
+        if best_len < max(MIN_AFFINITY_TOKENS, len(ids) // 4):
+            return None
+        return best
+
+    def _queue(self, replica: RunningReplica) -> int:
+        return self.replica_queue_len_cache.get(replica.replica_id) or 0
+
+    def _load(self, replica: RunningReplica) -> tuple[int, int]:
+        return self._queue(replica), len(self.history.get(replica.replica_id, ()))
+
+
+def _prompt(pending_request: PendingRequest | None) -> Prompt | None:
+    """The Prompt of a ``generate`` call (None for other calls)."""
+    if pending_request is None or pending_request.metadata.call_method != "generate":
+        return None
+    args = pending_request.args
+    return args[0] if args and isinstance(args[0], Prompt) else None
