@@ -142,6 +142,10 @@ class ModelLoader:
 
 def connect(settings: ServerSettings) -> RayCluster:
     """Join ``settings.ray_address``'s Ray cluster, or start a local one (blocking)."""
+    # Ray's C++ crash handler would take over SIGTERM in this process and abort() 3 s after
+    # it (absl's failure-signal alarm), killing the drain mid-way; the gateway handles SIGTERM
+    # itself.  Ray reads this when it is first imported.
+    os.environ.setdefault("RAY_DISABLE_FAILURE_SIGNAL_HANDLER", "1")
     # Imported here: Ray is an optional extra, imported only when --ray asks for it.
     try:
         from adapters.distributed.cluster import RayCluster

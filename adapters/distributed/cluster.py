@@ -11,6 +11,7 @@ already running (``serve deploy`` of ``deploy/ray-serve.yaml``) is used as it is
 from __future__ import annotations
 
 import logging
+import threading
 from collections.abc import Mapping
 from typing import Any
 
@@ -32,20 +33,43 @@ PREPARE_SLOTS = 8
 
 class RayCluster:
     def __init__(self, address: str | None = None) -> None:
-        self.started = address is None
-        if ray.is_initialized():
-            self.started = False  # someone else (a test, a notebook) owns this connection
-        else:
-            # No dashboard: the gateway is the cluster's front end, and it starts faster.
-            ray.init(address=address, include_dashboard=False if self.started else None,
-                     logging_level=logging.WARNING)
-        # Handles only: the gateway serves HTTP itself, Serve's own proxy would be a second door.
-        serve.start(proxy_location="Disabled")
-        created = board(create=True)
-        assert created is not None
-        self.board = created
-        logger.info("Ray cluster %s: %s", "started" if self.started else "joined",
-                    ray.get_runtime_context().gcs_address)
+        self.started = address is None and not ray.is_initialized()
+        self.board: ray.actor.ActorHandle | None = None
+        self._error: BaseException | None = None
+        self._up = threading.Event()
+        self._stop = threading.Event()
+        # Ray starts its local processes (GCS server, raylet) bound to the life of the THREAD
+        # that starts them (Linux PR_SET_PDEATHSIG, Ray's "fate sharing"): a worker thread of
+        # a pool, which exits when idle, would take the cluster down with it.  So one thread
+        # owns the cluster from start to stop.
+        self._owner = threading.Thread(target=self._own, args=(address,), name="ray-cluster",
+                                       daemon=True)
+        self._owner.start()
+        self._up.wait()
+        if self._error is not None:
+            raise self._error
+
+    def _own(self, address: str | None) -> None:
+        try:
+            if not ray.is_initialized():  # else a test or a notebook owns this connection
+                # No dashboard: the gateway is the cluster's front end, and it starts faster.
+                ray.init(address=address, include_dashboard=False if self.started else None,
+                         logging_level=logging.WARNING)
+            # Handles only: the gateway serves HTTP itself; Serve's proxy would be a second door.
+            serve.start(proxy_location="Disabled")
+            self.board = board(create=True)
+            logger.info("Ray cluster %s: %s", "started" if self.started else "joined",
+                        ray.get_runtime_context().gcs_address)
+        except BaseException as exc:
+            self._error = exc
+            return
+        finally:
+            self._up.set()
+        self._stop.wait()
+        if self.started:
+            serve.shutdown()
+            ray.shutdown()
+            logger.info("Ray cluster stopped")
 
     def deploy(self, model_id: str, path: str, load: Mapping[str, Any],
                scale: ScaleOptions) -> RemoteChatModel:
@@ -61,14 +85,13 @@ class RayCluster:
             app = deployment.bind(model_id, str(path), dict(load))
             handle = serve.run(app, name=model_id, route_prefix=None)
         info = handle.info.remote().result()
+        assert self.board is not None
         return RemoteChatModel(info, handle, self.board, capacity=capacity)
 
     def stop(self) -> None:
-        if not self.started:
-            return
-        serve.shutdown()
-        ray.shutdown()
-        logger.info("Ray cluster stopped")
+        """Stop Serve and the local Ray processes when this gateway started them."""
+        self._stop.set()
+        self._owner.join(timeout=60)
 
 
 def _running(app_name: str) -> bool:

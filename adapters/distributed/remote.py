@@ -40,6 +40,9 @@ logger = logging.getLogger(__name__)
 #: how long a call to a replica may take before the request fails with a 503 (a replica being
 #: replaced, a cluster that lost its nodes); generation streams have no limit
 CALL_TIMEOUT = 60.0
+#: calls to replicas per request: a replica that fails before sending anything is replaced by
+#: another one (``prepare`` is pure, and a generation that sent nothing can start over)
+ATTEMPTS = 2
 
 
 class RemoteChatModel:
@@ -73,12 +76,17 @@ class RemoteChatModel:
                 f"Model '{self.info.id}' is at capacity ({self._generations} of "
                 f"{live * self._capacity} generations on {live} replicas). Please retry "
                 "shortly.", retry_after=1.0)
-        try:
-            answer = self._handle.prepare.remote(request).result(timeout_s=CALL_TIMEOUT)
-        except Exception as exc:  # a replica died under the call, or the cluster is gone
-            logger.warning("model '%s': prepare failed on a replica: %r", self.info.id, exc)
-            raise ModelUnavailable(f"Model '{self.info.id}' lost the replica serving this "
-                                   "request. Please retry.", code="replica_failed") from exc
+        answer = None
+        for attempt in range(ATTEMPTS):
+            try:
+                answer = self._handle.prepare.remote(request).result(timeout_s=CALL_TIMEOUT)
+                break
+            except Exception as exc:  # a replica died under the call, or the cluster is gone
+                logger.warning("model '%s': prepare failed on a replica: %r", self.info.id, exc)
+                if attempt + 1 == ATTEMPTS:
+                    raise ModelUnavailable(
+                        f"Model '{self.info.id}' lost the replica serving this request. "
+                        "Please retry.", code="replica_failed") from exc
         if isinstance(answer, Refusal):
             raise answer.error()
         assert isinstance(answer, Prompt)
@@ -86,23 +94,30 @@ class RemoteChatModel:
 
     async def generate(self, prompt: Prompt) -> AsyncIterator[Delta]:
         self._generations += 1
-        call: Any = self._stream.generate.remote(prompt)  # a DeploymentResponseGenerator
-        finished = False
         try:
-            async for delta in call:
-                yield delta
-                if delta.finish_reason is not None:
-                    finished = True
-                    return
-            logger.warning("model '%s': a replica's stream ended without a finish",
-                           self.info.id)
-        except Exception as exc:  # the replica died (RayActorError and kin) or failed
-            logger.warning("model '%s': a generation ended with its replica: %r",
-                           self.info.id, exc)
+            for attempt in range(ATTEMPTS):
+                call: Any = self._stream.generate.remote(prompt)  # DeploymentResponseGenerator
+                started = finished = False
+                try:
+                    async for delta in call:
+                        started = True
+                        yield delta
+                        if delta.finish_reason is not None:
+                            finished = True
+                            return
+                    logger.warning("model '%s': a replica's stream ended without a finish",
+                                   self.info.id)
+                except Exception as exc:  # the replica died (RayActorError and kin) or failed
+                    logger.warning("model '%s': a generation ended with its replica: %r",
+                                   self.info.id, exc)
+                finally:
+                    if not finished:
+                        call.cancel()  # the client left (or the replica failed): stop it there
+                if started or attempt + 1 == ATTEMPTS:
+                    break
+                # Nothing was sent yet: the same prompt on another replica gives the same answer.
         finally:
             self._generations -= 1
-            if not finished:
-                call.cancel()  # the client left (or the replica failed): stop it there
         # Here only when the replica failed: the gateway answers 503 / an error event.
         yield Delta(finish_reason="cancelled",
                     usage=Usage(prompt_tokens=len(prompt.token_ids), completion_tokens=0))

@@ -7,8 +7,8 @@ default router balances by queue length alone, so a 10-turn chat would land on e
 random.  This router (Ray Serve's request-router API) remembers the prompts each replica was sent,
 keyed by their leading token ids, and prefers the replica holding the longest shared prefix, as
 long as that replica is not saturated (``max_running`` requests in flight): then, and for a
-conversation no replica knows, the least-loaded replica takes it (ties: the one holding fewer
-conversations, so new conversations spread).
+conversation no replica knows, the least-loaded replica takes it (among equally loaded ones, the
+one given a new conversation longest ago, so that conversations spread).
 
 Other calls (``prepare``, ``info``) go to the least-loaded replica.
 """
@@ -43,25 +43,44 @@ class AffinityRouter(RequestRouter):
         #: a replica with this many requests in flight is saturated: affinity yields to load
         self.max_running = max_running
         self.history: dict[ReplicaID, collections.deque[tuple[int, ...]]] = {}
+        #: when (a count of placements) each replica was last given a new conversation, and
+        #: the requests being placed as new ones
+        self.placements = 0
+        self.placed: dict[ReplicaID, int] = {}
+        self.placing: set[str] = set()
+        #: the ``generate`` calls running on each replica (by Ray Serve's request id)
+        self.generating: dict[ReplicaID, set[str]] = {}
 
     async def choose_replicas(
         self, candidate_replicas: list[RunningReplica],
         pending_request: PendingRequest | None = None,
     ) -> list[list[RunningReplica]]:
-        by_load = sorted(candidate_replicas, key=self._load)
         prompt = _prompt(pending_request)
-        if prompt is None:
-            return [by_load]
+        if pending_request is None or prompt is None or not candidate_replicas:
+            return [candidate_replicas]  # Ray Serve takes the least loaded of them
         affine = self._affine(prompt.token_ids, candidate_replicas)
-        if affine is None or self._queue(affine) >= self.max_running:
-            return [by_load]
-        return [[affine], [r for r in by_load if r is not affine]]
+        if affine is not None and self._queue(affine) < self.max_running:
+            return [[affine], sorted((r for r in candidate_replicas if r is not affine),
+                                     key=self._queue)]
+        # A new conversation (or a saturated replica): least loaded first; among equally
+        # loaded ones, the one given a new conversation longest ago (round robin), so that
+        # conversations spread even while every replica is idle.  One replica per rank: Ray
+        # Serve tries them in this order.
+        self.placing.add(pending_request.metadata.internal_request_id)
+        return [[r] for r in sorted(candidate_replicas, key=lambda r: (
+            self._queue(r), self.placed.get(r.replica_id, -1)))]
 
     def on_request_routed(self, pending_request: PendingRequest, replica_id: ReplicaID,
                           result: Any) -> None:
         prompt = _prompt(pending_request)
         if prompt is None:
             return
+        request_id = pending_request.metadata.internal_request_id
+        self.generating.setdefault(replica_id, set()).add(request_id)
+        if request_id in self.placing:
+            self.placing.discard(request_id)
+            self.placements += 1
+            self.placed[replica_id] = self.placements
         ids = prompt.token_ids
         held = self.history.setdefault(replica_id, collections.deque(maxlen=HISTORY))
         # This turn continues an earlier one: it replaces it (one entry per conversation).
@@ -70,6 +89,8 @@ class AffinityRouter(RequestRouter):
         held.append(ids)
         for gone in self.history.keys() - self.curr_replicas.keys():
             del self.history[gone]
+            self.placed.pop(gone, None)
+            self.generating.pop(gone, None)
 
     def _affine(self, ids: tuple[int, ...],
                 candidates: list[RunningReplica]) -> RunningReplica | None:
@@ -83,11 +104,13 @@ class AffinityRouter(RequestRouter):
             return None
         return best
 
-    def _queue(self, replica: RunningReplica) -> int:
-        return self.replica_queue_len_cache.get(replica.replica_id) or 0
+    def on_request_completed(self, replica_id: ReplicaID, internal_request_id: str) -> None:
+        self.generating.get(replica_id, set()).discard(internal_request_id)
 
-    def _load(self, replica: RunningReplica) -> tuple[int, int]:
-        return self._queue(replica), len(self.history.get(replica.replica_id, ()))
+    def _queue(self, replica: RunningReplica) -> int:
+        """Generations this router has running on ``replica`` (its own count: Ray Serve's
+        queue-length cache also counts short calls and may lag behind)."""
+        return len(self.generating.get(replica.replica_id, ()))
 
 
 def _prompt(pending_request: PendingRequest | None) -> Prompt | None:
