@@ -17,18 +17,13 @@ from typing import Any
 
 import ray
 from ray import serve
-from ray.serve.config import RequestRouterConfig
 
+from adapters.distributed.app import application, capacity_of
 from adapters.distributed.board import board
 from adapters.distributed.remote import RemoteChatModel
-from adapters.distributed.replica import ModelReplica
 from adapters.distributed.replicas import ScaleOptions
-from adapters.distributed.router import AffinityRouter
 
 logger = logging.getLogger(__name__)
-
-#: requests a replica takes beyond its engine's capacity: ``prepare`` calls in flight
-PREPARE_SLOTS = 8
 
 
 class RayCluster:
@@ -75,15 +70,13 @@ class RayCluster:
                scale: ScaleOptions) -> RemoteChatModel:
         """Deploy ``model_id`` (``load``: ``load_chat_model``'s keyword arguments) and wait
         until its replicas serve (blocking: run it in a thread)."""
-        capacity = int(load.get("max_running", 8)) + int(load.get("max_waiting", 64))
+        capacity = capacity_of(load)
         if _running(model_id):
             logger.info("model '%s': using the Ray Serve application already running", model_id)
             handle = serve.get_app_handle(model_id)
         else:
-            deployment = serve.deployment(ModelReplica).options(**_options(  # type: ignore[attr-defined]
-                model_id, scale, capacity, int(load.get("max_running", 8))))
-            app = deployment.bind(model_id, str(path), dict(load))
-            handle = serve.run(app, name=model_id, route_prefix=None)
+            handle = serve.run(application(model_id, path, load, scale), name=model_id,
+                               route_prefix=None)
         info = handle.info.remote().result()
         assert self.board is not None
         return RemoteChatModel(info, handle, self.board, capacity=capacity)
@@ -97,29 +90,3 @@ class RayCluster:
 def _running(app_name: str) -> bool:
     app = serve.status().applications.get(app_name)
     return app is not None and str(app.status) in ("RUNNING", "ApplicationStatus.RUNNING")
-
-
-def _options(model_id: str, scale: ScaleOptions, capacity: int,
-             max_running: int) -> dict[str, Any]:
-    """The deployment's options: replicas (or autoscaling), resources, the affinity router."""
-    options: dict[str, Any] = {
-        "name": model_id,
-        "ray_actor_options": {"num_cpus": scale.num_cpus, "num_gpus": scale.num_gpus,
-                              "resources": dict(scale.resources)},
-        "max_ongoing_requests": capacity + PREPARE_SLOTS,
-        "request_router_config": RequestRouterConfig(
-            request_router_class=AffinityRouter,  # type: ignore[arg-type]
-            request_router_kwargs={"max_running": max_running}),
-        # A replica's __init__ loads a checkpoint: minutes for a 6B model on a slow disk.
-        "health_check_period_s": 2.0,
-        "graceful_shutdown_timeout_s": 5.0,
-    }
-    if scale.autoscaling:
-        options["autoscaling_config"] = {
-            "min_replicas": scale.min_replicas if scale.min_replicas is not None else 1,
-            "max_replicas": scale.max_replicas,
-            "target_ongoing_requests": scale.target_ongoing_requests or max_running,
-        }
-    else:
-        options["num_replicas"] = scale.replicas
-    return options
