@@ -1,23 +1,25 @@
-"""Time to first token across the turns of one chat served by two Ray Serve replicas
-(``serve --ray --replicas 2``), while a second chat runs beside it.
+"""Time to first token across the turns of a chat served by two Ray Serve replicas
+(``serve --ray --replicas 2``), with the gateway's conversation-affinity routing and without it.
 
     python -m bench.affinity [--preset mid] [--turns 10] [--user-tokens 150] [--answer-tokens 32]
 
 A chat client resends the whole history every turn.  Only the replica that served the previous
-turn holds that history's KV cache (the prefix cache); the gateway's conversation-affinity router
+turn holds that history's KV cache (the prefix cache); the conversation-affinity router
 (``adapters/distributed/router.py``) sends each turn there, so time to first token stays flat as
-the history grows.  Without it, Ray Serve's default router picks by queue length, and a turn that
-lands on the other replica prefills the whole history again.
+the history grows.  Ray Serve's default router picks the less loaded of two random replicas, and
+a turn that lands on the other replica prefills the whole history again.
 
 1. Writes (once, reused) the random ``mid`` checkpoint folder of ``bench.serving``.
-2. Starts ``python -m gateway serve --ray --replicas 2`` on it in a subprocess (a local Ray
-   cluster, one CPU per replica).
-3. Runs two conversations turn by turn, alternating (so both replicas are busy and a router that
-   ignored conversations would mix them up): user turns of ``--user-tokens`` tokens of corpus
-   text, answers of ``--answer-tokens`` greedy tokens with eos banned, each answer appended to
-   the history as the client would.  Prints, per turn of the first chat: prompt tokens, tokens
-   served from the prefix cache (``usage.prompt_tokens_details.cached_tokens``), the replica
-   (``X-Replica``) and the time to first token; then TTFT turn N / turn 1.
+2. Starts ``python -m gateway serve --ray --replicas 2`` in a subprocess (a local Ray cluster)
+   serving that folder as two models: ``affinity`` and ``default`` (``affinity = false`` in its
+   config entry), two replicas each.
+3. Runs, per model, two conversations turn by turn, alternating (both replicas get work, so a
+   router that ignored conversations mixes them up), and the two models' turns alternate too:
+   user turns of ``--user-tokens`` tokens of corpus text, answers of ``--answer-tokens`` greedy
+   tokens with eos banned, each answer appended to the history as the client would.  Prints, per
+   turn of each model's first chat: prompt tokens, tokens served from the prefix cache
+   (``usage.prompt_tokens_details.cached_tokens``), the replica (``X-Replica``) and the time to
+   first token; then TTFT turn N / turn 1 per model.
 
 Asserts nothing.
 """
@@ -44,7 +46,7 @@ from bench.serving import STARTUP_TIMEOUT, free_port
 from bench.workload import EOS_ID, load_tokenizer, user_text, write_checkpoint
 
 logger = logging.getLogger("bench.affinity")
-MODEL_ID = "bench"
+MODELS = ("affinity", "default")  # the same checkpoint, routed with and without affinity
 
 
 @dataclass(frozen=True)
@@ -61,9 +63,10 @@ def ray_gateway(folder: Path, replicas: int, cache_dir: Path) -> Iterator[str]:
     """``python -m gateway serve --ray`` on 127.0.0.1 until the block ends; yields its URL."""
     port = free_port()
     config = cache_dir / "affinity.yaml"  # JSON is YAML
-    config.write_text(json.dumps({"models": [{
-        "id": MODEL_ID, "path": str(folder), "dtype": "bfloat16", "device": "cpu",
-        "num_cpus": 1}]}))
+    # Half a CPU per replica: the four replicas fit on two cores (one request runs at a time).
+    config.write_text(json.dumps({"models": [
+        {"id": model, "path": str(folder), "dtype": "bfloat16", "device": "cpu",
+         "num_cpus": 0.5, "affinity": model == "affinity"} for model in MODELS]}))
     repo = Path(__file__).resolve().parent.parent
     cmd = [sys.executable, "-m", "gateway", "serve", "--ray", "--replicas", str(replicas),
            "--config", str(config), "--port", str(port), "--log-level", "warning"]
@@ -88,8 +91,8 @@ def ray_gateway(folder: Path, replicas: int, cache_dir: Path) -> Iterator[str]:
         proc.wait(timeout=120)
 
 
-def one_turn(client: httpx.Client, messages: list[dict], max_tokens: int) -> Turn:
-    body = {"model": MODEL_ID, "messages": messages, "stream": True, "temperature": 0,
+def one_turn(client: httpx.Client, model: str, messages: list[dict], max_tokens: int) -> Turn:
+    body = {"model": model, "messages": messages, "stream": True, "temperature": 0,
             "max_tokens": max_tokens, "logit_bias": {str(EOS_ID): -100},
             "stream_options": {"include_usage": True}}
     start = time.perf_counter()
@@ -131,31 +134,39 @@ def main() -> None:
     folder = write_checkpoint(args.cache_dir / f"{shape.preset}-{shape.config.num_layers}",
                               shape, args.cache_dir)
     tokenizer = load_tokenizer(args.cache_dir)
-    chats: list[list[dict]] = [[], []]
-    turns: list[list[Turn]] = [[], []]
+    chats: dict[str, list[list[dict]]] = {model: [[], []] for model in MODELS}
+    turns: dict[str, list[list[Turn]]] = {model: [[], []] for model in MODELS}
     with ray_gateway(folder, args.replicas, args.cache_dir) as url, \
             httpx.Client(base_url=url, timeout=600) as client:
-        one_turn(client, [{"role": "user", "content": "warm up"}], 2)
+        for model in MODELS:
+            for _ in range(2 * args.replicas):  # every replica serves once before measuring
+                one_turn(client, model, [{"role": "user", "content": "warm up"}], 2)
         for i in range(args.turns):
-            for c, (history, done) in enumerate(zip(chats, turns, strict=True)):
-                history.append({"role": "user",
-                                "content": user_text(tokenizer, args.user_tokens, 11 * i + c)})
-                turn = one_turn(client, history, args.answer_tokens)
-                history.append({"role": "assistant", "content": turn.answer})
-                done.append(turn)
-                logger.info("chat %d turn %d: %d prompt tokens (%d cached) on %s, TTFT %.2f s",
-                            c + 1, i + 1, turn.prompt_tokens, turn.cached_tokens, turn.replica,
-                            turn.ttft)
-    first = turns[0]
-    rows = [[str(i), str(t.prompt_tokens), str(t.cached_tokens), t.replica, f"{t.ttft:.2f}"]
-            for i, t in enumerate(first, start=1)]
-    print(f"\n{shape.describe()}; bf16; {args.replicas} Ray Serve replicas (1 CPU each); "
-          f"{machine_summary()}; user turns of ~{args.user_tokens} tokens, answers of "
-          f"{args.answer_tokens} tokens; a second chat alternates with this one\n")
-    print(markdown_table(["turn", "prompt tokens", "cached tokens", "replica", "TTFT s"], rows))
-    print(f"\nTTFT turn {len(first)} / turn 1 = {first[-1].ttft / first[0].ttft:.2f}; "
-          f"chat 1 on {len({t.replica for t in first})} replica(s), chat 2 on "
-          f"{sorted({t.replica for t in turns[1]})}")
+            for c in range(2):
+                text = user_text(tokenizer, args.user_tokens, 11 * i + c)
+                for model in MODELS:
+                    history = chats[model][c]
+                    history.append({"role": "user", "content": text})
+                    turn = one_turn(client, model, history, args.answer_tokens)
+                    history.append({"role": "assistant", "content": turn.answer})
+                    turns[model][c].append(turn)
+                    logger.info("%s chat %d turn %d: %d prompt tokens (%d cached) on %s, "
+                                "TTFT %.2f s", model, c + 1, i + 1, turn.prompt_tokens,
+                                turn.cached_tokens, turn.replica, turn.ttft)
+    print(f"\n{shape.describe()}; bf16; {args.replicas} Ray Serve replicas per model (half a "
+          f"CPU each); {machine_summary()}; user turns of ~{args.user_tokens} tokens, answers "
+          f"of {args.answer_tokens} tokens; a second chat alternates with this one\n")
+    rows = []
+    for i, (on, off) in enumerate(zip(turns["affinity"][0], turns["default"][0], strict=True)):
+        rows.append([str(i + 1), str(on.prompt_tokens), f"{on.cached_tokens} / {on.replica}",
+                     f"{on.ttft:.2f}", f"{off.cached_tokens} / {off.replica}", f"{off.ttft:.2f}"])
+    print(markdown_table(["turn", "prompt tokens", "affinity: cached / replica", "TTFT s",
+                          "default router: cached / replica", "TTFT s"], rows))
+    for model in MODELS:
+        first = turns[model][0]
+        print(f"\n{model}: TTFT turn {len(first)} / turn 1 = {first[-1].ttft / first[0].ttft:.2f}; "
+              f"chat 1 on {len({t.replica for t in first})} replica(s), chat 2 on "
+              f"{len({t.replica for t in turns[model][1]})}")
 
 
 if __name__ == "__main__":

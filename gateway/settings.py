@@ -134,6 +134,9 @@ class ModelEntry(BaseModel):
     resources: dict[str, float] = Field(
         default_factory=dict, description="Custom Ray resources each replica reserves (pins "
         "replicas to the nodes started with them: `ray start --resources`).")
+    affinity: bool = Field(
+        default=True, description="With ray: send each conversation's turns to the replica "
+        "holding its prefix cache (else Ray Serve's default, load-only routing).")
 
     @field_validator("device")
     @classmethod
@@ -258,7 +261,7 @@ class ServerSettings(BaseSettings):
             ("target_ongoing_requests", entry.target_ongoing_requests),
             ("num_cpus", entry.num_cpus), ("num_gpus", entry.num_gpus)) if v is not None}
         return {"replicas": entry.replicas if entry.replicas is not None else self.replicas,
-                "resources": dict(entry.resources), **given}
+                "resources": dict(entry.resources), "affinity": entry.affinity, **given}
 
 
 def read_key_file(path: Path) -> tuple[str, ...]:

@@ -7,6 +7,7 @@ order and the last one stops it with SIGTERM and checks that no Ray process is l
 
 from __future__ import annotations
 
+import itertools
 import json
 import os
 import signal
@@ -245,23 +246,40 @@ def test_a_killed_replica_fails_only_its_requests_and_comes_back(server: RayServ
     results: list[httpx.Response] = []
     stop = threading.Event()
 
-    def keep_sending() -> None:
-        while not stop.is_set():
-            results.append(_answer(server, "are you there?", max_tokens=32))
+    def keep_sending(sender: int) -> None:
+        for i in itertools.count():  # new conversations: they spread over both replicas
+            if stop.is_set():
+                return
+            results.append(_answer(server, f"sender {sender}, question {i}: are you there?",
+                                   max_tokens=32))
 
-    senders = [threading.Thread(target=keep_sending) for _ in range(2)]
-    for sender in senders:
-        sender.start()
-    try:
-        time.sleep(1.0)
-        os.kill(workers[0], signal.SIGKILL)
-        time.sleep(5.0)
-        sent_after_kill = len(results)
-        time.sleep(3.0)
-    finally:
-        stop.set()
+    def long_stream(i: int) -> list[str]:
+        body = {"model": MODEL, "messages": [{"role": "user", "content": f"story {i}, please"}],
+                "temperature": 0, "stream": True, "logit_bias": NO_EOS, "max_tokens": 480}
+        with httpx.stream("POST", f"{server.base}/v1/chat/completions", json=body,
+                          timeout=120) as response:
+            assert response.status_code == 200
+            return [line for line in response.iter_lines() if line.startswith("data: ")]
+
+    with ThreadPoolExecutor(4) as pool:
+        streams = [pool.submit(long_stream, i) for i in range(2)]  # one on each replica
+        senders = [pool.submit(keep_sending, i) for i in range(2)]
+        try:
+            time.sleep(1.0)
+            os.kill(workers[0], signal.SIGKILL)
+            time.sleep(5.0)
+            sent_after_kill = len(results)
+            time.sleep(3.0)
+        finally:
+            stop.set()
         for sender in senders:
-            sender.join(timeout=60)
+            sender.result(timeout=60)
+        events = [stream.result(timeout=60) for stream in streams]
+    # Both streams end with [DONE]: the one whose replica died with an error event first.
+    assert all(lines[-1] == "data: [DONE]" for lines in events)
+    errors = [json.loads(lines[-2][len("data: "):]) for lines in events
+              if '"error"' in lines[-2]]
+    assert len(errors) == 1 and errors[0]["error"]["code"] == "generation_cancelled", events
     failed = [r for r in results if r.status_code != 200]
     # at most the two requests in flight on the killed replica fail, each cleanly
     assert len(failed) <= 2, [r.text for r in failed]

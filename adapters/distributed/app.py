@@ -10,7 +10,7 @@ application from a Ray Serve config file's ``args`` (``deploy/ray-serve.yaml``):
 
 ``args`` takes a model entry's keys of the gateway's config file: the scale keys (``replicas``,
 ``min_replicas``, ``max_replicas``, ``target_ongoing_requests``, ``num_cpus``, ``num_gpus``,
-``resources``) and ``load_chat_model``'s keywords (``family``, ``dtype``, ``device``,
+``resources``, ``affinity``) and ``load_chat_model``'s keywords (``family``, ``dtype``, ``device``,
 ``quantize``, ``system_policy``, ``max_running``, ``max_waiting``, ``kv_cache_bytes``,
 ``prefix_cache``, ``prefill_chunk``, ``description``).
 """
@@ -64,13 +64,16 @@ def deployment_options(model_id: str, scale: ScaleOptions, capacity: int,
         "ray_actor_options": {"num_cpus": scale.num_cpus, "num_gpus": scale.num_gpus,
                               "resources": dict(scale.resources)},
         "max_ongoing_requests": capacity + PREPARE_SLOTS,
-        "request_router_config": RequestRouterConfig(
-            request_router_class=AffinityRouter,  # type: ignore[arg-type]
-            request_router_kwargs={"max_running": max_running}),
         # Checked every 2 s: a replica that died is replaced (and /ready updated) quickly.
         "health_check_period_s": 2.0,
         "graceful_shutdown_timeout_s": 5.0,
+        # A checkpoint that cannot load fails the same way every time: fail the start-up soon.
+        "max_constructor_retry_count": 2,
     }
+    if scale.affinity:
+        options["request_router_config"] = RequestRouterConfig(
+            request_router_class=AffinityRouter,  # type: ignore[arg-type]
+            request_router_kwargs={"max_running": max_running})
     if scale.autoscaling:
         options["autoscaling_config"] = {
             "min_replicas": scale.min_replicas if scale.min_replicas is not None else 1,

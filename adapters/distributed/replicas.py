@@ -34,6 +34,7 @@ class ScaleOptions:
     ``min_replicas`` and ``max_replicas`` aiming at ``target_ongoing_requests`` per replica.
     ``num_cpus`` / ``num_gpus`` / ``resources`` are what each replica reserves (Ray's
     ``ray_actor_options``; custom ``resources`` pin replicas to nodes that offer them).
+    ``affinity``: conversation-affinity routing (``router.py``).
     """
 
     replicas: int = 1
@@ -43,6 +44,9 @@ class ScaleOptions:
     num_cpus: float = 1.0
     num_gpus: float = 0.0
     resources: Mapping[str, float] = field(default_factory=dict)
+    #: route each conversation to the replica holding its prefix cache (else Ray Serve's
+    #: default router: the less loaded of two random replicas)
+    affinity: bool = True
 
     @property
     def autoscaling(self) -> bool:
