@@ -6,6 +6,7 @@ resource that each node offers once and each replica takes once forces the sprea
 from __future__ import annotations
 
 import os
+import time
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 
@@ -44,8 +45,10 @@ def test_replicas_on_two_nodes_both_serve(cluster: Cluster) -> None:
         models=(ModelEntry(id="glm2", path=checkpoint_dir("chatglm2-6b-tiny"), dtype="float32",
                            num_cpus=0.5, resources={SLOT: 1}),))
     with running_server(create_app(settings), timeout=300, wait_ready=True) as url:
-        replicas = httpx.get(f"{url}/v1/models/glm2", timeout=10).json()["replicas"]
-        assert len(replicas) == 2
+        deadline = time.monotonic() + 30  # /ready needs one replica; both report shortly
+        while len(replicas := httpx.get(f"{url}/v1/models/glm2").json()["replicas"]) < 2:
+            assert time.monotonic() < deadline, replicas
+            time.sleep(0.2)
         nodes = {r["node"] for r in replicas}
         assert nodes == {node["NodeID"] for node in ray.nodes() if node["Alive"]}
 

@@ -124,6 +124,8 @@ def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RayServer]:
                 return False
 
         _wait_for(ready, START_TIMEOUT, "the server is ready")
+        # /ready needs one replica per model; the other reports within a second
+        _wait_for(lambda: len(ray_server.replicas()) == 2, 30, "both replicas report")
         yield ray_server
     finally:
         if proc.poll() is None:

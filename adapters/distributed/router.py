@@ -4,11 +4,12 @@ A chat client resends the whole conversation every turn, so turn ``n + 1``'s pro
 turn ``n``'s.  The replica that served turn ``n`` keeps its KV cache (``runtime/prefix_cache.py``)
 and prefills only what is new; any other replica prefills the whole history again.  Ray Serve's
 default router balances by queue length alone, so a 10-turn chat would land on either replica at
-random.  This router (Ray Serve's request-router API) remembers the prompts each replica was sent,
-keyed by their leading token ids, and prefers the replica holding the longest shared prefix, as
-long as that replica is not saturated (``max_running`` requests in flight): then, and for a
-conversation no replica knows, the least-loaded replica takes it (among equally loaded ones, the
-one given a new conversation longest ago, so that conversations spread).
+random.  This router (Ray Serve's request-router API) remembers the prompts each replica was
+sent and sends a prompt that continues one of them (whose leading token ids are that earlier
+prompt) to the same replica, as long as that replica is not saturated (``max_running`` requests
+in flight): then, and for a conversation no replica knows, the least-loaded replica takes it
+(among equally loaded ones, the one given a new conversation longest ago, so that conversations
+spread).
 
 Other calls (``prepare``, ``info``) go to the least-loaded replica.
 """
@@ -31,9 +32,12 @@ from adapters.runtime.prefix_cache import common_prefix
 
 logger = logging.getLogger(__name__)
 
-#: A shared prefix shorter than this, or than a quarter of the prompt, is the chat template's
-#: first tokens (or a short system prompt) that every conversation shares: no affinity.
+#: A shared prefix shorter than this is no reason for affinity (the prefix cache does not even
+#: reuse fewer than 8 tokens).
 MIN_AFFINITY_TOKENS = 16
+#: A continued conversation holds the whole earlier prompt, but for the last few ids: the end
+#: of a turn ("答：") may tokenize differently once the answer follows it.
+SLACK = 4
 #: prompts remembered per replica (a conversation counts once: a turn replaces the one before)
 HISTORY = 256
 
@@ -94,14 +98,16 @@ class AffinityRouter(RequestRouter):
 
     def _affine(self, ids: tuple[int, ...],
                 candidates: list[RunningReplica]) -> RunningReplica | None:
+        """The replica that served the turn this prompt continues: one of its remembered
+        prompts is (nearly) a prefix of ``ids``.  Another conversation shares only the chat
+        template's first tokens (or a system prompt) with it, which is no reason to pile
+        conversations onto one replica."""
         best, best_len = None, 0
         for replica in candidates:
             for held in self.history.get(replica.replica_id, ()):
                 n = common_prefix(held, ids)
-                if n > best_len:
+                if n > best_len and n >= max(MIN_AFFINITY_TOKENS, len(held) - SLACK):
                     best, best_len = replica, n
-        if best_len < max(MIN_AFFINITY_TOKENS, len(ids) // 4):
-            return None
         return best
 
     def on_request_completed(self, replica_id: ReplicaID, internal_request_id: str) -> None:
