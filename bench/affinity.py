@@ -66,7 +66,8 @@ def ray_gateway(folder: Path, replicas: int, cache_dir: Path) -> Iterator[str]:
     # Half a CPU per replica: the four replicas fit on two cores (one request runs at a time).
     config.write_text(json.dumps({"models": [
         {"id": model, "path": str(folder), "dtype": "bfloat16", "device": "cpu",
-         "num_cpus": 0.5, "affinity": model == "affinity"} for model in MODELS]}))
+         "num_cpus": 0.5, "kv_cache_memory": 0.25, "affinity": model == "affinity"}
+        for model in MODELS]}))
     repo = Path(__file__).resolve().parent.parent
     cmd = [sys.executable, "-m", "gateway", "serve", "--ray", "--replicas", str(replicas),
            "--config", str(config), "--port", str(port), "--log-level", "warning"]

@@ -92,3 +92,14 @@ def test_a_saturated_replica_yields_to_the_least_loaded() -> None:
     home, again, other = asyncio.run(run())
     assert again == home
     assert other != home  # the affine replica is saturated: the other one takes the turn
+
+
+def test_conversations_arriving_together_spread() -> None:
+    async def run() -> set[str]:
+        router, replicas = _router()
+        requests = [_request(_conversation(1000 * c, 1)[0], c) for c in range(2)]
+        # both are ranked before either is routed (Ray Serve routes concurrently)
+        ranks = [await router.choose_replicas(replicas, r) for r in requests]  # type: ignore[arg-type]
+        return {rank[0][0].replica_id.unique_id for rank in ranks}
+
+    assert asyncio.run(run()) == {"a", "b"}

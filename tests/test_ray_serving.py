@@ -277,11 +277,11 @@ def test_a_killed_replica_fails_only_its_requests_and_comes_back(server: RayServ
         for sender in senders:
             sender.result(timeout=60)
         events = [stream.result(timeout=60) for stream in streams]
-    # Both streams end with [DONE]: the one whose replica died with an error event first.
-    assert all(lines[-1] == "data: [DONE]" for lines in events)
-    errors = [json.loads(lines[-2][len("data: "):]) for lines in events
-              if '"error"' in lines[-2]]
-    assert len(errors) == 1 and errors[0]["error"]["code"] == "generation_cancelled", events
+    # Both streams end (no hang): one normally, the one whose replica died with the gateway's
+    # in-band error event (the stream had begun: the status was sent already).
+    ends = sorted(lines[-1] for lines in events)
+    assert ends[0] == "data: [DONE]", events
+    assert json.loads(ends[1][len("data: "):])["error"]["code"] == "generation_cancelled"
     failed = [r for r in results if r.status_code != 200]
     # at most the two requests in flight on the killed replica fail, each cleanly
     assert len(failed) <= 2, [r.text for r in failed]

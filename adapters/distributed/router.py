@@ -71,8 +71,13 @@ class AffinityRouter(RequestRouter):
         # conversations spread even while every replica is idle.  One replica per rank: Ray
         # Serve tries them in this order.
         self.placing.add(pending_request.metadata.internal_request_id)
-        return [[r] for r in sorted(candidate_replicas, key=lambda r: (
-            self._queue(r), self.placed.get(r.replica_id, -1)))]
+        ranked = sorted(candidate_replicas, key=lambda r: (
+            self._queue(r), self.placed.get(r.replica_id, -1)))
+        # Counted now, not once routed: requests arriving together must not all see the same
+        # replica as "given a conversation longest ago".
+        self.placements += 1
+        self.placed[ranked[0].replica_id] = self.placements
+        return [[r] for r in ranked]
 
     def on_request_routed(self, pending_request: PendingRequest, replica_id: ReplicaID,
                           result: Any) -> None:
@@ -81,7 +86,7 @@ class AffinityRouter(RequestRouter):
             return
         request_id = pending_request.metadata.internal_request_id
         self.generating.setdefault(replica_id, set()).add(request_id)
-        if request_id in self.placing:
+        if request_id in self.placing:  # placed as a new conversation (maybe not where ranked)
             self.placing.discard(request_id)
             self.placements += 1
             self.placed[replica_id] = self.placements
