@@ -182,6 +182,27 @@ def test_bad_requests_are_400_before_any_byte(server: RayServer) -> None:
     assert _answer(server, "still serving").status_code == 200
 
 
+def test_admission_counts_generations_over_the_replicas(server: RayServer) -> None:
+    # 2 replicas x (4 running + 16 waiting): two requests of n=16 fit, a third does not
+    def body(i: int) -> dict:
+        return {"model": MODEL, "messages": [{"role": "user", "content": f"list {i} please"}],
+                "n": 16, "stream": True, "logit_bias": NO_EOS, "max_tokens": 480}
+
+    with httpx.Client(base_url=server.base, timeout=60) as client:
+        with client.stream("POST", "/v1/chat/completions", json=body(1)) as first, \
+                client.stream("POST", "/v1/chat/completions", json=body(2)) as second:
+            assert first.status_code == second.status_code == 200
+            refused = client.post("/v1/chat/completions", json={**body(3), "stream": False})
+        assert refused.status_code == 429 and "Retry-After" in refused.headers
+        assert refused.json()["error"]["code"] == "rate_limit_exceeded"
+        # the streams are gone (cancelled): the same request is admitted again
+        _wait_for(lambda: all(r["running"] == 0 and r["waiting"] == 0
+                              for r in server.replicas()), 30, "the replicas drop them")
+        again = client.post("/v1/chat/completions", json={**body(3), "stream": False,
+                                                         "max_tokens": 2})
+        assert again.status_code == 200 and len(again.json()["choices"]) == 16
+
+
 def _metric(server: RayServer, name: str) -> float:
     text = httpx.get(f"{server.base}/metrics", timeout=10).text
     line = next(line for line in text.splitlines()
@@ -255,19 +276,27 @@ def test_a_killed_replica_fails_only_its_requests_and_comes_back(server: RayServ
             results.append(_answer(server, f"sender {sender}, question {i}: are you there?",
                                    max_tokens=32))
 
+    streaming = threading.Barrier(3)
+
     def long_stream(i: int) -> list[str]:
         body = {"model": MODEL, "messages": [{"role": "user", "content": f"story {i}, please"}],
                 "temperature": 0, "stream": True, "logit_bias": NO_EOS, "max_tokens": 480}
         with httpx.stream("POST", f"{server.base}/v1/chat/completions", json=body,
                           timeout=120) as response:
             assert response.status_code == 200
-            return [line for line in response.iter_lines() if line.startswith("data: ")]
+            lines = []
+            for line in response.iter_lines():
+                if line.startswith("data: "):
+                    lines.append(line)
+                    if len(lines) == 10:
+                        streaming.wait(timeout=60)  # both streams run: the kill may come
+            return lines
 
     with ThreadPoolExecutor(4) as pool:
         streams = [pool.submit(long_stream, i) for i in range(2)]  # one on each replica
         senders = [pool.submit(keep_sending, i) for i in range(2)]
         try:
-            time.sleep(1.0)
+            streaming.wait(timeout=60)
             os.kill(workers[0], signal.SIGKILL)
             time.sleep(5.0)
             sent_after_kill = len(results)

@@ -25,6 +25,7 @@ from ray import serve
 from adapters.base import (
     ChatRequest,
     Delta,
+    InvalidRequest,
     ModelInfo,
     ModelUnavailable,
     Overloaded,
@@ -71,6 +72,11 @@ class RemoteChatModel:
         if live == 0:
             raise ModelUnavailable(f"Model '{self.info.id}' has no replica serving right now. "
                                    "Please retry shortly.", code="no_replica")
+        if request.generations > live * self._capacity:
+            raise InvalidRequest(
+                f"The request asks for {request.generations} generations (prompts x n); model "
+                f"'{self.info.id}' runs at most {live * self._capacity} at once on its {live} "
+                "replicas.", param="n")
         if self._generations + request.generations > live * self._capacity:
             raise Overloaded(
                 f"Model '{self.info.id}' is at capacity ({self._generations} of "

@@ -51,10 +51,13 @@ class ModelReplica:
         return self.model.info
 
     async def prepare(self, request: ChatRequest) -> Prompt | Refusal:
+        # generations=0: admission is the gateway's, over every replica (the generations go
+        # wherever the router sends them, not necessarily here); this engine still refuses
+        # what it cannot queue when a generation is submitted.
         # On a worker thread: tokenizing a long conversation must not hold up this replica's
         # event loop, which streams every running request's deltas.
         try:
-            return await asyncio.to_thread(self.model.prepare, request)
+            return await asyncio.to_thread(self.model.prepare, replace(request, generations=0))
         except AdapterError as error:
             return Refusal.of(error)
 
