@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import threading
 from collections.abc import AsyncIterator, Mapping
 from dataclasses import replace
@@ -68,7 +69,7 @@ class ModelReplica:
             first = False
 
     def status(self) -> ReplicaStatus:
-        return ReplicaStatus(self.replica_id, self.node_id, self.model.status())
+        return ReplicaStatus(self.replica_id, self.node_id, self.model.status(), os.getpid())
 
     def _report(self) -> None:
         """Post this replica's status to the board every REPORT_SECONDS (a deployment

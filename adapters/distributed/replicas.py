@@ -11,11 +11,13 @@ from typing import Protocol, runtime_checkable
 class ReplicaStatus:
     """One replica as it last reported itself: ``id`` is Ray Serve's replica id (the
     ``X-Replica`` header), ``node`` the Ray node id it runs on, ``counts`` its engine's
-    ``status()`` (running, waiting, KV-cache and prefix-cache counters)."""
+    ``status()`` (running, waiting, KV-cache and prefix-cache counters), ``pid`` its process."""
 
     id: str
     node: str
     counts: Mapping[str, int] = field(default_factory=dict)
+    #: the replica's process on its node (what an operator kills or profiles)
+    pid: int = 0
 
     @property
     def running(self) -> int:
