@@ -348,3 +348,24 @@ def test_without_ray_the_gateway_never_imports_it() -> None:
     out = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True,
                          text=True, check=True)
     assert out.stdout.strip() == "False"
+
+
+def test_ray_flags_and_per_model_scale_settings(tmp_path: Path) -> None:
+    from gateway import cli
+
+    config = tmp_path / "gateway.toml"
+    config.write_text('[[models]]\nid = "a"\npath = "/models/a"\nmin_replicas = 1\n'
+                      'max_replicas = 4\ntarget_ongoing_requests = 6\nnum_gpus = 1\n'
+                      'resources = { gpu_node = 1 }\naffinity = false\n\n'
+                      '[[models]]\nid = "b"\npath = "/models/b"\nreplicas = 3\n')
+    args = cli.build_parser().parse_args(
+        ["serve", "--ray-address", "10.0.0.1:6379", "--replicas", "2", "--config", str(config)])
+    settings = cli.settings_from_args(args)
+    assert settings.ray and settings.ray_address == "10.0.0.1:6379"  # an address implies --ray
+    a, b = settings.models
+    assert settings.scale(a) == {"replicas": 2, "min_replicas": 1, "max_replicas": 4,
+                                 "target_ongoing_requests": 6, "num_gpus": 1,
+                                 "resources": {"gpu_node": 1}, "affinity": False}
+    assert settings.scale(b) == {"replicas": 3, "resources": {}, "affinity": True}
+    plain = cli.settings_from_args(cli.build_parser().parse_args(["serve"]))
+    assert not plain.ray and plain.replicas == 1
