@@ -63,3 +63,24 @@ def test_replicas_on_two_nodes_both_serve(cluster: Cluster) -> None:
         assert {a.headers["X-Replica"] for a in answers} == {r["id"] for r in replicas}
     # The gateway joined the cluster: it leaves it running (only Serve's app is gone).
     assert ray.is_initialized() and "glm2" not in serve.status().applications
+
+
+def test_the_gateway_uses_an_application_deployed_before_it(cluster: Cluster) -> None:
+    """What ``serve deploy deploy/ray-serve.yaml`` does, then a gateway joining: it serves the
+    running application and leaves it running when it stops."""
+    from adapters.distributed.app import build
+
+    path = checkpoint_dir("chatglm2-6b-tiny")
+    serve.run(build({"id": "glm2", "path": str(path), "dtype": "float32", "replicas": 1,
+                     "num_cpus": 0.5}), name="glm2", route_prefix=None)
+    settings = ServerSettings(ray=True, ray_address=cluster.address, models=(
+        ModelEntry(id="glm2", path=path, dtype="float32", replicas=2),))
+    with running_server(create_app(settings), timeout=300, wait_ready=True) as url:
+        r = httpx.post(f"{url}/v1/chat/completions", timeout=60, json={
+            "model": "glm2", "temperature": 0, "max_tokens": 4,
+            "messages": [{"role": "user", "content": "hello"}]})
+        assert r.status_code == 200 and r.headers["X-Replica"]
+        # the application as deployed (1 replica), not as this gateway would have made it (2)
+        assert len(httpx.get(f"{url}/v1/models/glm2").json()["replicas"]) == 1
+    assert str(serve.status().applications["glm2"].status).endswith("RUNNING")
+    serve.delete("glm2")

@@ -48,8 +48,11 @@ class StatusBoard:
 def board(create: bool = False) -> ray.actor.ActorHandle | None:
     """The cluster's board (``create``: start it when missing); None when there is none."""
     if create:
+        # Detached: it outlives the gateway that started it, for the other gateways of a
+        # shared cluster (a local cluster takes it down with everything else).
         return StatusBoard.options(  # type: ignore[attr-defined,no-any-return]
-            name=BOARD_NAME, namespace=NAMESPACE, get_if_exists=True).remote()
+            name=BOARD_NAME, namespace=NAMESPACE, get_if_exists=True,
+            lifetime="detached").remote()
     try:
         return ray.get_actor(BOARD_NAME, namespace=NAMESPACE)
     except ValueError:

@@ -5,7 +5,8 @@ machine, ``ray start --address`` on the others), or starts a local one when ``ad
 ``stop()`` stops what it started (Serve, the local Ray processes) and leaves a joined cluster
 running.  ``deploy`` makes one application per model, named after the model id, with one
 deployment of :class:`~adapters.distributed.replica.ModelReplica`; an application of that name
-already running (``serve deploy`` of ``deploy/ray-serve.yaml``) is used as it is.
+already running (``serve deploy`` of ``deploy/ray-serve.yaml``, another gateway) is used as it
+is, and left running when the gateway stops.
 """
 
 from __future__ import annotations
@@ -71,7 +72,8 @@ class RayCluster:
         """Deploy ``model_id`` (``load``: ``load_chat_model``'s keyword arguments) and wait
         until its replicas serve (blocking: run it in a thread)."""
         capacity = capacity_of(load)
-        if _running(model_id):
+        owned = not _running(model_id)
+        if not owned:
             logger.info("model '%s': using the Ray Serve application already running", model_id)
             handle = serve.get_app_handle(model_id)
         else:
@@ -79,7 +81,7 @@ class RayCluster:
                                route_prefix=None)
         info = handle.info.remote().result()
         assert self.board is not None
-        return RemoteChatModel(info, handle, self.board, capacity=capacity)
+        return RemoteChatModel(info, handle, self.board, capacity=capacity, owned=owned)
 
     def stop(self) -> None:
         """Stop Serve and the local Ray processes when this gateway started them."""

@@ -48,8 +48,11 @@ ATTEMPTS = 2
 
 class RemoteChatModel:
     def __init__(self, info: ModelInfo, handle: serve.handle.DeploymentHandle,
-                 board: ray.actor.ActorHandle, *, capacity: int) -> None:
+                 board: ray.actor.ActorHandle, *, capacity: int, owned: bool = True) -> None:
         self.info = info
+        #: this gateway deployed the application (and deletes it when it closes); one deployed
+        #: by ``serve deploy`` or another gateway is left running
+        self._owned = owned
         self._handle = handle
         self._stream = handle.options(stream=True)
         self._board = board
@@ -142,6 +145,8 @@ class RemoteChatModel:
     def close(self) -> None:
         self._stop.set()
         self._poller.join(timeout=5)
+        if not self._owned:
+            return
         try:
             serve.delete(self.info.id)
         except Exception:  # the cluster went first; nothing is left to delete
