@@ -1,8 +1,10 @@
 # chatglm-gateway image. Build args:
 #   TORCH_SPEC   which torch to install first (pin it: an unpinned torch resolves to a large CUDA build)
 #   PIP_INDEX_URL / PIP_EXTRA_INDEX_URL   standard pip variables, e.g. to take a CPU-only torch wheel
+#   EXTRAS       optional extras of the package, e.g. "ray" for `serve --ray` (deploy/)
 FROM python:3.11-slim
 ARG TORCH_SPEC=torch==2.13.0
+ARG EXTRAS=""
 ENV PYTHONDONTWRITEBYTECODE=1 PYTHONUNBUFFERED=1 \
     CHATGLM_GATEWAY_CACHE=/cache
 WORKDIR /app
@@ -14,7 +16,7 @@ RUN pip install --no-cache-dir "${TORCH_SPEC}"
 COPY pyproject.toml README.md ./
 COPY adapters ./adapters
 COPY gateway ./gateway
-RUN pip install --no-cache-dir .
+RUN pip install --no-cache-dir ."${EXTRAS:+[$EXTRAS]}"
 RUN useradd --create-home --uid 1000 gateway && mkdir -p /cache && chown gateway /cache
 USER gateway
 # Build the kernels into the image's cache now (a mounted /cache rebuilds them in about a second).

@@ -337,6 +337,9 @@ class Delta:
     #: the scored prompt (``prompt_logprobs``), on the generation's first Delta only; None when
     #: the prompt is empty or was not asked to be scored
     prompt_logprobs: PromptLogprobs | None = None
+    #: where the generation runs, on its first Delta: the Ray Serve replica's id (the
+    #: ``X-Replica`` header); empty in a single-process server
+    replica: str = ""
 
 
 @dataclass(frozen=True)

@@ -48,6 +48,8 @@ class TorchChatModel:
         self.tokenizer = tokenizer
         self.model = model
         self.system_policy = system_policy
+        #: generations closed before they finished (a client that left), for /metrics
+        self.cancelled = 0
         #: the most bytes one token stands for: a text of n characters is at least
         #: n / longest tokens, which refuses a huge prompt before it is tokenized
         self._longest_token = max(
@@ -142,17 +144,20 @@ class TorchChatModel:
                 loop.call_soon_threadsafe(queue.put_nowait, delta)
 
         seq = self.engine.submit(prompt, deliver)
+        finished = False
         try:
-            while True:
+            while not finished:
                 delta = await queue.get()
+                finished = delta.finish_reason is not None
                 yield delta
-                if delta.finish_reason is not None:
-                    return
         finally:
+            if not finished:
+                self.cancelled += 1  # closed early: the client left
             self.engine.cancel(seq)
 
     def status(self) -> dict[str, int]:
-        return self.engine.counts()
+        return {**self.engine.counts(), **self.engine.cache_counts(),
+                "cancelled": self.cancelled}
 
     def close(self) -> None:
         self.engine.close()

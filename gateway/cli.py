@@ -7,6 +7,7 @@
                           [--port 8000] [--config PATH] [--log-level info]
                           [--api-key KEY ...] [--api-key-file PATH] [--cors-origin ORIGIN ...]
                           [--max-running N] [--max-waiting M] [--shutdown-grace SECONDS]
+                          [--ray [--ray-address ADDRESS] [--replicas N]]
     chatglm-gateway chat [--base-url URL | --checkpoint PATH] ...   (see ``chat --help``)
 
 Flags override the environment (``CHATGLM_GATEWAY_*``), which overrides the config file.  With
@@ -91,6 +92,14 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--shutdown-grace", type=float, metavar="SECONDS",
                        help="on SIGTERM/SIGINT, how long running requests may take to finish "
                        "(default 30)")
+    serve.add_argument("--ray", action="store_true", default=None,
+                       help="run each model in Ray Serve replicas (pip install "
+                       "'chatglm-gateway[ray]'); this process still serves the HTTP API")
+    serve.add_argument("--ray-address", metavar="ADDRESS",
+                       help="with --ray: join this Ray cluster ('auto', 'HEAD_IP:6379'); "
+                       "default: start a local one, stopped with the server")
+    serve.add_argument("--replicas", type=int, metavar="N",
+                       help="with --ray: replicas per model (default 1)")
     chat = commands.add_parser("chat", help="chat in the terminal (with a running gateway or "
                                "a local checkpoint)")
     terminal.add_chat_arguments(chat)
@@ -105,7 +114,8 @@ def settings_from_args(args: argparse.Namespace) -> ServerSettings:
             ("api_key_file", args.api_key_file), ("max_running", args.max_running),
             ("max_waiting", args.max_waiting), ("shutdown_grace", args.shutdown_grace),
             ("kv_cache_memory", args.kv_cache_memory), ("prefix_cache", args.prefix_cache),
-            ("max_request_bytes", args.max_request_bytes),
+            ("max_request_bytes", args.max_request_bytes), ("ray", args.ray),
+            ("ray_address", args.ray_address), ("replicas", args.replicas),
         ) if value is not None
     }
     for key, values in (("api_keys", args.api_key), ("cors_origins", args.cors_origin),

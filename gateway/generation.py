@@ -120,6 +120,8 @@ async def start(request: Request, served: ServedModel, prompts: Sequence[Prompt]
         first = stream.peek()
         if first is not None and first[1].finish_reason is not None:
             finish_reason(first[1].finish_reason)  # a failed first step -> a status, not a stream
+        if first is not None and first[1].replica:
+            request.state.replica = first[1].replica  # the X-Replica header (with --ray)
     except BaseException:
         await stream.aclose()
         raise
@@ -139,10 +141,9 @@ async def respond(
     if streaming:
         assert chunks is not None, "a streamed response needs its chunk generator"
         settings: ServerSettings = request.app.state.settings
-        return sse.response(chunks(stream), stream, name=name,
-                            ping_seconds=settings.sse_ping_seconds,
-                            shutdown_grace=settings.shutdown_grace, cut=lifecycle.must_cut,
-                            wire=wire)
+        return placed(request, sse.response(
+            chunks(stream), stream, name=name, ping_seconds=settings.sse_ping_seconds,
+            shutdown_grace=settings.shutdown_grace, cut=lifecycle.must_cut, wire=wire))
     try:
         result = await unless_disconnected(request, collect(stream), lifecycle)
     finally:
@@ -153,7 +154,15 @@ async def respond(
     if result is None:
         logger.info("client left before %s finished; generation cancelled", name)
         return Response(status_code=CLIENT_CLOSED)
-    return JSONResponse(result.model_dump(mode="json"))
+    return placed(request, JSONResponse(result.model_dump(mode="json")))
+
+
+def placed(request: Request, response: Response) -> Response:
+    """``response`` with ``X-Replica: <replica id>`` when a Ray Serve replica ran the request."""
+    replica = getattr(request.state, "replica", "")
+    if replica:
+        response.headers["X-Replica"] = replica
+    return response
 
 
 class UsageSum:

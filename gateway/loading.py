@@ -24,25 +24,35 @@ from gateway.settings import ModelEntry, ServerSettings
 if TYPE_CHECKING:
     from fastapi import FastAPI
 
+    from adapters.distributed.cluster import RayCluster
+
 logger = logging.getLogger(__name__)
 
 
-def load_model(entry: ModelEntry, limits: Mapping[str, Any]) -> ChatModel:
-    """Load one configured model through the adapters' registry (blocking: run it in a thread)."""
+def load_options(entry: ModelEntry, limits: Mapping[str, Any]) -> dict[str, Any]:
+    """``load_chat_model``'s keyword arguments for ``entry`` (plain values: with Ray they are
+    sent to every replica)."""
+    return {"family": entry.family, "dtype": entry.dtype, "device": entry.device,
+            "quantize": entry.quantize, "system_policy": entry.system_policy,
+            "description": entry.description, **limits}
+
+
+def load_model(entry: ModelEntry, limits: Mapping[str, Any], cluster: RayCluster | None = None,
+               scale: Mapping[str, Any] | None = None) -> ChatModel:
+    """Load one configured model through the adapters' registry, or deploy it on ``cluster``
+    as Ray Serve replicas spread as ``scale`` says (blocking: run it in a thread)."""
+    model: ChatModel
+    if cluster is not None:
+        from adapters.distributed import ScaleOptions
+
+        options = ScaleOptions(**(scale or {}))
+        model = cluster.deploy(entry.id, str(entry.path), load_options(entry, limits), options)
+        logger.info("model '%s' ready on Ray Serve: %s", entry.id, options)
+        return model
     # Imported here: the registry pulls in torch, which tests with injected models never need.
     from adapters.registry import load_chat_model
 
-    model: ChatModel = load_chat_model(
-        entry.id,
-        entry.path,
-        family=entry.family,
-        dtype=entry.dtype,
-        device=entry.device,
-        quantize=entry.quantize,
-        system_policy=entry.system_policy,
-        description=entry.description,
-        **limits,
-    )
+    model = load_chat_model(entry.id, entry.path, **load_options(entry, limits))
     info = model.info
     logger.info(
         "model '%s' ready: family=%s dtype=%s device=%s quantization=%s context=%d "
@@ -82,9 +92,18 @@ class ModelLoader:
         self._lifecycle = lifecycle
         self._stopping = False
         self.loaded: dict[str, ChatModel] = {}
+        #: with ``settings.ray``: the Ray cluster the models run on (stopped last)
+        self.cluster: RayCluster | None = None
 
     async def run(self) -> None:
         entries = self._settings.models
+        if self._settings.ray:
+            try:
+                self.cluster = await anyio.to_thread.run_sync(connect, self._settings)
+            except Exception as exc:
+                logger.exception("connecting to the Ray cluster failed")
+                self._lifecycle.fail(f"Ray cluster: {exc}")
+                return
         for number, entry in enumerate(entries, start=1):
             if self._stopping:
                 return
@@ -92,7 +111,8 @@ class ModelLoader:
                         entry.path)
             try:
                 limits = self._settings.limits(entry)
-                model = await anyio.to_thread.run_sync(load_model, entry, limits)
+                model = await anyio.to_thread.run_sync(
+                    load_model, entry, limits, self.cluster, self._settings.scale(entry))
             except Exception as exc:  # the app keeps answering /health; /ready says why
                 logger.exception("loading model '%s' failed", entry.id)
                 self._lifecycle.fail(f"'{entry.id}': {exc}")
@@ -115,3 +135,20 @@ class ModelLoader:
             except Exception:  # one model failing to close must not keep the others open
                 logger.exception("closing model %s failed", model_id)
         self.loaded.clear()
+        if self.cluster is not None:
+            self.cluster.stop()
+            self.cluster = None
+
+
+def connect(settings: ServerSettings) -> RayCluster:
+    """Join ``settings.ray_address``'s Ray cluster, or start a local one (blocking)."""
+    # Ray's C++ crash handler would take over SIGTERM in this process and abort() 3 s after
+    # it (absl's failure-signal alarm), killing the drain mid-way; the gateway handles SIGTERM
+    # itself.  Ray reads this when it is first imported.
+    os.environ.setdefault("RAY_DISABLE_FAILURE_SIGNAL_HANDLER", "1")
+    # Imported here: Ray is an optional extra, imported only when --ray asks for it.
+    try:
+        from adapters.distributed.cluster import RayCluster
+    except ImportError as exc:
+        raise RuntimeError("--ray needs Ray Serve: pip install 'chatglm-gateway[ray]'") from exc
+    return RayCluster(settings.ray_address)

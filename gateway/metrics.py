@@ -6,6 +6,11 @@ easy place for subtle format bugs.
 
 * ``chatglm_gateway_requests_running`` / ``_waiting`` (gauges, label ``model``): read from each
   model's ``status()`` at scrape time by :class:`_SchedulerCollector`;
+* ``chatglm_gateway_kv_cache_usage_ratio`` and ``_prefix_cache_hit_rate`` (gauges, label
+  ``model``; what an autoscaler or an external router reads), from the same ``status()``: summed
+  over replicas with ``--ray``, where ``chatglm_gateway_replicas`` counts the live replicas;
+  ``chatglm_gateway_generations_cancelled_total`` (label ``model``): generations the engines
+  dropped because their client left;
 * ``chatglm_gateway_requests_total`` (label ``model``, ``endpoint``, ``status``): every request to
   a model endpoint, by HTTP status (``model`` is empty when the request named no served model);
 * ``chatglm_gateway_prompt_tokens_total`` / ``_generated_tokens_total`` (label ``model``), counted
@@ -24,11 +29,12 @@ from collections.abc import AsyncIterator, Callable, Iterable, Iterator
 from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Histogram
-from prometheus_client.core import GaugeMetricFamily, Metric
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.exposition import generate_latest
 from prometheus_client.registry import Collector
 
 from adapters.base import ChatModel, Delta
+from adapters.distributed import Replicated
 
 logger = logging.getLogger(__name__)
 
@@ -60,12 +66,39 @@ class _SchedulerCollector(Collector):
                                     labels=["model"])
         waiting = GaugeMetricFamily(f"{PREFIX}_requests_waiting",
                                     "Requests queued for a decoding slot.", labels=["model"])
+        kv_usage = GaugeMetricFamily(
+            f"{PREFIX}_kv_cache_usage_ratio", "Share of the KV-cache budget held by running "
+            "requests and the prefix cache (summed over replicas).", labels=["model"])
+        hit_rate = GaugeMetricFamily(
+            f"{PREFIX}_prefix_cache_hit_rate", "Prompt tokens whose KV came from the prefix "
+            "cache, of all prompt tokens looked up (since start, over replicas).",
+            labels=["model"])
+        cancelled = CounterMetricFamily(
+            f"{PREFIX}_generations_cancelled", "Generations closed before they finished "
+            "(clients that left), counted by the engines.", labels=["model"])
+        replicas = GaugeMetricFamily(f"{PREFIX}_replicas",
+                                     "Replicas serving the model (with --ray).", labels=["model"])
         for model_id, model in self._models():
             status = model.status()
             running.add_metric([model_id], status.get("running", 0))
             waiting.add_metric([model_id], status.get("waiting", 0))
+            if status.get("kv_cache_bytes"):
+                kv_usage.add_metric([model_id], status.get("kv_cache_used_bytes", 0)
+                                    / status["kv_cache_bytes"])
+            if "prefix_cache_queried_tokens" in status:
+                queried = status["prefix_cache_queried_tokens"]
+                hit_rate.add_metric([model_id], status.get("prefix_cache_hit_tokens", 0)
+                                    / queried if queried else 0.0)
+            if "cancelled" in status:
+                cancelled.add_metric([model_id], status["cancelled"])
+            if isinstance(model, Replicated):
+                replicas.add_metric([model_id], len(model.replicas()))
         yield running
         yield waiting
+        yield kv_usage
+        yield hit_rate
+        yield cancelled
+        yield replicas
 
 
 class GatewayMetrics:

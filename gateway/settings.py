@@ -115,6 +115,28 @@ class ModelEntry(BaseModel):
         "default: the server's.")
     prefix_cache: bool | None = Field(
         default=None, description="Reuse the KV cache of earlier turns; default: the server's.")
+    # ---- with --ray: how the model spreads over the Ray cluster (ignored otherwise)
+    replicas: int | None = Field(
+        default=None, ge=1, description="Ray Serve replicas of this model; default: the "
+        "server's (--replicas).")
+    min_replicas: int | None = Field(
+        default=None, ge=0, description="Autoscaling (with max_replicas): the fewest replicas.")
+    max_replicas: int | None = Field(
+        default=None, ge=1, description="Autoscaling on: Ray Serve adds replicas up to this "
+        "many while requests queue.")
+    target_ongoing_requests: float | None = Field(
+        default=None, gt=0, description="Autoscaling: requests in flight per replica to aim "
+        "at; default: max_running.")
+    num_cpus: float | None = Field(
+        default=None, ge=0, description="CPUs each replica reserves in Ray (default 1).")
+    num_gpus: float | None = Field(
+        default=None, ge=0, description="GPUs each replica reserves in Ray (default 0).")
+    resources: dict[str, float] = Field(
+        default_factory=dict, description="Custom Ray resources each replica reserves (pins "
+        "replicas to the nodes started with them: `ray start --resources`).")
+    affinity: bool = Field(
+        default=True, description="With ray: send each conversation's turns to the replica "
+        "holding its prefix cache (else Ray Serve's default, load-only routing).")
 
     @field_validator("device")
     @classmethod
@@ -167,6 +189,14 @@ class ServerSettings(BaseSettings):
         "memory on CUDA).")
     prefix_cache: bool = Field(default=True, description="Per model: keep recent "
                                "conversations' KV cache and reuse the longest shared prefix.")
+    ray: bool = Field(default=False, description="Run each model's engine in Ray Serve "
+                      "replicas; this process serves the HTTP API (pip install "
+                      "'chatglm-gateway[ray]').")
+    ray_address: str | None = Field(
+        default=None, description="With ray: the Ray cluster to join (e.g. 'auto' or "
+        "'HEAD_IP:6379'); none = start a local cluster, stopped with the server.")
+    replicas: int = Field(default=1, ge=1, description="With ray: replicas per model (a "
+                          "model's own 'replicas' wins).")
 
     @field_validator("api_keys", "cors_origins", "allowed_hosts", mode="before")
     @classmethod
@@ -196,6 +226,12 @@ class ServerSettings(BaseSettings):
         return self
 
     @model_validator(mode="after")
+    def _address_means_ray(self) -> ServerSettings:
+        if self.ray_address is not None:
+            self.ray = True
+        return self
+
+    @model_validator(mode="after")
     def _read_key_file(self) -> ServerSettings:
         if self.api_key_file is not None:
             self.api_keys = (*self.api_keys, *read_key_file(self.api_key_file))
@@ -215,6 +251,17 @@ class ServerSettings(BaseSettings):
             "prefix_cache": entry.prefix_cache if entry.prefix_cache is not None
             else self.prefix_cache,
         }
+
+
+    def scale(self, entry: ModelEntry) -> dict[str, Any]:
+        """How ``entry`` spreads over a Ray cluster, as keyword arguments of
+        ``adapters.distributed.ScaleOptions``."""
+        given = {k: v for k, v in (
+            ("min_replicas", entry.min_replicas), ("max_replicas", entry.max_replicas),
+            ("target_ongoing_requests", entry.target_ongoing_requests),
+            ("num_cpus", entry.num_cpus), ("num_gpus", entry.num_gpus)) if v is not None}
+        return {"replicas": entry.replicas if entry.replicas is not None else self.replicas,
+                "resources": dict(entry.resources), "affinity": entry.affinity, **given}
 
 
 def read_key_file(path: Path) -> tuple[str, ...]:

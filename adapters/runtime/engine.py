@@ -190,6 +190,17 @@ class Engine:
             free = max(self.max_running - running, 0)
             return {"running": running, "waiting": max(len(self._waiting) - free, 0)}
 
+    def cache_counts(self) -> dict[str, int]:
+        """The KV-cache budget and what running requests plus the prefix store hold of it, and
+        the prefix cache's prompt tokens looked up / reused so far (what ``/metrics`` reports as
+        KV-cache usage and prefix-cache hit rate)."""
+        with self._cv:
+            running = sum(s.cache.nbytes for s in list(self._running) if s.cache is not None)
+        return {"kv_cache_bytes": self.kv_cache_bytes,
+                "kv_cache_used_bytes": running + self.prefix.nbytes,
+                "prefix_cache_queried_tokens": self.prefix.queried_tokens,
+                "prefix_cache_hit_tokens": self.prefix.reused_tokens}
+
     def close(self, timeout: float = 5.0) -> None:
         with self._cv:
             self._closed = True

@@ -39,11 +39,15 @@ class PrefixCache:
         )
         self._next = 0
         self.hits = 0
+        #: prompt tokens looked up, and those whose KV was reused (the hit rate, in tokens)
+        self.queried_tokens = 0
         self.reused_tokens = 0
 
     @property
     def nbytes(self) -> int:
-        return sum(cache.nbytes for _, cache in self._entries.values())
+        # list() first: another thread (a metrics scrape) may read this while the engine's
+        # thread changes the entries; copying the values is one step under the GIL
+        return sum(cache.nbytes for _, cache in list(self._entries.values()))
 
     def __len__(self) -> int:
         return len(self._entries)
@@ -51,6 +55,7 @@ class PrefixCache:
     def take(self, ids: Sequence[int]) -> tuple[KVCache, int] | None:
         """Remove and return the cache sharing the longest prefix with ``ids`` (truncated to it),
         keeping at least one id of ``ids`` to be fed so the caller gets fresh logits."""
+        self.queried_tokens += len(ids)
         best_key, best_len = None, 0
         for key, (held, _) in self._entries.items():
             n = min(common_prefix(held, ids), len(ids) - 1)

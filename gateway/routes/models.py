@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from fastapi import APIRouter, Request
 
+from adapters.distributed import Replicated
 from gateway.catalog import ModelCatalog, ServedModel
 from gateway.protocol import ModelCard, ModelList
 
@@ -47,4 +48,13 @@ async def list_models(request: Request) -> ModelList:
 @router.get("/v1/models/{model_id:path}")
 @router.head("/v1/models/{model_id:path}", include_in_schema=False)
 async def retrieve_model(model_id: str, request: Request) -> ModelCard:
-    return card(_catalog(request).resolve(model_id))
+    """The model's card; a model served by Ray Serve replicas (``--ray``) also lists them:
+    ``replicas: [{id, node, pid, running, waiting}]``."""
+    served = _catalog(request).resolve(model_id)
+    found = card(served)
+    if isinstance(served.model, Replicated):
+        found = found.model_copy(update={"replicas": [
+            {"id": r.id, "node": r.node, "pid": r.pid, "running": r.running,
+             "waiting": r.waiting}
+            for r in served.model.replicas()]})
+    return found
