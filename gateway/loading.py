@@ -39,6 +39,7 @@ def load_model(entry: ModelEntry, limits: Mapping[str, Any]) -> ChatModel:
         dtype=entry.dtype,
         device=entry.device,
         quantize=entry.quantize,
+        int8_activations=entry.int8_activations,
         system_policy=entry.system_policy,
         description=entry.description,
         **limits,
