@@ -159,7 +159,8 @@ def reference(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor,
     integer weights ``q [N, K]`` and both scales (+ ``bias``); ``[M, N]`` float64."""
     xf = x.float()
     amax = xf.abs().amax(dim=1, keepdim=True)
-    inv = torch.where(amax > 0, 127.0 / amax, torch.zeros_like(amax))
+    # a true fp32 division (torch computes `127.0 / tensor` as 127 * reciprocal: 1 ulp apart)
+    inv = torch.where(amax > 0, torch.full_like(amax, 127.0) / amax, torch.zeros_like(amax))
     qa = (xf * inv).round()
     y = (qa.double() @ q.double().T) * (amax.double() / 127.0).float().double() \
         * scale.double()
