@@ -97,7 +97,7 @@ class ModelEntry(BaseModel):
         default=None, description="Weight-only quantization on load: '8' or '4' (THUDM's "
         "per-row int8/int4) or 'int4-g128' (int4 with a scale per 128 columns).")
     int8_activations: bool = Field(
-        default=False, description="Opt-in, not exact: prefill chunks and decode batches of 32 "
+        default=False, description="Opt-in, not exact: prefill chunks and decode batches of 64 "
         "or more rows quantise activations per token to int8 and multiply on AVX512-VNNI "
         "(int4/int8 weights on the native CPU kernels; elsewhere a warning and exact "
         "computation).  Off: THUDM's numerics.")

@@ -277,7 +277,9 @@ def _serve(env: dict[str, str], *flags: str) -> Iterator[str]:
 
 LONG_PROMPT = ("Summarise the following notes in one sentence. The meeting began at nine; the "
                "budget was approved; the new office opens in May; everyone agreed to meet again "
-               "next Tuesday to review the hiring plan and the quarterly figures.")
+               "next Tuesday to review the hiring plan and the quarterly figures. Two new "
+               "engineers start in June, the cafeteria will close for repairs in July, and the "
+               "annual report is due to the board before the end of August.")
 
 
 def _ask(base: str) -> dict:

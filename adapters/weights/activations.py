@@ -23,9 +23,10 @@ from adapters.weights.native import int8_act
 logger = logging.getLogger(__name__)
 
 #: Activation rows from which a layer multiplies on int8 activations.  Below it the exact
-#: weight-only kernel is as fast or faster (it reads the same weights and its arithmetic is not
-#: the bottleneck): ``python -m bench.kernels`` measures both (figures in bench/README.md).
-MIN_ROWS = 32
+#: weight-only kernel is as fast or faster (it reads the same weights, unpacks them in the same
+#: pass, and its arithmetic is not yet the bottleneck): per 6B layer, int4 0.70x at 16 rows, 0.85x
+#: at 32, 1.07x at 64, 1.98x at 512 (``python -m bench.int8_kernels``, bench/README.md).
+MIN_ROWS = 64
 
 
 class Int8Activations:
