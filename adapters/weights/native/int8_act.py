@@ -77,6 +77,7 @@ def library() -> ctypes.CDLL | None:
     if not _self_test(lib):
         logger.warning("int8-activation kernels disagree with the reference; not used")
         return None
+    logger.info("int8-activation kernels available (%s)", lib._name)
     return lib
 
 
