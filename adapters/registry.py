@@ -22,6 +22,7 @@ from adapters.chat_model import TorchChatModel
 from adapters.conversation import SystemPolicy
 from adapters.family import FamilySpec
 from adapters.runtime.dtypes import resolve_device, resolve_dtype
+from adapters.weights.activations import enable_int8_activations
 from adapters.weights.checkpoint import CheckpointError, read_json, total_size
 
 logger = logging.getLogger(__name__)
@@ -54,6 +55,7 @@ def load_chat_model(
     dtype: str = "auto",
     device: str = "auto",
     quantize: str | None = None,
+    int8_activations: bool = False,
     system_policy: SystemPolicy = "prepend",
     max_running: int = 8,
     max_waiting: int = 64,
@@ -65,7 +67,8 @@ def load_chat_model(
     """Load the checkpoint folder ``path`` and start its engine thread.
 
     ``kv_cache_bytes`` bounds the KV memory of running requests plus the prefix-reuse store
-    (default: a quarter of the machine's RAM on CPU, capped at 8 GiB).
+    (default: a quarter of the machine's RAM on CPU, capped at 8 GiB).  ``int8_activations``:
+    the opt-in int8-activation path (:mod:`adapters.weights.activations`).
     """
     folder = Path(path).expanduser()
     if not folder.is_dir():
@@ -82,6 +85,10 @@ def load_chat_model(
     model = spec.load_model(folder, config, dtype=dt, device=dev, quantize=quantize)
     bits = getattr(config, "quantization_bit", 0)
     quant = quantize or (f"{bits} (THUDM pre-quantized)" if bits else "none")
+    extra: dict[str, object] = {"dtype": str(dt).removeprefix("torch."), "device": str(dev),
+                                "quantization": quant}
+    if int8_activations:
+        extra["int8_activations_layers"] = enable_int8_activations(model)
     logger.info(
         "model '%s' loaded: family=%s dtype=%s device=%s quantization=%s context=%d in %.1fs",
         model_id, name, str(dt).removeprefix("torch."), dev, quant, model.context_length,
@@ -92,7 +99,7 @@ def load_chat_model(
         family=name,
         context_length=model.context_length,
         description=description or spec.description,
-        extra={"dtype": str(dt).removeprefix("torch."), "device": str(dev), "quantization": quant},
+        extra=extra,
     )
     return TorchChatModel(
         info, spec, tokenizer, model,

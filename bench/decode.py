@@ -2,6 +2,7 @@
 
     python -m bench.decode [--modes int4,int8,bf16] [--batches 1,4,8,16] [--layers N]
                            [--preset 6b|mid|v1-6b] [--compare-onednn]
+                           [--prefill 512] [--prefill-repeats 2] [--no-int8-activations]
 
 Each mode's model is built in memory (bench/common.py), measured, then freed before the next.
 Decoding goes through the engine's own calls: ``model.forward`` for one sequence and
@@ -9,6 +10,9 @@ Decoding goes through the engine's own calls: ``model.forward`` for one sequence
 random positions (written straight into the cache: prefilling 16 x 512 tokens would take longer
 than the measurement and change nothing about a decode step).  Warm-up steps are excluded; each
 figure is repeated and the best and median are printed, because other processes share the cores.
+The prefill is measured exactly and, for int4/int8 weights where the kernels exist, with int8
+activations (``--int8-activations``; every row count, as a prefill chunk takes it), the two
+alternating within each repeat.
 Prints a Markdown table; asserts nothing.
 
 ``--compare-onednn``: bf16 weights are timed twice in the same run, alternating repeat by repeat:
@@ -30,6 +34,7 @@ import torch
 from adapters.chatglm.model import ChatGLMCache
 from adapters.chatglm2.model import ChatGLM2Model
 from adapters.runtime.kv_cache import KVCacheBase
+from adapters.weights.activations import disable_int8_activations, enable_int8_activations
 from bench.common import (
     ModelShape,
     Timing,
@@ -105,17 +110,23 @@ def alternating_timings(runs: list[Callable[[], None]], repeats: int,
     return [Timing(tuple(t)) for t in times]
 
 
-def prefill_timing(model: ChatGLM2Model, length: int, repeats: int,
-                   gen: torch.Generator) -> Timing:
-    ids = torch.randint(3, 20000, (length,), generator=gen).tolist()
-    model.forward(ids[:16], model.new_cache())  # warm-up: first-call allocations, thread pool
-    runs = []
+def prefill_timings(model: ChatGLM2Model, length: int, repeats: int, gen: torch.Generator,
+                    variants: dict[str, Callable[[ChatGLM2Model], object]]) -> dict[str, Timing]:
+    """Seconds to prefill ``length`` random ids, per variant (a function that switches the model
+    to it), the variants alternating within each repeat so that they share the machine's noise."""
+    ids = torch.randint(3, model.padded_vocab_size, (length,), generator=gen).tolist()
+    runs: dict[str, list[float]] = {name: [] for name in variants}
+    for switch in variants.values():  # warm-up: first-call allocations, thread pool
+        switch(model)
+        model.forward(ids[:64], model.new_cache())
     for _ in range(repeats):
-        cache = model.new_cache()
-        start = time.perf_counter()
-        model.forward(ids, cache)
-        runs.append(time.perf_counter() - start)
-    return Timing(tuple(runs))
+        for name, switch in variants.items():
+            switch(model)
+            cache = model.new_cache()
+            start = time.perf_counter()
+            model.forward(ids, cache)
+            runs[name].append(time.perf_counter() - start)
+    return {name: Timing(tuple(r)) for name, r in runs.items()}
 
 
 def main() -> None:
@@ -131,6 +142,9 @@ def main() -> None:
     parser.add_argument("--prefill-repeats", type=int, default=2)
     parser.add_argument("--compare-onednn", action="store_true",
                         help="bf16: time the native linears and oneDNN's side by side")
+    parser.add_argument("--no-int8-activations", dest="int8_activations", action="store_false",
+                        help="skip the int8-activation prefill (measured beside the exact one "
+                        "for int4/int8 weights where AVX512-VNNI is available)")
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
     shape: ModelShape = shape_from_args(args)
@@ -170,11 +184,22 @@ def main() -> None:
                              f"{bound:.2f}" if batch == 1 else "", f"{best / bound:.0%}"
                              if batch == 1 else f"{best / bound:.2f}x bound"])
         if args.prefill:
-            t = prefill_timing(model, args.prefill, args.prefill_repeats, gen)
-            logger.info("%s prefill %d: %.1f tok/s best", mode, args.prefill,
-                        args.prefill / t.best)
-            rows.append([mode, f"prefill {args.prefill}", f"{args.prefill / t.best:.1f}",
-                         f"{args.prefill / t.median:.1f}", "", ""])
+            variants: dict[str, Callable[[ChatGLM2Model], object]] = {
+                "exact": disable_int8_activations}
+            if args.int8_activations and enable_int8_activations(model):
+                variants["int8 activations"] = enable_int8_activations
+            timings = prefill_timings(model, args.prefill, args.prefill_repeats, gen, variants)
+            disable_int8_activations(model)
+            exact = timings["exact"]
+            for name, t in timings.items():
+                logger.info("%s prefill %d (%s): %.1f tok/s best, %.1f median", mode,
+                            args.prefill, name, args.prefill / t.best, args.prefill / t.median)
+                rows.append([mode, f"prefill {args.prefill}" + ("" if name == "exact" else
+                                                                f", {name}"),
+                             f"{args.prefill / t.best:.1f}", f"{args.prefill / t.median:.1f}", "",
+                             "" if name == "exact" else
+                             f"{exact.best / t.best:.2f}x exact (median "
+                             f"{exact.median / t.median:.2f}x)"])
         del model, twin
         gc.collect()
 

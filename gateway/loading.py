@@ -33,7 +33,8 @@ def load_options(entry: ModelEntry, limits: Mapping[str, Any]) -> dict[str, Any]
     """``load_chat_model``'s keyword arguments for ``entry`` (plain values: with Ray they are
     sent to every replica)."""
     return {"family": entry.family, "dtype": entry.dtype, "device": entry.device,
-            "quantize": entry.quantize, "system_policy": entry.system_policy,
+            "quantize": entry.quantize, "int8_activations": entry.int8_activations,
+            "system_policy": entry.system_policy,
             "description": entry.description, **limits}
 
 

@@ -96,6 +96,11 @@ class ModelEntry(BaseModel):
     quantize: Quantize | None = Field(
         default=None, description="Weight-only quantization on load: '8' or '4' (THUDM's "
         "per-row int8/int4) or 'int4-g128' (int4 with a scale per 128 columns).")
+    int8_activations: bool = Field(
+        default=False, description="Opt-in, not exact: prefill chunks and decode batches of 64 "
+        "or more rows quantise activations per token to int8 and multiply on AVX512-VNNI "
+        "(int4/int8 weights on the native CPU kernels; elsewhere a warning and exact "
+        "computation).  Off: THUDM's numerics.")
     system_policy: Literal["prepend", "reject"] = Field(
         default="prepend", description="What to do with system messages for models without a "
         "system role (ChatGLM-6B, ChatGLM2-6B).")

@@ -20,6 +20,7 @@ from __future__ import annotations
 import functools
 import logging
 from collections.abc import Callable, Iterator
+from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
@@ -34,6 +35,9 @@ from adapters.weights.format import (
     quantize_rowwise,
     unpack_int4_thudm,
 )
+
+if TYPE_CHECKING:
+    from adapters.weights.activations import Int8Activations
 
 logger = logging.getLogger(__name__)
 
@@ -213,6 +217,9 @@ class _WeightOnlyLinear(nn.Module):
     native_scale: torch.Tensor
     native_bias: torch.Tensor | None
     _native_gemm_name: str
+    #: the opt-in int8-activation path (:mod:`adapters.weights.activations`): calls with at least
+    #: its ``min_rows`` activation rows quantise them to int8 and multiply on AVX512-VNNI
+    int8_activations: Int8Activations | None = None
 
     def _init_native(self, pack: Callable[[int, int], torch.Tensor], row_scale: torch.Tensor,
                      bias: torch.Tensor | None) -> None:
@@ -272,6 +279,9 @@ class _WeightOnlyLinear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x2 = x.reshape(-1, self.in_features)
+        int8_act = self.int8_activations
+        if int8_act is not None and x2.shape[0] >= int8_act.min_rows:
+            return int8_act(x2).to(x.dtype).reshape(*x.shape[:-1], self.out_features)
         if (self.native and x.dtype == _KERNEL_DTYPE and self.k_pad == self.in_features
                 and x2.shape[0] < self.dequant_min_rows):
             # The decode path in one kernel call: bias added and bf16 rounding done in the kernel

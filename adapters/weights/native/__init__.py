@@ -79,15 +79,16 @@ def _cache_dir() -> Path:
     return Path(root) / "kernels"
 
 
-def _compile(compiler: str) -> Path:
-    """Build the shared library (once per source/flags/compiler) and return its path."""
+def _compile(compiler: str, source: Path = SOURCE, flags: tuple[str, ...] = FLAGS) -> Path:
+    """Build the shared library of ``source`` (once per source/flags/compiler) and return its
+    path (``int8_act.py`` builds a second library, from ``i8_gemm.c``, with this)."""
     version = subprocess.run(
         [compiler, "--version"], capture_output=True, text=True, check=True
     ).stdout
     key = hashlib.sha256(
-        SOURCE.read_bytes() + " ".join(FLAGS).encode() + version.encode()
+        source.read_bytes() + " ".join(flags).encode() + version.encode()
     ).hexdigest()[:16]
-    target = _cache_dir() / f"wq_gemm-{key}.so"
+    target = _cache_dir() / f"{source.stem}-{key}.so"
     if target.exists():
         return target
     target.parent.mkdir(parents=True, exist_ok=True)
@@ -96,7 +97,7 @@ def _compile(compiler: str) -> Path:
     os.close(fd)
     try:
         subprocess.run(
-            [compiler, *FLAGS, "-o", tmp, str(SOURCE)],
+            [compiler, *flags, "-o", tmp, str(source)],
             capture_output=True, text=True, check=True,
         )
         os.replace(tmp, target)
