@@ -53,6 +53,7 @@ from adapters.runtime.detokenize import IncrementalDecoder, StopMatcher, StripTe
 from adapters.runtime.grammar import GrammarMatcher, GrammarViolation, TokenGrammar
 from adapters.runtime.prefix_cache import PrefixCache
 from adapters.runtime.sampler import SamplerState, choose, logprob_entries
+from adapters.runtime.speculative import Drafter, SpeculativeConfig
 
 logger = logging.getLogger(__name__)
 
@@ -77,6 +78,8 @@ class Sequence:
     generated: list[int] = field(default_factory=list)
     #: prompt tokens whose KV came from the prefix cache at the first admission
     cached: int = 0
+    #: prompt-lookup drafting (speculative decoding); None: one token per step
+    drafter: Drafter | None = None
     cancelled: bool = False
     done: bool = False
 
@@ -95,6 +98,7 @@ class Engine:
         kv_cache_bytes: int = 4 * 1024**3,
         prefix_cache: bool = True,
         prefill_chunk: int = 512,
+        speculative: SpeculativeConfig | None = None,
     ):
         self.model = model
         self.tokenizer = tokenizer
@@ -108,6 +112,10 @@ class Engine:
         self.prefill_chunk = prefill_chunk if spec.causal_prompt else 0
         self.prefix = PrefixCache(kv_cache_bytes if prefix_cache and spec.causal_prompt else 0)
         self.preempted = 0  # requests preempted so far (KV budget), for logs and tests
+        self.speculative = speculative
+        #: speculative decoding so far: draft ids verified, and those accepted (/metrics)
+        self.drafted_tokens = 0
+        self.accepted_tokens = 0
         self._waiting: collections.deque[Sequence] = collections.deque()
         self._running: list[Sequence] = []
         self._cv = threading.Condition()
@@ -154,6 +162,8 @@ class Engine:
             post=self._postprocessor(prompt),
             stop=StopMatcher(prompt.params.stop),
             matcher=matcher,
+            drafter=None if self.speculative is None
+            else Drafter(self.speculative, prompt.token_ids),
         )
         with self._cv:
             if self._closed:
@@ -181,11 +191,16 @@ class Engine:
 
     def counts(self) -> dict[str, int]:
         """Generations running, and waiting for a running slot (those the next step admits into
-        free slots are not waiting for one)."""
+        free slots are not waiting for one); with speculative decoding, the draft ids verified
+        and accepted so far."""
         with self._cv:
             running = len(self._running)
             free = max(self.max_running - running, 0)
-            return {"running": running, "waiting": max(len(self._waiting) - free, 0)}
+            counts = {"running": running, "waiting": max(len(self._waiting) - free, 0)}
+        if self.speculative is not None:
+            counts["speculative_drafted"] = self.drafted_tokens
+            counts["speculative_accepted"] = self.accepted_tokens
+        return counts
 
     def close(self, timeout: float = 5.0) -> None:
         with self._cv:
@@ -261,15 +276,59 @@ class Engine:
             if room <= 0:
                 break
         if decoding:
-            caches = [s.cache for s in decoding if s.cache is not None]
-            last = [[s.generated[-1]] for s in decoding]
-            with torch.inference_mode():
-                if len(decoding) == 1:
-                    rows = self.model.forward(last[0], caches[0])[None]
-                else:
-                    rows = self.model.forward_batch(last, caches)
-            self._sample(decoding, rows)
+            drafts = [self._draft(s) for s in decoding]
+            if any(drafts):
+                self._verify(decoding, drafts)
+            else:
+                caches = [s.cache for s in decoding if s.cache is not None]
+                last = [[s.generated[-1]] for s in decoding]
+                with torch.inference_mode():
+                    if len(decoding) == 1:
+                        rows = self.model.forward(last[0], caches[0])[None]
+                    else:
+                        rows = self.model.forward_batch(last, caches)
+                self._sample(decoding, rows)
         self._enforce_budget()
+
+    def _draft(self, seq: Sequence) -> list[int]:
+        """Draft ids for ``seq``'s next step (none without speculation).  Bounded so that every
+        id the step could emit (the drafts and one more) stays within ``max_tokens`` and the
+        context window."""
+        if seq.drafter is None or seq.cache is None:
+            return []
+        room = min(seq.prompt.max_tokens - len(seq.generated),
+                   self.model.context_length - seq.cache.length) - 1
+        return seq.drafter.propose(seq.generated, room)
+
+    def _verify(self, seqs: list[Sequence], drafts: list[list[int]]) -> None:
+        """One decode step that feeds each sequence its last id and its drafts (none for some)
+        in one forward, then walks the rows position by position as plain decoding would (see
+        adapters/runtime/speculative.py): a sequence keeps sampling while its pick equals its
+        draft; its cache is then cut back to the ids it accepted."""
+        fed = [[s.generated[-1], *d] for s, d in zip(seqs, drafts, strict=True)]
+        caches = [s.cache for s in seqs if s.cache is not None]
+        starts = [c.length for c in caches]
+        with torch.inference_mode():
+            rows = self.model.forward_batch(fed, caches, every_position=True)
+        per_seq = rows.split([len(f) for f in fed])
+        before = [len(s.generated) for s in seqs]
+        accepted = [0] * len(seqs)
+        walking = list(range(len(seqs)))
+        for i in range(max(len(f) for f in fed)):
+            self._sample([seqs[j] for j in walking], torch.stack([per_seq[j][i] for j in walking]))
+            matched = [j for j in walking if i < len(drafts[j])
+                       and len(seqs[j].generated) == before[j] + i + 1
+                       and seqs[j].generated[-1] == drafts[j][i]]
+            for j in matched:
+                accepted[j] += 1
+            walking = [j for j in matched if not seqs[j].done]
+        for seq, draft, start, kept in zip(seqs, drafts, starts, accepted, strict=True):
+            if seq.cache is not None:  # still running: forget the rejected drafts' positions
+                seq.cache.truncate(start + 1 + kept)
+            if draft and seq.drafter is not None:
+                seq.drafter.record(len(draft), kept)
+                self.drafted_tokens += len(draft)
+                self.accepted_tokens += kept
 
     def _prefill(self, seq: Sequence, limit: int | None) -> int:
         """Feed up to ``limit`` (None: all) of ``seq``'s pending ids; sample its first token when
@@ -372,8 +431,11 @@ class Engine:
         if seq in self._running:
             self._running.remove(seq)
         if seq.cache is not None and seq.ready and reason != "error":
-            # The cache holds the prompt and every generated id but the last (never fed).
-            self.prefix.put(list(seq.prompt.token_ids) + seq.generated[:-1], seq.cache)
+            # The cache holds the prompt and every generated id but the last (never fed), and
+            # may hold drafted ids past them when a verification step ended the request.
+            held = list(seq.prompt.token_ids) + seq.generated[:-1]
+            seq.cache.truncate(len(held))
+            self.prefix.put(held, seq.cache)
         seq.cache = None  # the request's reference goes; the memory too unless kept for reuse
         if reason == "cancelled":
             return
