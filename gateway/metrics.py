@@ -6,6 +6,9 @@ easy place for subtle format bugs.
 
 * ``chatglm_gateway_requests_running`` / ``_waiting`` (gauges, label ``model``): read from each
   model's ``status()`` at scrape time by :class:`_SchedulerCollector`;
+* ``chatglm_gateway_speculative_draft_tokens_total`` / ``_speculative_accepted_tokens_total``
+  (counters, label ``model``, only for models with speculative decoding): draft ids verified and
+  those accepted, read from ``status()`` at scrape time (their ratio is the acceptance rate);
 * ``chatglm_gateway_requests_total`` (label ``model``, ``endpoint``, ``status``): every request to
   a model endpoint, by HTTP status (``model`` is empty when the request named no served model);
 * ``chatglm_gateway_prompt_tokens_total`` / ``_generated_tokens_total`` (label ``model``), counted
@@ -24,7 +27,7 @@ from collections.abc import AsyncIterator, Callable, Iterable, Iterator
 from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Histogram
-from prometheus_client.core import GaugeMetricFamily, Metric
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.exposition import generate_latest
 from prometheus_client.registry import Collector
 
@@ -59,12 +62,23 @@ class _SchedulerCollector(Collector):
                                     labels=["model"])
         waiting = GaugeMetricFamily(f"{PREFIX}_requests_waiting",
                                     "Requests queued for a decoding slot.", labels=["model"])
+        drafted = CounterMetricFamily(f"{PREFIX}_speculative_draft_tokens",
+                                      "Draft tokens verified (speculative decoding).",
+                                      labels=["model"])
+        accepted = CounterMetricFamily(f"{PREFIX}_speculative_accepted_tokens",
+                                       "Draft tokens accepted (speculative decoding).",
+                                       labels=["model"])
         for model_id, model in self._models():
             status = model.status()
             running.add_metric([model_id], status.get("running", 0))
             waiting.add_metric([model_id], status.get("waiting", 0))
+            if "speculative_drafted" in status:
+                drafted.add_metric([model_id], status["speculative_drafted"])
+                accepted.add_metric([model_id], status.get("speculative_accepted", 0))
         yield running
         yield waiting
+        yield drafted
+        yield accepted
 
 
 class GatewayMetrics:
