@@ -315,6 +315,8 @@ class Engine:
         accepted = [0] * len(seqs)
         walking = list(range(len(seqs)))
         for i in range(max(len(f) for f in fed)):
+            if not walking:
+                break
             self._sample([seqs[j] for j in walking], torch.stack([per_seq[j][i] for j in walking]))
             matched = [j for j in walking if i < len(drafts[j])
                        and len(seqs[j].generated) == before[j] + i + 1
