@@ -15,6 +15,7 @@ import torch
 from adapters.base import Delta, Prompt, SamplingParams
 from adapters.chatglm.config import read_config
 from adapters.chatglm.model import load_model
+from adapters.demo import ensure_demo_checkpoint
 from adapters.registry import load_chat_model
 from adapters.runtime.engine import Engine
 from adapters.runtime.speculative import SpeculativeConfig
@@ -127,3 +128,28 @@ def test_speculative_ids_equal_plain_and_reference_greedy(name: str, dtype: str)
     finally:
         fast.close()
         loaded.close()
+
+
+def test_grammar_holds_and_output_is_unchanged_with_drafts(tmp_path: Path) -> None:
+    """Constrained decoding with speculation (demo checkpoint, a JSON schema): drafts copied from
+    a prompt that shows the JSON are checked against the grammar position by position (a draft
+    id the grammar forbids is never picked, so it is rejected), and the answers are plain
+    decoding's, valid, alone and batched."""
+    from tests.test_grammar_engine import load, request, run_all, valid
+
+    folder = ensure_demo_checkpoint(tmp_path)
+    plain, fast = load(folder), load(folder, speculative=SPECULATIVE)
+    try:
+        questions = ['Answer like {"name":"abc","n":5,"ok":true} please',
+                     '{"name":"xy","n":12,"ok":false} or {"name":"xy","n":1,"ok":true}?']
+        for params in ({"temperature": 0.0}, {"temperature": 0.8, "seed": 4}):
+            reqs = [request(q, **params) for q in questions]  # type: ignore[arg-type]
+            expected = [(t, d.finish_reason, d.usage) for t, d in run_all(plain, reqs)]
+            got = [(t, d.finish_reason, d.usage) for t, d in run_all(fast, reqs)]
+            assert got == expected
+            assert all(reason == "stop" and valid(text) for text, reason, _ in got)
+        status = fast.status()
+        assert status["speculative_accepted"] > 0
+    finally:
+        plain.close()
+        fast.close()
