@@ -6,6 +6,7 @@ right."""
 from __future__ import annotations
 
 import math
+import time
 
 import pytest
 import torch
@@ -186,5 +187,28 @@ def test_caches_hold_exactly_the_accepted_ids() -> None:
         [(held, cache)] = list(engine.prefix._entries.values())
         assert list(cache.ids) == list(held)  # type: ignore[attr-defined]
         assert len(held) == len(PROMPT) + c.final.usage.completion_tokens - 1
+    finally:
+        engine.close()
+
+
+def test_cancel_with_drafts_in_flight_frees_the_request() -> None:
+    engine = Engine(CopyLM(), ByteTokenizer(), spec(), name="copy", speculative=SPEC)
+    try:
+        c = Collector()
+        seq = engine.submit(Prompt(tuple(b"ab ab ab ab"), SamplingParams(
+            temperature=0.0, max_tokens=400)), c)
+        while len(c.deltas) < 3:
+            time.sleep(0.001)
+        engine.cancel(seq)
+        deadline = time.monotonic() + 5
+        while engine.counts()["running"] and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert seq.done and seq.cache is None
+        assert len(seq.generated) < 400 and engine.accepted_tokens > 0
+        calls = engine.model.calls  # type: ignore[attr-defined]
+        time.sleep(0.05)
+        assert engine.model.calls == calls  # type: ignore[attr-defined]
+        after = run(engine, PROMPT, max_tokens=20, temperature=0.0)  # still serving
+        assert after.final.finish_reason == "length"
     finally:
         engine.close()
