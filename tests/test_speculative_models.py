@@ -153,3 +153,28 @@ def test_grammar_holds_and_output_is_unchanged_with_drafts(tmp_path: Path) -> No
     finally:
         plain.close()
         fast.close()
+
+
+def test_grammar_cuts_a_draft_where_it_forbids_an_id(tmp_path: Path) -> None:
+    from adapters.runtime.grammar import TokenGrammar
+    from tests.test_grammar_engine import JSON
+
+    model = load_chat_model("demo", ensure_demo_checkpoint(tmp_path), dtype="float32",
+                            device="cpu")
+    try:
+        grammar = model.grammar
+        assert isinstance(grammar, TokenGrammar)
+        walker = grammar.matcher(grammar.compile(JSON))
+        good = []
+        for _ in range(6):  # a valid start: the first id the grammar allows, six times
+            token = int(walker.allowed().nonzero()[0])
+            walker.accept(token)
+            good.append(token)
+        bad = int((~walker.allowed()).nonzero()[0])
+        matcher = grammar.matcher(grammar.compile(JSON))
+        assert matcher.valid_prefix(good + [bad] + good) == len(good)
+        assert matcher.valid_prefix(good) == len(good)
+        matcher.accept(good[0])  # valid_prefix did not move it: the first id is still next
+        assert matcher.valid_prefix(good[1:]) == len(good) - 1
+    finally:
+        model.close()

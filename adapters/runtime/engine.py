@@ -298,7 +298,11 @@ class Engine:
             return []
         room = min(seq.prompt.max_tokens - len(seq.generated),
                    self.model.context_length - seq.cache.length) - 1
-        return seq.drafter.propose(seq.generated, room)
+        draft = seq.drafter.propose(seq.generated, room)
+        if draft and seq.matcher is not None:
+            # verifying ids the grammar forbids would be wasted work (the masks still decide)
+            draft = draft[:seq.matcher.valid_prefix(draft)]
+        return draft
 
     def _verify(self, seqs: list[Sequence], drafts: list[list[int]]) -> None:
         """One decode step that feeds each sequence its last id and its drafts (none for some)
