@@ -5,7 +5,9 @@ within the KV-cache memory budget), prefills up to one chunk of new prompt token
 one token for every running request in a single batched forward (continuous batching: requests join
 and leave between steps).  Each request keeps its own KV cache, sampler (seed, penalties),
 detokenizer, post-processor and stop matcher, so a request gives the same result alone or inside a
-batch.
+batch.  With speculative decoding (``speculative=``) a sequence may bring drafted ids to a step:
+they are verified in the same batched forward and the step can advance it by several tokens
+(``adapters/runtime/speculative.py``).
 
 Memory: a finished request's cache is kept in the :class:`PrefixCache` for the next turn of the same
 conversation; that store is shrunk first when running requests need memory.  When the running
