@@ -1,27 +1,34 @@
-"""Speculative decoding by prompt lookup: tok/s with and without it, alternating, in one run.
+"""Speculative decoding by prompt lookup: decode tok/s with and without it, alternating, in one
+run.
 
-    python -m bench.speculative [--preset mid|6b] [--mode int4] [--streams 1,4] [--max-tokens 96]
+    python -m bench.speculative [--preset mid|6b] [--mode int4] [--streams 1,4] [--max-tokens 64]
+                                [--threads N] [--k 4]
 
 One random in-memory model (bench/common.py; int4 by default: decoding is memory-bound, so
-checking several tokens per weight pass costs little more than one) is served twice through the
-same ``ChatModel`` class the gateway uses: a plain engine and one with
-``SpeculativeConfig`` (``--k`` draft ids, n-grams ``--ngram-min``..``--ngram-max``).  For each
-workload and number of concurrent streams the two run the same requests in turn, ``--repeats``
-times (each idles while the other runs), and the script prints the best tok/s of each, the
-speed-up, the drafts' acceptance rate, and whether every answer was identical.
+checking several tokens per weight pass costs less than several passes) runs under two engines,
+the gateway's own: a plain one and one with ``SpeculativeConfig`` (``--k`` draft ids, n-grams
+``--ngram-min``..``--ngram-max``).  For each workload and number of concurrent streams the two
+run the same requests in turn, ``--repeats`` times (each idles while the other runs), and the
+script prints the best decode tok/s of each (tokens generated after every stream has its first
+one, so prefill is left out), the speed-up in wall time and in this process's CPU time (the host
+is shared: CPU time is what other processes' load stretches least), the drafts' acceptance rate,
+and whether every answer was identical.
 
-Workloads:
+The model's layers read no context (:func:`make_local`: a bigram model, same weights' cost): a
+random model's answer otherwise changes chaotically with any change of its prompt, so no prompt
+could contain what it will answer.  Workloads:
 
-* **copy** (copy-heavy): greedy answers.  A random model's greedy text soon repeats itself (a loop
-  of a few tokens), which prompt lookup drafts exactly as it drafts an answer quoting its prompt.
-* **free**: sampled text (temperature 0.8, top_p 0.95, a fixed seed per stream), which a random
-  model almost never repeats: drafting finds little and must switch itself off.
+* **copy** (copy-heavy, greedy): the prompt is ``P + A + P``, where ``A`` is the greedy answer to
+  ``P``: the answer quotes the prompt, as a RAG answer or a code edit does, and the drafts
+  (what followed ``P``'s last tokens earlier) are right.
+* **free**: sampled text from ``P`` (temperature 0.8, top_p 0.95, a fixed seed per stream),
+  which almost never repeats: drafting finds little and switches itself off.
 
 Eos is banned so every stream runs to ``--max-tokens``; prompts differ per stream.
 
 Then the cost of verification: one forward of ``1 + k`` ids per sequence (``forward_batch`` with
-``every_position``) vs the plain one-id step, alternating, at 1 and 4 sequences, per step and
-per layer.  Asserts nothing.
+``every_position``) vs the plain one-id step, alternating call by call, at 1 and 4 sequences, in
+wall and CPU time, per step and per layer (step / layers).  Asserts nothing.
 """
 
 from __future__ import annotations
@@ -31,6 +38,7 @@ import logging
 import tempfile
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -39,7 +47,7 @@ import torch
 from adapters.base import Delta, Prompt, SamplingParams
 from adapters.chatglm2 import V2_SPEC
 from adapters.chatglm2.model import ChatGLM2Model, GLMBlock
-from adapters.runtime.engine import Engine
+from adapters.runtime.engine import Engine, Sequence
 from adapters.runtime.speculative import SpeculativeConfig
 from bench.common import (
     MODES,
@@ -62,15 +70,15 @@ WORKLOADS = {
 
 @dataclass(frozen=True)
 class Run:
+    """One run: its answers, and the decode window: from the moment every stream has its first
+    token (prefill done) to the end, in wall and CPU time, and the tokens generated in it."""
+
+    answers: tuple[tuple[int, ...], ...]
     wall: float
     cpu: float  # CPU seconds of this process (every thread): what the host's load cannot stretch
-    answers: tuple[tuple[int, ...], ...]
+    tokens: int
     drafted: int
     accepted: int
-
-    @property
-    def tokens(self) -> int:
-        return sum(len(a) for a in self.answers)
 
     @property
     def rate(self) -> float:
@@ -83,24 +91,37 @@ class Run:
 
 def run_once(engine: Engine, prompts: list[tuple[int, ...]], workload: str,
              max_tokens: int) -> Run:
-    """All ``prompts`` at once through ``engine``; the generated ids of each."""
+    """All ``prompts`` at once through ``engine``."""
     before = engine.counts()
     finished = threading.Semaphore(0)
+    seqs: list[Sequence] = []
+    started: set[int] = set()
+    window: list[tuple[float, float, int]] = []  # (wall, cpu, tokens so far) once all started
 
-    def deliver(delta: Delta) -> None:
-        if delta.finish_reason is not None:
-            finished.release()
+    def deliver_for(i: int) -> Callable[[Delta], None]:
+        def deliver(delta: Delta) -> None:  # on the engine thread
+            if i not in started:
+                started.add(i)
+                if len(started) == len(prompts) and len(seqs) == len(prompts):
+                    window.append((time.perf_counter(), time.process_time(),
+                                   sum(len(s.generated) for s in seqs)))
+            if delta.finish_reason is not None:
+                finished.release()
+        return deliver
 
-    start, cpu = time.perf_counter(), time.process_time()
-    seqs = [engine.submit(Prompt(ids, SamplingParams(
-        max_tokens=max_tokens, logit_bias=NO_EOS, seed=100 + i,
-        **WORKLOADS[workload])), deliver)  # type: ignore[arg-type]
-        for i, ids in enumerate(prompts)]
+    for i, ids in enumerate(prompts):
+        params = SamplingParams(max_tokens=max_tokens, logit_bias=NO_EOS, seed=100 + i,
+                                **WORKLOADS[workload])  # type: ignore[arg-type]
+        seqs.append(engine.submit(Prompt(ids, params), deliver_for(i)))
     for _ in seqs:
         finished.acquire()
-    wall, cpu = time.perf_counter() - start, time.process_time() - cpu
+    wall, cpu = time.perf_counter(), time.process_time()
+    if not window:
+        raise RuntimeError("a stream finished before the others started: raise --max-tokens")
+    t0, c0, g0 = window[0]
     after = engine.counts()
-    return Run(wall, cpu, tuple(tuple(s.generated) for s in seqs),
+    answers = tuple(tuple(s.generated) for s in seqs)
+    return Run(answers, wall - t0, cpu - c0, sum(len(a) for a in answers) - g0,
                after.get("speculative_drafted", 0) - before.get("speculative_drafted", 0),
                after.get("speculative_accepted", 0) - before.get("speculative_accepted", 0))
 
@@ -221,7 +242,7 @@ def main() -> None:
                 cpu_gain = best_cpu["speculative"].cpu_rate / best_cpu["plain"].cpu_rate
                 rows.append([workload, str(n), f"{plain.rate:.2f}", f"{spec.rate:.2f}",
                              f"{spec.rate / plain.rate:.2f}x", f"{cpu_gain:.2f}x", acceptance,
-                             f"{spec.drafted / spec.tokens:.2f}",
+                             f"{spec.drafted / sum(len(a) for a in spec.answers):.2f}",
                              "yes" if identical else "NO"])
     finally:
         for engine in engines.values():
