@@ -35,12 +35,14 @@ from __future__ import annotations
 
 import argparse
 import logging
+import statistics
 import tempfile
 import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -62,9 +64,14 @@ from bench.workload import NO_EOS, load_tokenizer, user_text
 
 logger = logging.getLogger("bench.speculative")
 
-WORKLOADS = {
+#: sampling settings per workload (eos is banned in all); the prompts are chosen in main()
+WORKLOADS: dict[str, dict[str, Any]] = {
     "copy": {"temperature": 0.0},
     "free": {"temperature": 0.8, "top_p": 0.95},
+    # random text over 32 favoured ids: its n-grams recur all the time, yet a draft is right
+    # about 1 time in 32: the case the switch-off is for
+    "repetitive": {"temperature": 1.0,
+                   "logit_bias": tuple((1000 + 97 * i, 12.0) for i in range(32))},
 }
 
 
@@ -110,8 +117,9 @@ def run_once(engine: Engine, prompts: list[tuple[int, ...]], workload: str,
         return deliver
 
     for i, ids in enumerate(prompts):
-        params = SamplingParams(max_tokens=max_tokens, logit_bias=NO_EOS, seed=100 + i,
-                                **WORKLOADS[workload])  # type: ignore[arg-type]
+        options = dict(WORKLOADS[workload])
+        options["logit_bias"] = NO_EOS + tuple(options.get("logit_bias", ()))
+        params = SamplingParams(max_tokens=max_tokens, seed=100 + i, **options)
         seqs.append(engine.submit(Prompt(ids, params), deliver_for(i)))
     for _ in seqs:
         finished.acquire()
@@ -140,16 +148,21 @@ def make_local(model: ChatGLM2Model) -> None:
 
 @torch.inference_mode()
 def verify_cost(model: ChatGLM2Model, batch: int, k: int, context: int, repeats: int
-                ) -> tuple[float, float, float, float]:
-    """Seconds of one decode step of ``batch`` sequences feeding 1 id each vs ``1 + k`` ids
-    each (every position's logits), alternating; best of ``repeats``, in wall time and in CPU
-    time (both threads)."""
+                ) -> dict[str, float]:
+    """Best-of-``repeats`` seconds, alternating call by call, of: one decode step of ``batch``
+    sequences feeding 1 id each (``plain``) and ``1 + k`` ids each with every position's logits
+    (``verify``), in wall and CPU time (``*_cpu``); and of the output layer alone on the rows of
+    each (``out_plain``, ``out_verify``), to tell the layers' share from the output layer's."""
     gen = torch.Generator().manual_seed(0)
     caches = [filled_cache(model, context, gen) for _ in range(batch)]
     vocab = model.config.padded_vocab_size
     one = [[int(torch.randint(3, vocab, (1,), generator=gen))] for _ in range(batch)]
     several = [ids + [int(t) for t in torch.randint(3, vocab, (k,), generator=gen)]
                for ids in one]
+    hidden = model.config.hidden_size
+    out = model.transformer.output_layer
+    h_one = torch.randn(batch, 1, hidden, generator=gen).to(model.dtype)
+    h_several = torch.randn(batch * (1 + k), 1, hidden, generator=gen).to(model.dtype)
 
     def plain() -> None:
         if batch == 1:
@@ -164,18 +177,19 @@ def verify_cost(model: ChatGLM2Model, batch: int, k: int, context: int, repeats:
         for c in caches:
             c.truncate(context)
 
-    plain()  # warm-up of both shapes
-    verify()
-    walls: dict[str, list[float]] = {"plain": [], "verify": []}
-    cpus: dict[str, list[float]] = {"plain": [], "verify": []}
-    for _ in range(repeats):  # alternating call by call: the host's noise hits both alike
-        for name, fn in (("plain", plain), ("verify", verify)):
+    calls = {"plain": plain, "verify": verify, "out_plain": lambda: out(h_one),
+             "out_verify": lambda: out(h_several)}
+    for fn in calls.values():  # warm-up of every shape
+        fn()
+    best = {name: float("inf") for name in calls} | {
+        f"{name}_cpu": float("inf") for name in calls}
+    for _ in range(repeats):  # alternating call by call: the host's noise hits all alike
+        for name, fn in calls.items():
             start, cpu = time.perf_counter(), time.process_time()
             fn()
-            walls[name].append(time.perf_counter() - start)
-            cpus[name].append(time.process_time() - cpu)
-    return (min(walls["plain"]), min(walls["verify"]), min(cpus["plain"]),
-            min(cpus["verify"]))
+            best[name] = min(best[name], time.perf_counter() - start)
+            best[f"{name}_cpu"] = min(best[f"{name}_cpu"], time.process_time() - cpu)
+    return best
 
 
 def main() -> None:
@@ -183,10 +197,10 @@ def main() -> None:
     add_model_arguments(parser, default_preset="mid")
     parser.add_argument("--mode", choices=sorted(MODES), default="int4")
     parser.add_argument("--streams", default="1,4")
-    parser.add_argument("--workloads", default="copy,free")
-    parser.add_argument("--max-tokens", type=int, default=96)
+    parser.add_argument("--workloads", default="copy,free,repetitive")
+    parser.add_argument("--max-tokens", type=int, default=64)
     parser.add_argument("--prompt-tokens", type=int, default=64)
-    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--k", type=int, default=SpeculativeConfig.num_speculative_tokens)
     parser.add_argument("--ngram-max", type=int, default=SpeculativeConfig.prompt_lookup_max)
     parser.add_argument("--ngram-min", type=int, default=SpeculativeConfig.prompt_lookup_min)
@@ -223,9 +237,10 @@ def main() -> None:
                 prompts = (copies if workload == "copy" else users)[:n]
                 best: dict[str, Run] = {}
                 best_cpu: dict[str, Run] = {}
+                pairs: list[tuple[float, float]] = []  # (wall, CPU) speed-up of each repeat
                 identical = True
                 for r in range(args.repeats):
-                    outputs = {}
+                    outputs, runs = {}, {}
                     for name, engine in engines.items():
                         run = run_once(engine, prompts, workload, args.max_tokens)
                         outputs[name] = run.answers
@@ -236,12 +251,18 @@ def main() -> None:
                             best[name] = run
                         if name not in best_cpu or run.cpu_rate > best_cpu[name].cpu_rate:
                             best_cpu[name] = run
+                        runs[name] = run
                     identical &= outputs["plain"] == outputs["speculative"]
+                    pairs.append((runs["speculative"].rate / runs["plain"].rate,
+                                  runs["speculative"].cpu_rate / runs["plain"].cpu_rate))
                 plain, spec = best["plain"], best["speculative"]
                 acceptance = f"{spec.accepted / spec.drafted:.0%}" if spec.drafted else "-"
                 cpu_gain = best_cpu["speculative"].cpu_rate / best_cpu["plain"].cpu_rate
+                median = statistics.median(w for w, _ in pairs)
+                median_cpu = statistics.median(c for _, c in pairs)
                 rows.append([workload, str(n), f"{plain.rate:.2f}", f"{spec.rate:.2f}",
-                             f"{spec.rate / plain.rate:.2f}x", f"{cpu_gain:.2f}x", acceptance,
+                             f"{spec.rate / plain.rate:.2f}x", f"{median:.2f}x",
+                             f"{cpu_gain:.2f}x", f"{median_cpu:.2f}x", acceptance,
                              f"{spec.drafted / sum(len(a) for a in spec.answers):.2f}",
                              "yes" if identical else "NO"])
     finally:
@@ -251,23 +272,31 @@ def main() -> None:
     costs = []
     layers = shape.config.num_layers
     for batch in streams:
-        one, several, one_cpu, several_cpu = verify_cost(model, batch, args.k, args.context,
-                                                         4 * args.repeats)
-        costs.append([str(batch), f"{one * 1e3:.1f}", f"{several * 1e3:.1f}",
-                      f"{several / one:.2f}x", f"{several_cpu / one_cpu:.2f}x",
-                      f"{one * 1e3 / layers:.2f}", f"{several * 1e3 / layers:.2f}"])
+        t = verify_cost(model, batch, args.k, args.context, 4 * args.repeats)
+        per_layer = [(t[step] - t[f"out_{step}"]) / layers for step in ("plain", "verify")]
+        costs.append([str(batch), f"{t['plain'] * 1e3:.1f}", f"{t['verify'] * 1e3:.1f}",
+                      f"{t['verify'] / t['plain']:.2f}x",
+                      f"{t['verify_cpu'] / t['plain_cpu']:.2f}x",
+                      f"{per_layer[0] * 1e3:.2f}", f"{per_layer[1] * 1e3:.2f}",
+                      f"{per_layer[1] / per_layer[0]:.2f}x",
+                      f"{t['out_verify'] / t['out_plain']:.2f}x"])
 
     print(f"\n{shape.describe()}; weights {args.mode}; {machine_summary()}; prompts of "
           f"~{args.prompt_tokens} tokens, answers of {args.max_tokens} tokens; k={args.k}, "
           f"n-grams {args.ngram_min}..{args.ngram_max}; best of {args.repeats} alternating "
           "runs\n")
-    print(markdown_table(["workload", "streams", "plain tok/s", "speculative tok/s", "speed-up",
-                          "speed-up in CPU time", "drafts accepted", "drafted per token", "same answers"], rows))
-    print(f"\nverification cost (context {args.context}; whole step incl. the output layer, "
-          "and per layer = step / layers):\n")
-    print(markdown_table(["sequences", "1 id ms", f"{1 + args.k} ids ms", "ratio",
-                          "ratio in CPU time",
-                          "1 id ms/layer", f"{1 + args.k} ids ms/layer"], costs))
+    print(markdown_table(["workload", "streams", "plain tok/s", "speculative tok/s",
+                          "speed-up (best / best)", "median of paired", "CPU time: best / best",
+                          "median of paired", "drafts accepted", "drafted per token",
+                          "same answers"], rows))
+    print(f"\nverification cost: a step feeding 1 id per sequence vs {1 + args.k} (context "
+          f"{args.context}; best of {4 * args.repeats} alternating calls); per layer = (step - "
+          "output layer alone) / layers\n")
+    k1 = 1 + args.k
+    print(markdown_table(["sequences", "1 id: step ms", f"{k1} ids: step ms", "step ratio",
+                          "step ratio, CPU time", "1 id: ms per layer",
+                          f"{k1} ids: ms per layer", "layer ratio", "output layer ratio"],
+                         costs))
 
 
 if __name__ == "__main__":

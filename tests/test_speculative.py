@@ -43,19 +43,29 @@ def test_lookup_respects_the_shortest_ngram() -> None:
 
 
 def test_drafting_pauses_when_acceptance_is_low_and_comes_back() -> None:
-    config = SpeculativeConfig(num_speculative_tokens=2, prompt_lookup_min=1, pause=3)
+    config = SpeculativeConfig(num_speculative_tokens=4, prompt_lookup_min=1, pause=3)
     drafter = Drafter(config, [1, 1, 1])
+    assert drafter.propose([], 10) == [1, 1, 1, 1]
+    drafter.record(4, 1)  # a rejection: the next draft is what was accepted plus one
     assert drafter.propose([], 10) == [1, 1]
-    drafter.record(2, 0)
-    assert drafter.propose([], 10) == [1, 1]  # two verifications are needed to judge
-    drafter.record(2, 0)
+    drafter.record(2, 0)  # two verifications kept 1 of 6: pause
     assert [drafter.propose([], 10) for _ in range(3)] == [[], [], []]  # paused 3 steps
-    assert drafter.propose([], 10) == [1, 1]
-    drafter.record(2, 0)
-    drafter.record(2, 0)
+    assert drafter.propose([], 10) == [1]
+    drafter.record(1, 0)
+    assert drafter.propose([], 10) == [1]
+    drafter.record(1, 0)
     assert [drafter.propose([], 10) for _ in range(6)] == [[]] * 6  # the next pause is longer
+    assert drafter.propose([], 10) == [1]
+    drafter.record(1, 1)  # accepted whole: the drafts grow back, the pauses start short again
     assert drafter.propose([], 10) == [1, 1]
-    assert drafter.propose([], 1) == [1]  # bounded by the caller (max_tokens, context)
+    drafter.record(2, 2)
+    assert drafter.propose([], 10) == [1, 1, 1, 1]
+    assert drafter.propose([], 3) == [1, 1, 1]  # bounded by the caller (max_tokens, context)
+    drafter.record(3, 0)  # the recent successes still count: kept 3 of 6, 3 of 7
+    drafter.record(1, 0)
+    assert drafter.propose([], 10) == [1]
+    drafter.record(1, 0)  # the last four kept 2 of 7: pause, 3 steps again
+    assert [drafter.propose([], 10) for _ in range(4)] == [[], [], [], [1]]
 
 
 def test_config_is_validated() -> None:

@@ -26,9 +26,10 @@ speculative sampling against a one-hot draft ``t``: the race picks ``t`` with pr
 the residual distribution with ``t`` removed, renormalised (Leviathan et al. 2023, Algorithm 1
 with a deterministic draft).
 
-Drafting switches itself off per sequence when too few drafted tokens are accepted (free text
-has few repeats), for a number of steps that doubles each time, so a sequence that does not
-repeat itself pays almost nothing.  Every decision depends on the sequence's own tokens only,
+Drafts shrink after a rejection and grow back when accepted whole, and drafting switches itself
+off per sequence when too few drafted tokens are accepted (free text has few repeats), for a
+number of steps that doubles each time, so a sequence that does not repeat itself pays almost
+nothing.  Every decision depends on the sequence's own tokens only,
 so a request's output does not depend on what it is batched with.
 """
 
@@ -116,37 +117,45 @@ class PromptLookup:
 
 
 class Drafter:
-    """One sequence's drafting: its lookup index and its switch-off state."""
+    """One sequence's drafting: its lookup index, its draft length and its switch-off state.
+
+    Each verified position costs a little (a row more in every matmul), so drafts follow their
+    own success: a draft accepted whole doubles the next one's length (up to
+    ``num_speculative_tokens``), a rejection cuts it to the ids accepted plus one; and when the
+    last few verifications kept less than ``min_acceptance`` of their ids, drafting pauses."""
 
     def __init__(self, config: SpeculativeConfig, prompt: Sequence[int]):
         self.config = config
         self.lookup = PromptLookup(prompt, config.prompt_lookup_min, config.prompt_lookup_max)
+        self.length = config.num_speculative_tokens  # of the next draft
         self._paused = 0  # decode steps left without drafting
         self._next_pause = config.pause
         self._recent: collections.deque[tuple[int, int]] = collections.deque(maxlen=4)
 
     def propose(self, generated: Sequence[int], limit: int) -> list[int]:
-        """Up to ``min(limit, num_speculative_tokens)`` draft ids to follow ``generated``
-        (called once per decode step)."""
+        """Up to ``min(limit, length)`` draft ids to follow ``generated`` (called once per
+        decode step)."""
         self.lookup.sync(generated)
         if self._paused > 0:
             self._paused -= 1
             # keep the index current (cheap) so a later lookup needs no catching up
             self.lookup.propose(0)
             return []
-        return self.lookup.propose(min(limit, self.config.num_speculative_tokens))
+        return self.lookup.propose(min(limit, self.length))
 
     def record(self, drafted: int, accepted: int) -> None:
         """The outcome of one verification of ``drafted`` ids, ``accepted`` of them kept."""
         if drafted <= 0:
             return
+        whole = accepted == drafted
+        self.length = min(2 * self.length, self.config.num_speculative_tokens) if whole \
+            else accepted + 1
         self._recent.append((drafted, accepted))
         total = sum(d for d, _ in self._recent)
         kept = sum(a for _, a in self._recent)
-        if total >= 2 * self.config.num_speculative_tokens and \
-                kept < self.config.min_acceptance * total:
+        if len(self._recent) >= 2 and kept < self.config.min_acceptance * total:
             self._paused = self._next_pause
             self._next_pause = min(2 * self._next_pause, self.config.max_pause)
             self._recent.clear()
-        elif accepted == drafted:
+        elif whole:
             self._next_pause = self.config.pause  # repeats again: the next pause starts short
