@@ -8,7 +8,8 @@ One random in-memory model (bench/common.py; int4 by default: decoding is memory
 checking several tokens per weight pass costs less than several passes) runs under two engines,
 the gateway's own: a plain one and one with ``SpeculativeConfig`` (``--k`` draft ids, n-grams
 ``--ngram-min``..``--ngram-max``).  For each workload and number of concurrent streams the two
-run the same requests in turn, ``--repeats`` times (each idles while the other runs), and the
+run the same requests in turn (which goes first alternates), ``--repeats`` times (each idles
+while the other runs), and the
 script prints the best decode tok/s of each (tokens generated after every stream has its first
 one, so prefill is left out), the speed-up in wall time and in this process's CPU time (the host
 is shared: CPU time is what other processes' load stretches least), the drafts' acceptance rate,
@@ -241,7 +242,8 @@ def main() -> None:
                 identical = True
                 for r in range(args.repeats):
                     outputs, runs = {}, {}
-                    for name, engine in engines.items():
+                    order = list(engines.items())
+                    for name, engine in order if r % 2 == 0 else order[::-1]:
                         run = run_once(engine, prompts, workload, args.max_tokens)
                         outputs[name] = run.answers
                         logger.info("%s %d streams, repeat %d, %s: %.2f tok/s, %.2f tok per "

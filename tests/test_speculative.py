@@ -45,10 +45,14 @@ def test_lookup_respects_the_shortest_ngram() -> None:
 def test_drafting_pauses_when_acceptance_is_low_and_comes_back() -> None:
     config = SpeculativeConfig(num_speculative_tokens=4, prompt_lookup_min=1, pause=3)
     drafter = Drafter(config, [1, 1, 1])
+    assert drafter.propose([], 10) == [1, 1]  # the first draft is half the longest
+    drafter.record(2, 2)  # accepted whole: the next is twice as long
     assert drafter.propose([], 10) == [1, 1, 1, 1]
     drafter.record(4, 1)  # a rejection: the next draft is what was accepted plus one
     assert drafter.propose([], 10) == [1, 1]
-    drafter.record(2, 0)  # two verifications kept 1 of 6: pause
+    drafter.record(2, 0)  # the last three kept 3 of 8: go on
+    assert drafter.propose([], 10) == [1]
+    drafter.record(1, 0)  # 3 of 9 < 35 %: pause
     assert [drafter.propose([], 10) for _ in range(3)] == [[], [], []]  # paused 3 steps
     assert drafter.propose([], 10) == [1]
     drafter.record(1, 0)

@@ -120,14 +120,16 @@ class Drafter:
     """One sequence's drafting: its lookup index, its draft length and its switch-off state.
 
     Each verified position costs a little (a row more in every matmul), so drafts follow their
-    own success: a draft accepted whole doubles the next one's length (up to
-    ``num_speculative_tokens``), a rejection cuts it to the ids accepted plus one; and when the
+    own success: the first is half ``num_speculative_tokens`` long, a draft accepted whole
+    doubles the next one's length (up to ``num_speculative_tokens``), a rejection cuts it to the
+    ids accepted plus one; and when the
     last few verifications kept less than ``min_acceptance`` of their ids, drafting pauses."""
 
     def __init__(self, config: SpeculativeConfig, prompt: Sequence[int]):
         self.config = config
         self.lookup = PromptLookup(prompt, config.prompt_lookup_min, config.prompt_lookup_max)
-        self.length = config.num_speculative_tokens  # of the next draft
+        # of the next draft: half the longest at first (a first guess costs less when wrong)
+        self.length = max(1, config.num_speculative_tokens // 2)
         self._paused = 0  # decode steps left without drafting
         self._next_pause = config.pause
         self._recent: collections.deque[tuple[int, int]] = collections.deque(maxlen=4)
