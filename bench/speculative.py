@@ -9,11 +9,11 @@ checking several tokens per weight pass costs less than several passes) runs und
 the gateway's own: a plain one and one with ``SpeculativeConfig`` (``--k`` draft ids, n-grams
 ``--ngram-min``..``--ngram-max``).  For each workload and number of concurrent streams the two
 run the same requests in turn (which goes first alternates), ``--repeats`` times (each idles
-while the other runs), and the
-script prints the best decode tok/s of each (tokens generated after every stream has its first
-one, so prefill is left out), the speed-up in wall time and in this process's CPU time (the host
-is shared: CPU time is what other processes' load stretches least), the drafts' acceptance rate,
-and whether every answer was identical.
+while the other runs), and the script prints the best decode tok/s of each (tokens generated
+after every stream has its first one, so prefill is left out), the speed-up in wall time and in
+this process's CPU time (the host is shared: CPU time is what other processes' load stretches
+least), best against best and the median of the repeats' paired ratios, the drafts' acceptance
+rate, and whether every answer was identical.
 
 The model's layers read no context (:func:`make_local`: a bigram model, same weights' cost): a
 random model's answer otherwise changes chaotically with any change of its prompt, so no prompt
