@@ -395,7 +395,6 @@ class ChatGLM2Model(nn.Module):
             cache.commit(1)
         return logits
 
-
     def _forward_rows(self, ids_per_seq: Sequence[Sequence[int]],
                       owned: Sequence[ChatGLM2Cache]) -> torch.Tensor:
         """:meth:`forward_batch` with every position: each fed id is a row of its own (a
@@ -440,6 +439,8 @@ class ChatGLM2Model(nn.Module):
 
 
 def _no_store(layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The ``store`` of a pass whose ``attend`` callback writes the caches itself (never called:
+    attention takes the ``attend`` branch)."""
     raise AssertionError("an attend callback stores the keys and values itself")
 
 
