@@ -78,10 +78,15 @@ class CausalLM(Protocol):
                 every_position: bool = False) -> torch.Tensor: ...
 
     def forward_batch(
-        self, ids_per_seq: Sequence[Sequence[int]], caches: Sequence[KVCache]
+        self, ids_per_seq: Sequence[Sequence[int]], caches: Sequence[KVCache],
+        every_position: bool = False,
     ) -> torch.Tensor:
         """One step for several sequences at different lengths: float32 ``[B, padded_vocab]``,
-        equal row by row to ``forward`` of each sequence alone."""
+        equal row by row to ``forward`` of each sequence alone.
+
+        With ``every_position`` each sequence may bring several ids (a step verifying drafted
+        ids, see ``adapters/runtime/speculative.py``): the logits after every fed id,
+        ``[sum of the id counts, padded_vocab]`` in order, each row as a one-id step there."""
         ...
 
 

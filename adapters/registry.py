@@ -12,7 +12,9 @@ from __future__ import annotations
 import logging
 import os
 import time
+from collections.abc import Mapping
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -22,6 +24,7 @@ from adapters.chat_model import TorchChatModel
 from adapters.conversation import SystemPolicy
 from adapters.family import FamilySpec
 from adapters.runtime.dtypes import resolve_device, resolve_dtype
+from adapters.runtime.speculative import SpeculativeConfig
 from adapters.weights.activations import enable_int8_activations
 from adapters.weights.checkpoint import CheckpointError, read_json, total_size
 
@@ -62,13 +65,15 @@ def load_chat_model(
     kv_cache_bytes: int | None = None,
     prefix_cache: bool = True,
     prefill_chunk: int = 512,
+    speculative: Mapping[str, Any] | None = None,
     description: str = "",
 ) -> TorchChatModel:
     """Load the checkpoint folder ``path`` and start its engine thread.
 
     ``kv_cache_bytes`` bounds the KV memory of running requests plus the prefix-reuse store
     (default: a quarter of the machine's RAM on CPU, capped at 8 GiB).  ``int8_activations``:
-    the opt-in int8-activation path (:mod:`adapters.weights.activations`).
+    the opt-in int8-activation path (:mod:`adapters.weights.activations`).  ``speculative``: the
+    options of :class:`~adapters.runtime.speculative.SpeculativeConfig` (None: no speculation).
     """
     folder = Path(path).expanduser()
     if not folder.is_dir():
@@ -106,6 +111,7 @@ def load_chat_model(
         system_policy=system_policy, max_running=max_running, max_waiting=max_waiting,
         kv_cache_bytes=kv_cache_bytes if kv_cache_bytes is not None else default_kv_bytes(dev),
         prefix_cache=prefix_cache, prefill_chunk=prefill_chunk,
+        speculative=None if speculative is None else SpeculativeConfig(**speculative),
     )
 
 

@@ -8,6 +8,7 @@
                           [--api-key KEY ...] [--api-key-file PATH] [--cors-origin ORIGIN ...]
                           [--max-running N] [--max-waiting M] [--shutdown-grace SECONDS]
                           [--ray [--ray-address ADDRESS] [--replicas N]]
+                          [--speculative ngram|off] [--num-speculative-tokens K]
     chatglm-gateway chat [--base-url URL | --checkpoint PATH] ...   (see ``chat --help``)
 
 Flags override the environment (``CHATGLM_GATEWAY_*``), which overrides the config file.  With
@@ -28,7 +29,7 @@ from typing import Any
 from pydantic import ValidationError
 
 from gateway import request_ids, terminal
-from gateway.settings import ModelEntry, ServerSettings, load_settings
+from gateway.settings import ModelEntry, ServerSettings, SpeculativeSettings, load_settings
 
 logger = logging.getLogger("gateway.cli")
 
@@ -92,6 +93,16 @@ def build_parser() -> argparse.ArgumentParser:
                        "(default: a quarter of RAM up to 8 GiB on CPU)")
     serve.add_argument("--no-prefix-cache", dest="prefix_cache", action="store_false",
                        default=None, help="do not reuse the KV cache of earlier turns")
+    serve.add_argument("--speculative", choices=["ngram", "off"],
+                       help="per model: speculative decoding; ngram = prompt lookup (drafts "
+                       "copied from the prompt and the answer so far, verified in one pass; "
+                       "same output, faster on answers that repeat text). Default off")
+    serve.add_argument("--num-speculative-tokens", type=int, metavar="K",
+                       help="with --speculative ngram: draft ids verified per step (default 4)")
+    serve.add_argument("--prompt-lookup-max", type=int, metavar="N",
+                       help="with --speculative ngram: longest n-gram looked up (default 4)")
+    serve.add_argument("--prompt-lookup-min", type=int, metavar="N",
+                       help="with --speculative ngram: shortest n-gram looked up (default 2)")
     serve.add_argument("--shutdown-grace", type=float, metavar="SECONDS",
                        help="on SIGTERM/SIGINT, how long running requests may take to finish "
                        "(default 30)")
@@ -138,7 +149,26 @@ def settings_from_args(args: argparse.Namespace) -> ServerSettings:
             for m in settings.models
         )
         settings = settings.model_copy(update={"models": models})
-    return settings
+    return with_speculative_flags(settings, args)
+
+
+def with_speculative_flags(settings: ServerSettings, args: argparse.Namespace) -> ServerSettings:
+    """The ``--speculative*`` flags, over each model's own speculative settings (a model that
+    sets its own keeps the values the flags leave out) and the server's."""
+    flags = {key: value for key, value in (
+        ("method", args.speculative), ("num_speculative_tokens", args.num_speculative_tokens),
+        ("prompt_lookup_max", args.prompt_lookup_max),
+        ("prompt_lookup_min", args.prompt_lookup_min)) if value is not None}
+    if not flags:
+        return settings
+
+    def merged(own: SpeculativeSettings | None) -> SpeculativeSettings:
+        base = own or settings.speculative or SpeculativeSettings()
+        return SpeculativeSettings.model_validate({**base.model_dump(), **flags})
+
+    models = tuple(m.model_copy(update={"speculative": merged(m.speculative)})
+                   for m in settings.models)
+    return settings.model_copy(update={"speculative": merged(None), "models": models})
 
 
 def with_demo_model(

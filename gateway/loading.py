@@ -57,10 +57,11 @@ def load_model(entry: ModelEntry, limits: Mapping[str, Any], cluster: RayCluster
     info = model.info
     logger.info(
         "model '%s' ready: family=%s dtype=%s device=%s quantization=%s context=%d "
-        "max_running=%d max_waiting=%d prefix_cache=%s; process resident memory %s",
+        "max_running=%d max_waiting=%d prefix_cache=%s speculative=%s; process resident "
+        "memory %s",
         info.id, info.family, info.extra.get("dtype", "?"), info.extra.get("device", "?"),
         info.extra.get("quantization", "none"), info.context_length, limits["max_running"],
-        limits["max_waiting"], limits["prefix_cache"],
+        limits["max_waiting"], limits["prefix_cache"], limits.get("speculative") or "off",
         resident_memory(),
     )
     return model

@@ -11,6 +11,9 @@ easy place for subtle format bugs.
   over replicas with ``--ray``, where ``chatglm_gateway_replicas`` counts the live replicas;
   ``chatglm_gateway_generations_cancelled_total`` (label ``model``): generations the engines
   dropped because their client left;
+* ``chatglm_gateway_speculative_draft_tokens_total`` / ``_speculative_accepted_tokens_total``
+  (counters, label ``model``, only for models with speculative decoding): draft ids verified and
+  those accepted, read from ``status()`` at scrape time (their ratio is the acceptance rate);
 * ``chatglm_gateway_requests_total`` (label ``model``, ``endpoint``, ``status``): every request to
   a model endpoint, by HTTP status (``model`` is empty when the request named no served model);
 * ``chatglm_gateway_prompt_tokens_total`` / ``_generated_tokens_total`` (label ``model``), counted
@@ -78,6 +81,12 @@ class _SchedulerCollector(Collector):
             "(clients that left), counted by the engines.", labels=["model"])
         replicas = GaugeMetricFamily(f"{PREFIX}_replicas",
                                      "Replicas serving the model (with --ray).", labels=["model"])
+        drafted = CounterMetricFamily(f"{PREFIX}_speculative_draft_tokens",
+                                      "Draft tokens verified (speculative decoding).",
+                                      labels=["model"])
+        accepted = CounterMetricFamily(f"{PREFIX}_speculative_accepted_tokens",
+                                       "Draft tokens accepted (speculative decoding).",
+                                       labels=["model"])
         for model_id, model in self._models():
             status = model.status()
             running.add_metric([model_id], status.get("running", 0))
@@ -93,12 +102,17 @@ class _SchedulerCollector(Collector):
                 cancelled.add_metric([model_id], status["cancelled"])
             if isinstance(model, Replicated):
                 replicas.add_metric([model_id], len(model.replicas()))
+            if "speculative_drafted" in status:
+                drafted.add_metric([model_id], status["speculative_drafted"])
+                accepted.add_metric([model_id], status.get("speculative_accepted", 0))
         yield running
         yield waiting
         yield kv_usage
         yield hit_rate
         yield cancelled
         yield replicas
+        yield drafted
+        yield accepted
 
 
 class GatewayMetrics:

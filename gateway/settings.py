@@ -16,6 +16,7 @@ Example ``gateway.toml``::
     aliases = ["gpt-3.5-turbo"]
     quantize = "int4-g128"
     defaults = { temperature = 0.8, top_p = 0.8 }
+    speculative = { method = "ngram", num_speculative_tokens = 4 }
 
 Errors in the file name the key and its line (``gateway.toml:9: models.0.quantize: ...``).
 """
@@ -81,6 +82,36 @@ class SamplingDefaults(BaseModel):
         return {k: v for k, v in self.model_dump().items() if v is not None}
 
 
+class SpeculativeSettings(BaseModel):
+    """Speculative decoding by prompt lookup (names as vLLM's ``speculative_config``): draft
+    ids are copied from the prompt and the answer so far and verified in one forward; output
+    is unchanged (greedy and seeded sampling alike), only faster when the answer repeats text.
+    """
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    method: Literal["ngram", "off"] = Field(
+        default="ngram", description="'ngram' (prompt lookup) or 'off' (one token per step).")
+    num_speculative_tokens: int = Field(
+        default=4, ge=1, le=16, description="Draft ids verified per step at most.")
+    prompt_lookup_max: int = Field(
+        default=4, ge=1, le=16, description="Longest suffix n-gram looked up in the sequence.")
+    prompt_lookup_min: int = Field(
+        default=2, ge=1, le=16, description="Shortest suffix n-gram looked up.")
+
+    @model_validator(mode="after")
+    def _ordered(self) -> SpeculativeSettings:
+        if self.prompt_lookup_min > self.prompt_lookup_max:
+            raise ValueError("prompt_lookup_min must not exceed prompt_lookup_max")
+        return self
+
+    def engine_options(self) -> dict[str, Any] | None:
+        """The options of ``adapters.runtime.speculative.SpeculativeConfig`` (None: off)."""
+        if self.method == "off":
+            return None
+        return self.model_dump()
+
+
 class ModelEntry(BaseModel):
     """One served model."""
 
@@ -142,6 +173,9 @@ class ModelEntry(BaseModel):
     affinity: bool = Field(
         default=True, description="With ray: send each conversation's turns to the replica "
         "holding its prefix cache (else Ray Serve's default, load-only routing).")
+    speculative: SpeculativeSettings | None = Field(
+        default=None, description="Speculative decoding by prompt lookup; default: the "
+        "server's.")
 
     @field_validator("device")
     @classmethod
@@ -202,6 +236,9 @@ class ServerSettings(BaseSettings):
         "'HEAD_IP:6379'); none = start a local cluster, stopped with the server.")
     replicas: int = Field(default=1, ge=1, description="With ray: replicas per model (a "
                           "model's own 'replicas' wins).")
+    speculative: SpeculativeSettings | None = Field(
+        default=None, description="Per model: speculative decoding by prompt lookup "
+        "(--speculative ngram); off by default.")
 
     @field_validator("api_keys", "cors_origins", "allowed_hosts", mode="before")
     @classmethod
@@ -255,8 +292,8 @@ class ServerSettings(BaseSettings):
             "kv_cache_bytes": None if gib is None else int(gib * 1024**3),
             "prefix_cache": entry.prefix_cache if entry.prefix_cache is not None
             else self.prefix_cache,
+            "speculative": (entry.speculative or self.speculative or _OFF).engine_options(),
         }
-
 
     def scale(self, entry: ModelEntry) -> dict[str, Any]:
         """How ``entry`` spreads over a Ray cluster, as keyword arguments of
@@ -267,6 +304,9 @@ class ServerSettings(BaseSettings):
             ("num_cpus", entry.num_cpus), ("num_gpus", entry.num_gpus)) if v is not None}
         return {"replicas": entry.replicas if entry.replicas is not None else self.replicas,
                 "resources": dict(entry.resources), "affinity": entry.affinity, **given}
+
+
+_OFF = SpeculativeSettings(method="off")
 
 
 def read_key_file(path: Path) -> tuple[str, ...]:

@@ -58,7 +58,7 @@ def write(tmp_path: Path, name: str, text: str) -> Path:
     return path
 
 
-DEFAULT_MEMORY = {"kv_cache_bytes": None, "prefix_cache": True}
+DEFAULT_MEMORY = {"kv_cache_bytes": None, "prefix_cache": True, "speculative": None}
 
 
 def test_kv_cache_memory_and_prefix_cache_flags(tmp_path: Path) -> None:

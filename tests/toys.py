@@ -92,3 +92,42 @@ class HashLM(ScriptedLM):
         row = torch.zeros(self.padded_vocab_size)
         row[97 + hash(tuple(cache.ids)) % 26] = 10.0
         return row
+
+
+class CopyLM(ScriptedLM):
+    """An induction head: the id that followed the most recent earlier occurrence of the last
+    id gets a large logit, over a spread that hashes the last three ids.  Greedy text copies
+    the prompt (then loops), sampled text mostly copies and sometimes does not: drafts copied
+    from the context are often but not always right.  ``forward_batch`` takes several ids per
+    sequence with ``every_position`` (draft verification)."""
+
+    def __init__(self, copy_weight: float = 7.0, spread: float = 0.5) -> None:
+        super().__init__(b"")
+        self.copy_weight = copy_weight
+        self.spread = spread
+        self.rows_fed = 0  # positions computed in all
+
+    def _logits(self, ids: Sequence[int]) -> torch.Tensor:
+        row = torch.zeros(self.padded_vocab_size)
+        gen = torch.Generator().manual_seed(hash(tuple(ids[-3:])) % 2**31)
+        row[:256] = torch.randn(256, generator=gen) * self.spread
+        for j in range(len(ids) - 2, -1, -1):
+            if ids[j] == ids[-1]:
+                row[ids[j + 1]] += self.copy_weight
+                break
+        return row
+
+    def forward(self, ids: Sequence[int], cache: ToyCache,  # type: ignore[override]
+                every_position: bool = False) -> torch.Tensor:
+        self.calls += 1
+        rows = []
+        for token in ids:
+            cache.ids.append(token)
+            rows.append(self._logits(cache.ids))
+        self.rows_fed += len(rows)
+        return torch.stack(rows) if every_position else rows[-1]
+
+    def forward_batch(self, ids_per_seq, caches, every_position: bool = False) -> torch.Tensor:
+        rows = [self.forward(i, c, every_position=True)
+                for i, c in zip(ids_per_seq, caches, strict=True)]
+        return torch.cat(rows) if every_position else torch.stack([r[-1] for r in rows])

@@ -304,13 +304,19 @@ class ChatGLMModel(nn.Module):
         return logits[0]
 
     @torch.inference_mode()
-    def forward_batch(self, ids_per_seq: Sequence[Sequence[int]], caches: Sequence[KVCache]
-                      ) -> torch.Tensor:
+    def forward_batch(self, ids_per_seq: Sequence[Sequence[int]],
+                      caches: Sequence[KVCache], every_position: bool = False) -> torch.Tensor:
         """Decode one new id per sequence in one pass; float32 logits ``[B, padded_vocab]``.
 
         Sequences may have different lengths: histories are right-padded to the longest and the
         padding is masked, so each row equals a solo :meth:`forward`.
+
+        With ``every_position`` a sequence may bring several ids (verifying drafted ids): the
+        logits after every fed id, ``[sum of the id counts, padded_vocab]`` in order.
         """
+        if every_position:
+            return self._forward_several(ids_per_seq, batch_caches(
+                ids_per_seq, caches, ChatGLMCache, several=True))
         owned = batch_caches(ids_per_seq, caches, ChatGLMCache)
         starts = [cache.length for cache in owned]
         for cache in owned:
@@ -348,6 +354,45 @@ class ChatGLMModel(nn.Module):
         for cache in owned:
             cache.commit(1)
         return logits
+
+    def _forward_several(self, ids_per_seq: Sequence[Sequence[int]],
+                         owned: Sequence[ChatGLMCache]) -> torch.Tensor:
+        """:meth:`forward_batch` with several ids per sequence, right-padded to the longest
+        (``[B, T]``): each fed id attends causally up to itself (generated positions are past
+        the context, so the prefix-LM part is already fixed); padded rows are dropped."""
+        counts = [len(ids) for ids in ids_per_seq]
+        starts = [cache.length for cache in owned]
+        for cache, n in zip(owned, counts, strict=True):
+            cache.reserve(n)
+        batch, width = len(owned), max(counts)
+        total = max(s + n for s, n in zip(starts, counts, strict=True))
+        tokens = torch.tensor([[int(t) for t in ids] + [int(ids[-1])] * (width - len(ids))
+                               for ids in ids_per_seq], dtype=torch.long, device=self.device)
+        positions = torch.tensor([[cache.positions(s + j) for j in range(width)]
+                                  for cache, s in zip(owned, starts, strict=True)],
+                                 dtype=torch.long, device=self.device)
+        start = torch.tensor(starts, device=self.device)[:, None, None]
+        count = torch.tensor(counts, device=self.device)[:, None, None]
+        query = start + torch.arange(width, device=self.device)[None, :, None]
+        key = torch.arange(total, device=self.device)[None, None, :]
+        mask = ((key > query) | (key >= start + count))[:, None]  # [B, 1, T, total]; True = masked
+        c = self.config
+
+        def attend(layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> tuple[
+                torch.Tensor, torch.Tensor, torch.Tensor | None]:
+            shape = (batch, c.num_attention_heads, total, c.head_dim)
+            keys = torch.zeros(shape, dtype=k.dtype, device=k.device)
+            values = torch.zeros(shape, dtype=v.dtype, device=v.device)
+            for b, (cache, n) in enumerate(zip(owned, counts, strict=True)):
+                kb, vb = cache.write(layer, k[b, :, :n], v[b, :, :n])
+                keys[b, :, : kb.shape[1]] = kb
+                values[b, :, : vb.shape[1]] = vb
+            return keys, values, mask
+
+        logits = self._run(tokens, positions, attend, every=True)
+        for cache, n in zip(owned, counts, strict=True):
+            cache.commit(n)
+        return torch.cat([logits[b, :n] for b, n in enumerate(counts)])
 
 
 class _QuantizedEmbeddings:

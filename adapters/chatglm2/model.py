@@ -308,14 +308,21 @@ class ChatGLM2Model(nn.Module):
             return None
         return lib
 
-    def _native_attend(self, caches: Sequence[ChatGLM2Cache]) -> Attend | None:
+    def _native_attend(self, caches: Sequence[ChatGLM2Cache],
+                       lengths: Sequence[int] | None = None) -> Attend | None:
         """The native decode attention over ``caches`` (each reserved for this step), where it
         applies.  Used for solo and batched decode steps alike, so a sequence's tokens do not
-        depend on what it is batched with."""
+        depend on what it is batched with.
+
+        Row ``i`` attends over the first ``lengths[i]`` positions of ``caches[i]`` (default: its
+        length + 1); a cache may appear in several rows (verifying drafted ids: one row per fed
+        id), which works because the kernel stores every row's key/value before attending."""
         lib = self._attention_kernels()
         if lib is None:
             return None
-        batch = native.DecodeBatch([c.storage for c in caches], [c.length + 1 for c in caches])
+        if lengths is None:
+            lengths = [c.length + 1 for c in caches]
+        batch = native.DecodeBatch([c.storage for c in caches], list(lengths))
 
         def attend(layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
             return native.decode_attention(lib, batch, layer, q, k, v).transpose(1, 2)
@@ -372,12 +379,19 @@ class ChatGLM2Model(nn.Module):
 
     @torch.inference_mode()
     def forward_batch(self, ids_per_seq: Sequence[Sequence[int]],
-                      caches: Sequence[KVCache]) -> torch.Tensor:
+                      caches: Sequence[KVCache], every_position: bool = False) -> torch.Tensor:
         """Decode one new id per sequence in one pass; float32 logits ``[B, padded_vocab]``.
 
         Sequences may have different cached lengths: their histories are right-padded to the
         longest and the padding is masked out, so each row equals a solo :meth:`forward`.
+
+        With ``every_position`` a sequence may bring several ids (a decode step verifying
+        drafted ids): the logits after every fed id, ``[sum of the id counts, padded_vocab]``
+        in order, each row computed as a one-id decode step at that position computes it.
         """
+        if every_position:
+            return self._forward_rows(ids_per_seq, batch_caches(
+                ids_per_seq, caches, ChatGLM2Cache, several=True))
         owned = batch_caches(ids_per_seq, caches, ChatGLM2Cache)
         for cache in owned:
             cache.reserve(1)
@@ -407,6 +421,54 @@ class ChatGLM2Model(nn.Module):
         for cache in owned:
             cache.commit(1)
         return logits
+
+    def _forward_rows(self, ids_per_seq: Sequence[Sequence[int]],
+                      owned: Sequence[ChatGLM2Cache]) -> torch.Tensor:
+        """:meth:`forward_batch` with every position: each fed id is a row of its own (a
+        ``[N, 1]`` batch) attending over its cache up to itself, so every row is computed by
+        the one-query decode attention, and row-wise layers see the rows of a decode step."""
+        counts = [len(ids) for ids in ids_per_seq]
+        for cache, n in zip(owned, counts, strict=True):
+            cache.reserve(n)
+        starts = [c.length for c in owned]
+        positions = [s + j for s, n in zip(starts, counts, strict=True) for j in range(n)]
+        tokens = torch.tensor([[int(t)] for ids in ids_per_seq for t in ids], dtype=torch.long,
+                              device=self.device)
+        rope = self.rope[torch.tensor(positions, device=self.device)].unsqueeze(1)
+        row_caches = [c for c, n in zip(owned, counts, strict=True) for _ in range(n)]
+        attend = self._native_attend(row_caches, [p + 1 for p in positions]) \
+            or self._rows_attend(owned, counts)
+        logits = self._run(tokens, rope, _no_store, None, is_causal=False, attend=attend)
+        for cache, n in zip(owned, counts, strict=True):
+            cache.commit(n)
+        return logits
+
+    def _rows_attend(self, owned: Sequence[ChatGLM2Cache], counts: Sequence[int]) -> Attend:
+        """Torch attention for :meth:`_forward_rows`: each sequence's new keys/values go to its
+        cache, then each of its rows attends (:func:`decode_attention`) up to its position."""
+
+        def attend(layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+            outs, row = [], 0
+            for cache, n in zip(owned, counts, strict=True):
+                rows = slice(row, row + n)
+                keys, values = cache.write(layer, k[rows, 0].transpose(0, 1),
+                                           v[rows, 0].transpose(0, 1))
+                total = keys.shape[1]
+                upto = torch.arange(total - n + 1, total + 1, device=keys.device)
+                mask = torch.arange(total, device=keys.device)[None, :] < upto[:, None]
+                outs.append(decode_attention(q[rows], keys.expand(n, *keys.shape),
+                                             values.expand(n, *values.shape),
+                                             mask[:, None, None, :]))
+                row += n
+            return torch.cat(outs).transpose(1, 2)  # [N, 1, heads, hd], as Attend returns
+
+        return attend
+
+
+def _no_store(layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The ``store`` of a pass whose ``attend`` callback writes the caches itself (never called:
+    attention takes the ``attend`` branch)."""
+    raise AssertionError("an attend callback stores the keys and values itself")
 
 
 # --------------------------------------------------------------------------- loading

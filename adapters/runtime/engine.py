@@ -5,7 +5,9 @@ within the KV-cache memory budget), prefills up to one chunk of new prompt token
 one token for every running request in a single batched forward (continuous batching: requests join
 and leave between steps).  Each request keeps its own KV cache, sampler (seed, penalties),
 detokenizer, post-processor and stop matcher, so a request gives the same result alone or inside a
-batch.
+batch.  With speculative decoding (``speculative=``) a sequence may bring drafted ids to a step:
+they are verified in the same batched forward and the step can advance it by several tokens
+(``adapters/runtime/speculative.py``).
 
 Memory: a finished request's cache is kept in the :class:`PrefixCache` for the next turn of the same
 conversation; that store is shrunk first when running requests need memory.  When the running
@@ -54,6 +56,7 @@ from adapters.runtime.grammar import GrammarMatcher, GrammarViolation, TokenGram
 from adapters.runtime.prefix_cache import PrefixCache
 from adapters.runtime.prompt_logprobs import PromptScorer
 from adapters.runtime.sampler import SamplerState, choose, logprob_entries
+from adapters.runtime.speculative import Drafter, SpeculativeConfig
 
 logger = logging.getLogger(__name__)
 
@@ -80,6 +83,8 @@ class Sequence:
     cached: int = 0
     #: collects the prompt's logprobs during the first prefill (``prompt_logprobs``)
     scorer: PromptScorer | None = None
+    #: prompt-lookup drafting (speculative decoding); None: one token per step
+    drafter: Drafter | None = None
     cancelled: bool = False
     done: bool = False
 
@@ -98,6 +103,7 @@ class Engine:
         kv_cache_bytes: int = 4 * 1024**3,
         prefix_cache: bool = True,
         prefill_chunk: int = 512,
+        speculative: SpeculativeConfig | None = None,
     ):
         self.model = model
         self.tokenizer = tokenizer
@@ -111,6 +117,10 @@ class Engine:
         self.prefill_chunk = prefill_chunk if spec.causal_prompt else 0
         self.prefix = PrefixCache(kv_cache_bytes if prefix_cache and spec.causal_prompt else 0)
         self.preempted = 0  # requests preempted so far (KV budget), for logs and tests
+        self.speculative = speculative
+        #: speculative decoding so far: draft ids verified, and those accepted (/metrics)
+        self.drafted_tokens = 0
+        self.accepted_tokens = 0
         self._waiting: collections.deque[Sequence] = collections.deque()
         self._running: list[Sequence] = []
         self._cv = threading.Condition()
@@ -157,6 +167,8 @@ class Engine:
             post=self._postprocessor(prompt),
             stop=StopMatcher(prompt.params.stop),
             matcher=matcher,
+            drafter=None if self.speculative is None
+            else Drafter(self.speculative, prompt.token_ids),
         )
         with self._cv:
             if self._closed:
@@ -184,11 +196,16 @@ class Engine:
 
     def counts(self) -> dict[str, int]:
         """Generations running, and waiting for a running slot (those the next step admits into
-        free slots are not waiting for one)."""
+        free slots are not waiting for one); with speculative decoding, the draft ids verified
+        and accepted so far."""
         with self._cv:
             running = len(self._running)
             free = max(self.max_running - running, 0)
-            return {"running": running, "waiting": max(len(self._waiting) - free, 0)}
+            counts = {"running": running, "waiting": max(len(self._waiting) - free, 0)}
+        if self.speculative is not None:
+            counts["speculative_drafted"] = self.drafted_tokens
+            counts["speculative_accepted"] = self.accepted_tokens
+        return counts
 
     def cache_counts(self) -> dict[str, int]:
         """The KV-cache budget and what running requests plus the prefix store hold of it, and
@@ -275,15 +292,65 @@ class Engine:
             if room <= 0:
                 break
         if decoding:
-            caches = [s.cache for s in decoding if s.cache is not None]
-            last = [[s.generated[-1]] for s in decoding]
-            with torch.inference_mode():
-                if len(decoding) == 1:
-                    rows = self.model.forward(last[0], caches[0])[None]
-                else:
-                    rows = self.model.forward_batch(last, caches)
-            self._sample(decoding, rows)
+            drafts = [self._draft(s) for s in decoding]
+            if any(drafts):
+                self._verify(decoding, drafts)
+            else:
+                caches = [s.cache for s in decoding if s.cache is not None]
+                last = [[s.generated[-1]] for s in decoding]
+                with torch.inference_mode():
+                    if len(decoding) == 1:
+                        rows = self.model.forward(last[0], caches[0])[None]
+                    else:
+                        rows = self.model.forward_batch(last, caches)
+                self._sample(decoding, rows)
         self._enforce_budget()
+
+    def _draft(self, seq: Sequence) -> list[int]:
+        """Draft ids for ``seq``'s next step (none without speculation).  Bounded so that every
+        id the step could emit (the drafts and one more) stays within ``max_tokens`` and the
+        context window."""
+        if seq.drafter is None or seq.cache is None:
+            return []
+        room = min(seq.prompt.max_tokens - len(seq.generated),
+                   self.model.context_length - seq.cache.length) - 1
+        draft = seq.drafter.propose(seq.generated, room)
+        if draft and seq.matcher is not None:
+            # verifying ids the grammar forbids would be wasted work (the masks still decide)
+            draft = draft[:seq.matcher.valid_prefix(draft)]
+        return draft
+
+    def _verify(self, seqs: list[Sequence], drafts: list[list[int]]) -> None:
+        """One decode step that feeds each sequence its last id and its drafts (none for some)
+        in one forward, then walks the rows position by position as plain decoding would (see
+        adapters/runtime/speculative.py): a sequence keeps sampling while its pick equals its
+        draft; its cache is then cut back to the ids it accepted."""
+        fed = [[s.generated[-1], *d] for s, d in zip(seqs, drafts, strict=True)]
+        caches = [s.cache for s in seqs if s.cache is not None]
+        starts = [c.length for c in caches]
+        with torch.inference_mode():
+            rows = self.model.forward_batch(fed, caches, every_position=True)
+        per_seq = rows.split([len(f) for f in fed])
+        before = [len(s.generated) for s in seqs]
+        accepted = [0] * len(seqs)
+        walking = list(range(len(seqs)))
+        for i in range(max(len(f) for f in fed)):
+            if not walking:
+                break
+            self._sample([seqs[j] for j in walking], torch.stack([per_seq[j][i] for j in walking]))
+            matched = [j for j in walking if i < len(drafts[j])
+                       and len(seqs[j].generated) == before[j] + i + 1
+                       and seqs[j].generated[-1] == drafts[j][i]]
+            for j in matched:
+                accepted[j] += 1
+            walking = [j for j in matched if not seqs[j].done]
+        for seq, draft, start, kept in zip(seqs, drafts, starts, accepted, strict=True):
+            if seq.cache is not None:  # still running: forget the rejected drafts' positions
+                seq.cache.truncate(start + 1 + kept)
+            if draft and seq.drafter is not None:
+                seq.drafter.record(len(draft), kept)
+                self.drafted_tokens += len(draft)
+                self.accepted_tokens += kept
 
     def _prefill(self, seq: Sequence, limit: int | None) -> int:
         """Feed up to ``limit`` (None: all) of ``seq``'s pending ids; sample its first token when
@@ -416,8 +483,11 @@ class Engine:
         if seq in self._running:
             self._running.remove(seq)
         if seq.cache is not None and seq.ready and reason != "error":
-            # The cache holds the prompt and every generated id but the last (never fed).
-            self.prefix.put(list(seq.prompt.token_ids) + seq.generated[:-1], seq.cache)
+            # The cache holds the prompt and every generated id but the last (never fed), and
+            # may hold drafted ids past them when a verification step ended the request.
+            held = list(seq.prompt.token_ids) + seq.generated[:-1]
+            seq.cache.truncate(len(held))
+            self.prefix.put(held, seq.cache)
         seq.cache = None  # the request's reference goes; the memory too unless kept for reuse
         if reason == "cancelled":
             return

@@ -585,6 +585,14 @@ class GrammarMatcher:
         elif self.grammar.guards_cleanup:
             self._guard = self.grammar.guard_step(self._guard, token_id)
 
+    def valid_prefix(self, tokens: Sequence[int]) -> int:
+        """How many of ``tokens`` the grammar accepts one after another from here, without
+        moving (speculative decoding cuts a draft there: verifying ids the grammar forbids
+        would be wasted; the masks of the verification still decide)."""
+        if self._stopped or not tokens:
+            return 0
+        return int(self._llm.validate_tokens([int(t) for t in tokens]))
+
     @property
     def accepting(self) -> bool:
         """The text so far is a complete answer: a stop id is allowed now."""

@@ -98,13 +98,17 @@ def own(cache: object, kind: type[C]) -> C:
 
 
 def batch_caches(ids_per_seq: Sequence[Sequence[int]], caches: Sequence[object],
-                 kind: type[C]) -> list[C]:
+                 kind: type[C], several: bool = False) -> list[C]:
     """The checks of a batched decode step (``CausalLM.forward_batch``): one new id per
-    sequence, one distinct, already prefilled cache each."""
+    sequence (at least one with ``several``: verifying drafted ids), one distinct, already
+    prefilled cache each."""
     if not caches or len(ids_per_seq) != len(caches):
         raise ValueError("forward_batch needs one id list per cache (and at least one)")
-    if any(len(ids) != 1 for ids in ids_per_seq):
-        raise ValueError("forward_batch decodes exactly one new id per sequence")
+    if several and any(len(ids) == 0 for ids in ids_per_seq):
+        raise ValueError("forward_batch needs at least one new id per sequence")
+    if not several and any(len(ids) != 1 for ids in ids_per_seq):
+        raise ValueError("forward_batch decodes exactly one new id per sequence "
+                         "(several only with every_position)")
     owned = [own(cache, kind) for cache in caches]
     if len({id(cache) for cache in owned}) != len(owned):
         raise ValueError("forward_batch got the same cache twice")

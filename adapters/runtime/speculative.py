@@ -1,0 +1,163 @@
+"""Speculative decoding by prompt lookup: draft tokens copied from the sequence itself.
+
+Why: one decode step reads every weight once to produce one token per sequence, so a lone
+stream cannot beat the memory bandwidth bound by reading faster.  It can by checking several
+tokens per weight pass.  Prompt lookup (vLLM's ``ngram`` method, llama.cpp's lookup decoding)
+needs no draft model: when the last few tokens also occur earlier in the prompt or the answer,
+the tokens that followed them there are a likely continuation (answers that quote or edit the
+prompt: RAG, code edits, summaries, structured translations; and the loops of a weak model).
+
+Each step, a :class:`Drafter` proposes up to ``num_speculative_tokens`` ids for its sequence; the
+engine feeds ``[last, *draft]`` in one batched forward with the other sequences
+(``CausalLM.forward_batch(..., every_position=True)``), which returns the logits after every fed
+position, then walks those rows in order exactly as plain decoding would: row ``i`` is masked
+(grammar), penalised and sampled by the sequence's own sampler, and the walk continues only
+while the token picked equals draft ``i``.  The first mismatch is kept (it is what plain
+decoding would have picked there); when every draft token matches, the last row gives one more
+(bonus) token.  The cache is then cut back to the accepted positions.
+
+Lossless, and why seeded sampling stays exactly reproducible: the sampler draws a categorical
+sample by an exponential race (``argmax p / E`` with ``E ~ Exp(1)`` from the request's
+generator), one draw per emitted token.  Drawn over the verified rows, the accepted prefix is
+the sequence plain decoding draws with the same generator, so greedy *and* seeded outputs are
+those of plain decoding (given equal logits), not only equal in distribution.  Seen as
+speculative sampling against a one-hot draft ``t``: the race picks ``t`` with probability
+``p(t)`` (accept), and conditioned on not picking it, picks ``j`` with ``p(j) / (1 - p(t))``:
+the residual distribution with ``t`` removed, renormalised (Leviathan et al. 2023, Algorithm 1
+with a deterministic draft).
+
+Drafts shrink after a rejection and grow back when accepted whole, and drafting switches itself
+off per sequence when too few drafted tokens are accepted (free text has few repeats), for a
+number of steps that doubles each time, so a sequence that does not repeat itself pays almost
+nothing.  Every decision depends on the sequence's own tokens only,
+so a request's output does not depend on what it is batched with.
+"""
+
+from __future__ import annotations
+
+import collections
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Literal
+
+#: Drafting methods by name (the ``--speculative`` flag); a row each.
+METHODS = ("ngram",)
+
+
+@dataclass(frozen=True)
+class SpeculativeConfig:
+    """Prompt-lookup speculation for one model (names as vLLM's ``speculative_config``)."""
+
+    method: Literal["ngram"] = "ngram"
+    #: draft tokens verified per step (at most)
+    num_speculative_tokens: int = 4
+    #: the longest / shortest suffix n-gram looked up (the longest match wins)
+    prompt_lookup_max: int = 4
+    prompt_lookup_min: int = 2
+    #: drafting pauses when fewer than this share of the recently drafted tokens were accepted
+    min_acceptance: float = 0.35
+    #: decode steps of the first pause; each further pause doubles, up to ``max_pause``
+    pause: int = 16
+    max_pause: int = 256
+
+    def __post_init__(self) -> None:
+        if self.method not in METHODS:
+            raise ValueError(f"unknown speculative method {self.method!r}; one of {METHODS}")
+        if self.num_speculative_tokens < 1:
+            raise ValueError("num_speculative_tokens must be at least 1")
+        if not 1 <= self.prompt_lookup_min <= self.prompt_lookup_max:
+            raise ValueError("need 1 <= prompt_lookup_min <= prompt_lookup_max")
+
+
+class PromptLookup:
+    """The n-grams of one sequence (prompt + generated ids), indexed as they come.
+
+    ``propose`` finds the longest suffix n-gram (``n_max`` down to ``n_min``) that also ends
+    earlier, at its most recent earlier occurrence, and returns the ids that followed it there.
+    A match close to the end continues into the draft itself (a repeating loop of period ``p``
+    drafts the loop on, not just the ``p - 1`` ids before the end).
+    """
+
+    def __init__(self, prompt: Sequence[int], n_min: int, n_max: int):
+        self.tokens = list(prompt)
+        self._prompt = len(self.tokens)
+        self._sizes = range(n_min, n_max + 1)
+        self._last: dict[int, dict[tuple[int, ...], int]] = {n: {} for n in self._sizes}
+        self._indexed = 0  # n-grams ending before this position are in ``_last``
+
+    def sync(self, generated: Sequence[int]) -> None:
+        """Append the sequence's generated ids not seen yet."""
+        have = len(self.tokens) - self._prompt
+        if len(generated) > have:
+            self.tokens.extend(generated[have:])
+
+    def propose(self, k: int) -> list[int]:
+        tokens = self.tokens
+        end = len(tokens)
+        # Index every n-gram ending before the last position (the suffix itself must not match).
+        for e in range(self._indexed, end - 1):
+            for n in self._sizes:
+                if e + 1 >= n:
+                    self._last[n][tuple(tokens[e + 1 - n:e + 1])] = e
+        self._indexed = max(self._indexed, end - 1)
+        if k <= 0:
+            return []
+        for n in reversed(self._sizes):
+            if end < n:
+                continue
+            found = self._last[n].get(tuple(tokens[end - n:]))
+            if found is None:
+                continue
+            draft: list[int] = []
+            for i in range(k):
+                j = found + 1 + i  # j < end + i: an id of the sequence or one drafted just now
+                draft.append(tokens[j] if j < end else draft[j - end])
+            return draft
+        return []
+
+
+class Drafter:
+    """One sequence's drafting: its lookup index, its draft length and its switch-off state.
+
+    Each verified position costs a little (a row more in every matmul), so drafts follow their
+    own success: the first is half ``num_speculative_tokens`` long, a draft accepted whole
+    doubles the next one's length (up to ``num_speculative_tokens``), a rejection cuts it to the
+    ids accepted plus one; and when the
+    last few verifications kept less than ``min_acceptance`` of their ids, drafting pauses."""
+
+    def __init__(self, config: SpeculativeConfig, prompt: Sequence[int]):
+        self.config = config
+        self.lookup = PromptLookup(prompt, config.prompt_lookup_min, config.prompt_lookup_max)
+        # of the next draft: half the longest at first (a first guess costs less when wrong)
+        self.length = max(1, config.num_speculative_tokens // 2)
+        self._paused = 0  # decode steps left without drafting
+        self._next_pause = config.pause
+        self._recent: collections.deque[tuple[int, int]] = collections.deque(maxlen=4)
+
+    def propose(self, generated: Sequence[int], limit: int) -> list[int]:
+        """Up to ``min(limit, length)`` draft ids to follow ``generated`` (called once per
+        decode step)."""
+        self.lookup.sync(generated)
+        if self._paused > 0:
+            self._paused -= 1
+            # keep the index current (cheap) so a later lookup needs no catching up
+            self.lookup.propose(0)
+            return []
+        return self.lookup.propose(min(limit, self.length))
+
+    def record(self, drafted: int, accepted: int) -> None:
+        """The outcome of one verification of ``drafted`` ids, ``accepted`` of them kept."""
+        if drafted <= 0:
+            return
+        whole = accepted == drafted
+        self.length = min(2 * self.length, self.config.num_speculative_tokens) if whole \
+            else accepted + 1
+        self._recent.append((drafted, accepted))
+        total = sum(d for d, _ in self._recent)
+        kept = sum(a for _, a in self._recent)
+        if len(self._recent) >= 2 and kept < self.config.min_acceptance * total:
+            self._paused = self._next_pause
+            self._next_pause = min(2 * self._next_pause, self.config.max_pause)
+            self._recent.clear()
+        elif whole:
+            self._next_pause = self.config.pause  # repeats again: the next pause starts short
