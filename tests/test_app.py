@@ -160,10 +160,11 @@ def test_lifespan_loads_through_the_registry_and_closes(monkeypatch: pytest.Monk
         assert not any(m.closed for m in loaded)
     assert all(m.closed for m in loaded)
     assert calls[0] == ("a", tmp_path, {"family": None, "dtype": "bfloat16", "device": "cpu",
-                                        "quantize": "8", "system_policy": "reject",
+                                        "quantize": "8", "int8_activations": False,
+                                        "system_policy": "reject",
                                         "description": "", "max_running": 2,
                                         "max_waiting": 5, "kv_cache_bytes": None,
-                                        "prefix_cache": True})
+                                        "prefix_cache": True, "speculative": None})
     assert calls[1][2]["max_running"] == 8 and calls[1][2]["max_waiting"] == 5
 
 

@@ -359,35 +359,38 @@ class ChatGLMModel(nn.Module):
                          owned: Sequence[ChatGLMCache]) -> torch.Tensor:
         """:meth:`forward_batch` with several ids per sequence, right-padded to the longest
         (``[B, T]``): each fed id attends causally up to itself (generated positions are past
-        the context, so the prefix-LM part is already fixed); padded rows are dropped."""
+        the context, so the prefix-LM part is already fixed); padded rows are dropped (they
+        attend nothing and write nothing)."""
         counts = [len(ids) for ids in ids_per_seq]
         starts = [cache.length for cache in owned]
         for cache, n in zip(owned, counts, strict=True):
             cache.reserve(n)
-        batch, width = len(owned), max(counts)
-        total = max(s + n for s, n in zip(starts, counts, strict=True))
+        width = max(counts)
         tokens = torch.tensor([[int(t) for t in ids] + [int(ids[-1])] * (width - len(ids))
                                for ids in ids_per_seq], dtype=torch.long, device=self.device)
         positions = torch.tensor([[cache.positions(s + j) for j in range(width)]
                                   for cache, s in zip(owned, starts, strict=True)],
                                  dtype=torch.long, device=self.device)
-        start = torch.tensor(starts, device=self.device)[:, None, None]
-        count = torch.tensor(counts, device=self.device)[:, None, None]
-        query = start + torch.arange(width, device=self.device)[None, :, None]
-        key = torch.arange(total, device=self.device)[None, None, :]
-        mask = ((key > query) | (key >= start + count))[:, None]  # [B, 1, T, total]; True = masked
-        c = self.config
+        lib = self._attention
 
-        def attend(layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> tuple[
-                torch.Tensor, torch.Tensor, torch.Tensor | None]:
-            shape = (batch, c.num_attention_heads, total, c.head_dim)
-            keys = torch.zeros(shape, dtype=k.dtype, device=k.device)
-            values = torch.zeros(shape, dtype=v.dtype, device=v.device)
-            for b, (cache, n) in enumerate(zip(owned, counts, strict=True)):
-                kb, vb = cache.write(layer, k[b, :, :n], v[b, :, :n])
-                keys[b, :, : kb.shape[1]] = kb
-                values[b, :, : vb.shape[1]] = vb
-            return keys, values, mask
+        def attend(layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                   coeff: float) -> torch.Tensor:
+            # q [B, heads, T, hd]; each sequence's fed ids attend causally up to themselves,
+            # as the solo forward computes them (natively: each as a decode step would)
+            out = torch.zeros_like(q)
+            for b, (cache, s, n) in enumerate(zip(owned, starts, counts, strict=True)):
+                keys, values = cache.write(layer, k[b, :, :n], v[b, :, :n])
+                if lib is not None:
+                    lengths = torch.arange(s + 1, s + n + 1, device=self.device)
+                    out[b, :, :n] = native.prefill_attention(
+                        lib, cache.storage, layer, q[b, :, :n].transpose(0, 1), lengths,
+                        glm_coeff=coeff).transpose(0, 1)
+                else:
+                    query = torch.arange(s, s + n, device=self.device)[:, None]
+                    blocked = torch.arange(s + n, device=self.device)[None, :] > query
+                    out[b, :, :n] = glm_attention(q[b:b + 1, :, :n], keys[None], values[None],
+                                                  blocked[None, None], coeff)[0]
+            return out
 
         logits = self._run(tokens, positions, attend, every=True)
         for cache, n in zip(owned, counts, strict=True):
