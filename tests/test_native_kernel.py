@@ -60,7 +60,7 @@ def _reference(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor) -> torch.T
 
 
 @needs_kernel
-@pytest.mark.parametrize("m", [1, 2, 3, 4, 5, 8, 13, 16])
+@pytest.mark.parametrize("m", [1, 2, 3, 4, 5, 8, 13, 16, native.WIDEN_ONCE_ROWS + 3])
 @pytest.mark.parametrize(("n", "k"), [(4, 64), (12, 128), (64, 256)])
 def test_gemm_equals_the_exact_product(m: int, n: int, k: int) -> None:
     lib = native.library()
@@ -303,7 +303,7 @@ def test_a_rows_result_does_not_depend_on_the_rows_beside_it(fmt: str) -> None:
     else:
         layer = quantize_weight(w, fmt, bias.to(torch.bfloat16), kernel=True, native_kernel=True)
         assert layer.native
-    x = torch.randn(37, 1000, generator=gen).to(torch.bfloat16)
+    x = torch.randn(native.WIDEN_ONCE_ROWS + 7, 1000, generator=gen).to(torch.bfloat16)
     _rows_alone_and_together(layer, x)
 
 

@@ -61,6 +61,8 @@ FLAGS = (
 K_MULTIPLE = 64
 #: Weight rows per register block (``NB`` in wq_gemm.c, checked at load): N is padded to it.
 BLOCK_ROWS = 4
+#: activation rows from which wq_gemm.c's GEMMs take their many-row loop (ROWS_WIDEN_ONCE)
+WIDEN_ONCE_ROWS = 64
 
 
 #: Activation rows from which a layer on these kernels would dequantise its weight to bf16 and run
@@ -118,8 +120,12 @@ def _load() -> ctypes.CDLL:
         raise OSError("this CPU lacks AVX512-BF16")
     i64, ptr = ctypes.c_int64, ctypes.c_void_p
     lib.wq_block_rows.restype = ctypes.c_int
+    lib.wq_widen_rows.restype = ctypes.c_int
     if lib.wq_block_rows() != BLOCK_ROWS:
         raise OSError(f"{SOURCE.name} was built with another row block than {BLOCK_ROWS}")
+    if lib.wq_widen_rows() != WIDEN_ONCE_ROWS:
+        raise OSError(f"{SOURCE.name} takes its many-row loop from another row count than "
+                      f"{WIDEN_ONCE_ROWS}")
     lib.wq_int4_gemm.argtypes = [ptr, i64, i64, ptr, ptr, ptr, i64, ptr, ctypes.c_int,
                                  ctypes.c_int]
     lib.wq_int4_gemm.restype = None
@@ -441,9 +447,9 @@ def _self_test(lib: ctypes.CDLL) -> bool:
     n, k = 12, 128
     q = torch.randint(-8, 8, (n, k), generator=gen, dtype=torch.int8)
     scale = torch.rand(n, generator=gen) + 0.5
-    # 13 rows: the few-row loop (first 7) and the many-row one (all 13) must both be right
-    x13 = torch.randn(13, k, generator=gen).to(torch.bfloat16)
-    x = x13[:7].contiguous()
+    # the few-row loop (first 7 rows) and the many-row one (all) must both be right
+    x_many = torch.randn(WIDEN_ONCE_ROWS + 5, k, generator=gen).to(torch.bfloat16)
+    x = x_many[:7].contiguous()
     packed = pack_int4(q, n, k)
     ref = (x.double() @ q.double().T) * scale.double()
     got = int4_gemm(lib, x, packed, scale).double()
@@ -454,13 +460,13 @@ def _self_test(lib: ctypes.CDLL) -> bool:
     q8 = torch.randint(-127, 128, (n, k), generator=gen, dtype=torch.int8)
     ref8 = (x.double() @ q8.double().T) * scale.double()
     got8 = int8_gemm(lib, x, pack_int8(q8, n, k), scale).double()
-    got13 = int4_gemm(lib, x13, packed, scale)
+    got_many = int4_gemm(lib, x_many, packed, scale)
     bias = torch.randn(n, generator=gen)
-    lin = bf16_linear(lib, x13, pack_bf16(w, n, k), bias).double()
-    ref_lin = x13.double() @ w.double().T + bias.double()
+    lin = bf16_linear(lib, x_many, pack_bf16(w, n, k), bias).double()
+    ref_lin = x_many.double() @ w.double().T + bias.double()
     return bool(
         (got - ref).abs().max() <= 1e-5 * ref.abs().max()
-        and torch.equal(got13[:7], got.float())
+        and torch.equal(got_many[:7], got.float())
         and (lin - ref_lin).abs().max() <= 1e-5 * ref_lin.abs().max()
         and (got8 - ref8).abs().max() <= 1e-5 * ref8.abs().max()
         and torch.equal(deq.to(torch.int8), q[4:12])

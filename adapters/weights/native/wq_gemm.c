@@ -43,8 +43,10 @@
 #define MB 4 /* activation rows per register block: MB * NB accumulators + 2 * NB weights */
 #define MBP 6 /* the same on the many-row paths (bf16 weights: MBP * NB accumulators + NB weights) */
 /* Activation rows from which the GEMMs take the many-row loop (gemm_many_rows: weight panels,
- * int4/int8 widened once); the results are the same bits either way. */
-#define ROWS_WIDEN_ONCE 8
+ * int4/int8 widened once); the results are the same bits either way.  Below it, re-widening per
+ * block of MB rows is faster: at 8-32 rows the many-row loop decoded int4 batches 20-30 % slower
+ * (bench/README.md, "Batch invariance"). */
+#define ROWS_WIDEN_ONCE 64
 
 typedef uint16_t bf16_t;
 
@@ -58,6 +60,7 @@ static inline bf16_t f32_to_bf16(float f) {
 }
 
 int wq_block_rows(void) { return NB; }
+int wq_widen_rows(void) { return ROWS_WIDEN_ONCE; }
 
 /* Threads for `work` multiply-adds: one below ~256 K (small models, tiny calls), where waking a
  * second thread costs more than it saves, and far more when other processes hold the cores. */
