@@ -31,8 +31,8 @@ from adapters.weights.activations import (
     disable_int8_activations,
     enable_int8_activations,
 )
-from adapters.weights.format import quantize_rowwise
-from adapters.weights.layers import quantize_weight
+from adapters.weights.format import QuantLayout, quantize_rowwise
+from adapters.weights.layers import quantize_weight, use_native_linears
 from adapters.weights.native import int8_act
 from bench.int8_quality import compare, oracle_sequences
 from gateway import cli
@@ -152,6 +152,36 @@ def test_layer_switches_at_min_rows(bits: int, out_f: int, in_f: int) -> None:
     assert torch.equal(layer(x), exact)
 
 
+@needs_kernel
+@pytest.mark.parametrize(("out_f", "in_f"), [(64, 256), (30, 100)])
+def test_bf16_layer_takes_its_int8_twin_from_min_rows(out_f: int, in_f: int) -> None:
+    """A bf16 layer linear on the native kernel: below ``min_rows`` exactly the bf16 product;
+    from it on the int8 activations times the weights quantised once per row."""
+    gen = torch.Generator().manual_seed(out_f * in_f)
+    linear = torch.nn.Linear(in_f, out_f).to(torch.bfloat16)
+    with torch.no_grad():
+        linear.weight.copy_(torch.randn(out_f, in_f, generator=gen) * 0.05)
+        linear.bias.copy_(torch.randn(out_f, generator=gen))
+    w, bias = linear.weight.detach().clone(), linear.bias.detach().float()
+    wrapper = torch.nn.Module()
+    wrapper.layers = torch.nn.ModuleList([torch.nn.ModuleDict({"lin": linear})])
+    layout = QuantLayout(layer_prefix="layers.", linears=("lin",), arithmetic=torch.float32)
+    assert use_native_linears(wrapper, layout) == 1
+    layer = wrapper.get_submodule("layers.0.lin")
+    assert isinstance(layer, native.NativeLinear)
+    x = torch.randn(8, in_f, generator=gen).to(torch.bfloat16)
+    exact = layer(x)
+    assert enable_int8_activations(wrapper, min_rows=8) == 1
+    assert torch.equal(layer(x[:7]), exact[:7])
+    got = layer(x)
+    q, scale = quantize_rowwise(w.float(), 8, arithmetic=torch.float32)
+    ref = int8_act.reference(x, q, scale.float(), bias)
+    assert (got.double() - ref).abs().max() <= 2**-7 * ref.abs().max()
+    assert not torch.equal(got, exact)  # the activations were rounded to 8 bits
+    disable_int8_activations(wrapper)
+    assert torch.equal(layer(x), exact)
+
+
 # --------------------------------------------------------------------------- models
 
 #: The tolerances the README documents for THUDM's tiny reference checkpoints (every position
@@ -174,6 +204,7 @@ def _bf16_model(name: str, quantize: str | None) -> torch.nn.Module:
 @requires_reference
 @needs_kernel
 @pytest.mark.parametrize(("name", "quantize"), [("chatglm2-6b-int8-tiny", None),
+                                                ("chatglm2-6b-tiny", None),  # bf16 weights
                                                 ("chatglm3-6b-tiny-safetensors", "4"),
                                                 ("chatglm-6b-int4-tiny", None)])
 @torch.inference_mode()

@@ -17,6 +17,8 @@ import logging
 import torch
 from torch import nn
 
+from adapters.weights import native
+from adapters.weights.format import quantize_rowwise
 from adapters.weights.layers import _WeightOnlyLinear
 from adapters.weights.native import int8_act
 
@@ -30,18 +32,43 @@ MIN_ROWS = 64
 
 
 class Int8Activations:
-    """A native int4 / int8 layer's weights as the int8-activation kernel takes them: the layer's
-    own packed tensor (shared, not copied), its fp32 row scales and bias, and for int8 weights
-    each row's sum (the kernel's unsigned-activation correction, computed once here)."""
+    """A layer's weights as the int8-activation kernel takes them: a native int4 / int8 layer's
+    own packed tensor (shared, not copied), or a bf16 layer's weights quantised once per row to
+    int8 (:meth:`of_bf16`); fp32 row scales and bias, and for int8 weights each row's sum (the
+    kernel's unsigned-activation correction, computed once here)."""
 
     def __init__(self, layer: _WeightOnlyLinear, min_rows: int) -> None:
-        lib = int8_act.library()
-        if lib is None or not layer.native:
+        if int8_act.library() is None or not layer.native:
             raise ValueError("the int8-activation kernel needs a native int4/int8 layer")
+        self._take(layer.in_features, layer.out_features, layer.k_pad, layer.packed,
+                   layer.native_scale, layer.native_bias, min_rows)
+
+    @classmethod
+    def of_bf16(cls, linear: native.NativeLinear, min_rows: int) -> Int8Activations:
+        """A bf16 layer's int8 twin: each weight row quantised symmetrically to int8 (``scale =
+        max|w| / 127``, THUDM's int8 rounding computed in fp32), kept beside the bf16 weights
+        (which decoding still reads: +50 % of the layer's bytes)."""
+        if int8_act.library() is None:
+            raise ValueError("the int8-activation kernel is unavailable")
+        self = cls.__new__(cls)
+        weight = linear.plain_weight()
+        q, scale = quantize_rowwise(weight.float(), 8, arithmetic=torch.float32)
+        n, k = weight.shape
+        n_pad = -(-n // native.BLOCK_ROWS) * native.BLOCK_ROWS
+        k_pad = -(-k // native.K_MULTIPLE) * native.K_MULTIPLE
+        padded_scale = torch.zeros(n_pad)
+        padded_scale[:n] = scale.float()
+        self._take(k, n, k_pad, native.pack_int8(q, n_pad, k_pad), padded_scale, linear.bias,
+                   min_rows)
+        return self
+
+    def _take(self, in_features: int, out_features: int, k_pad: int, packed: torch.Tensor,
+              scale: torch.Tensor, bias: torch.Tensor | None, min_rows: int) -> None:
+        lib = int8_act.library()
+        assert lib is not None
         self.min_rows = min_rows
-        self.in_features, self.out_features, self.k_pad = (
-            layer.in_features, layer.out_features, layer.k_pad)
-        self.packed, self.scale, self.bias = layer.packed, layer.native_scale, layer.native_bias
+        self.in_features, self.out_features, self.k_pad = in_features, out_features, k_pad
+        self.packed, self.scale, self.bias = packed, scale, bias
         self.wsum = (int8_act.weight_row_sums(lib, self.packed)
                      if self.packed.dtype == torch.int8 else None)
 
@@ -60,14 +87,23 @@ def enable_int8_activations(model: object, min_rows: int = MIN_ROWS) -> int:
     """Put every int4 / int8 layer of ``model`` that runs on the native kernels on the
     int8-activation path for calls of at least ``min_rows`` rows; returns how many.  Where the
     kernel cannot run (no AVX512-VNNI, ``CHATGLM_GATEWAY_NATIVE=0``, no native layers: a float32
-    model, torch's kernels, group-wise int4, bf16 weights) the model stays exact and a warning
-    says why."""
+    model, torch's kernels, group-wise int4) the model stays exact and a warning says why.  The
+    bf16 layer linears on the native kernel get an int8 copy of their weights (one scale a row)."""
     if int8_act.library() is None:
         logger.warning("int8 activations requested, but the int8-activation kernels are "
                        "unavailable (they need x86-64 Linux, AVX512-VNNI, a C compiler and "
                        "CHATGLM_GATEWAY_NATIVE unset); computing exactly")
         return 0
-    modules = model.modules() if isinstance(model, nn.Module) else ()
+    modules = list(model.modules()) if isinstance(model, nn.Module) else []
+    # bf16 weights: the layers' own linears (not the output layer: its calls have one row per
+    # sequence or prompt, never min_rows)
+    bf16 = [m for m in modules if isinstance(m, native.NativeLinear) and m.layer_linear]
+    for linear in bf16:
+        linear.int8_activations = Int8Activations.of_bf16(linear, min_rows)
+    if bf16:
+        logger.info("int8 activations on %d bf16 layers (weights quantised per row at load), "
+                    "for calls of %d rows or more", len(bf16), min_rows)
+        return len(bf16)
     layers = [m for m in modules if isinstance(m, _WeightOnlyLinear)]
     native_layers = [m for m in layers if m.native]
     for layer in native_layers:
@@ -85,5 +121,5 @@ def enable_int8_activations(model: object, min_rows: int = MIN_ROWS) -> int:
 def disable_int8_activations(model: nn.Module) -> None:
     """Back to the exact path (benchmarks and quality checks compare both on one model)."""
     for module in model.modules():
-        if isinstance(module, _WeightOnlyLinear):
+        if isinstance(module, (_WeightOnlyLinear, native.NativeLinear)):
             module.int8_activations = None

@@ -598,6 +598,8 @@ def use_native_linears(model: nn.Module, layout: QuantLayout) -> int:
         if not isinstance(module, nn.Linear) or not layout.covers(name):
             continue
         layer = native.NativeLinear.replacing(module)
+        if isinstance(layer, native.NativeLinear):
+            layer.layer_linear = True
         if layer is not module:
             parent, _, child = name.rpartition(".")
             setattr(model.get_submodule(parent), child, layer)

@@ -41,6 +41,7 @@ import sys
 import tempfile
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch import nn
@@ -483,6 +484,11 @@ class NativeLinear(nn.Module):
 
     packed: torch.Tensor
     bias: torch.Tensor | None
+    #: one of a layer's four linears (set by ``use_native_linears``), not the output layer
+    layer_linear: bool = False
+    #: the opt-in int8-activation path for calls of many rows (``--int8-activations``; an
+    #: ``adapters.weights.activations.Int8Activations``), else None
+    int8_activations: Any = None
 
     def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None = None) -> None:
         super().__init__()
@@ -525,6 +531,10 @@ class NativeLinear(nn.Module):
         lib = library()
         assert lib is not None
         x2 = x.reshape(-1, self.in_features).to(torch.bfloat16)
+        int8_act = self.int8_activations
+        if int8_act is not None and x2.shape[0] >= int8_act.min_rows:
+            y = int8_act(x2)
+            return y.to(x.dtype).reshape(*x.shape[:-1], self.out_features)
         if self.k_pad != self.in_features:
             x2 = nn.functional.pad(x2, (0, self.k_pad - self.in_features))
         out_dtype = torch.bfloat16 if x.dtype == torch.bfloat16 else torch.float32
