@@ -6,6 +6,7 @@ from __future__ import annotations
 import io
 import logging
 import re
+import time
 from collections.abc import Iterator
 
 import httpx
@@ -38,6 +39,19 @@ def url() -> Iterator[str]:
 def client(url: str) -> Iterator[httpx.Client]:
     with httpx.Client(base_url=url, headers={"Authorization": f"Bearer {KEY}"}) as c:
         yield c
+
+
+def _access_line(caplog: pytest.LogCaptureFixture, request_id: str) -> str:
+    """The access line of ``request_id``: the middleware writes it once the response is sent,
+    so it may land a moment after the client has read the response."""
+    deadline = time.monotonic() + 5
+    while True:
+        lines = [x.getMessage() for x in caplog.records if x.name == "gateway.access"
+                 and x.getMessage().startswith(request_id + " ")]
+        if lines or time.monotonic() > deadline:
+            (line,) = lines
+            return line
+        time.sleep(0.01)
 
 
 CHAT = {"model": "fake", "messages": [{"role": "user", "content": "hi"}]}
@@ -97,12 +111,10 @@ def test_access_lines_name_the_request(client: httpx.Client,
                      headers={"X-Request-Id": "trace-ok"})
     bad = client.post("/v1/chat/completions", json={"model": "fake"})
     refused = client.get("/v1/models", headers={"Authorization": "Bearer wrong"})
-    lines = [r.getMessage() for r in caplog.records if r.name == "gateway.access"]
     for response, method, path in ((ok, "POST", "/v1/chat/completions"),
                                    (bad, "POST", "/v1/chat/completions"),
                                    (refused, "GET", "/v1/models")):
-        rid = response.headers["x-request-id"]
-        (line,) = [x for x in lines if x.startswith(rid + " ")]
+        line = _access_line(caplog, response.headers["x-request-id"])
         assert f'"{method} {path} HTTP/1.1" {response.status_code} ' in line, line
 
 
@@ -110,8 +122,7 @@ def test_paths_cannot_forge_log_lines(client: httpx.Client,
                                       caplog: pytest.LogCaptureFixture) -> None:
     caplog.set_level(logging.INFO, logger="gateway.access")
     r = client.get("/a%0Ab%20c")
-    (line,) = [x.getMessage() for x in caplog.records
-               if x.getMessage().startswith(r.headers["x-request-id"])]
+    line = _access_line(caplog, r.headers["x-request-id"])
     assert "\n" not in line and "/a%0Ab%20c" in line
 
 
@@ -128,9 +139,7 @@ def test_error_lines_name_the_request(client: httpx.Client, caplog: pytest.LogCa
     errors = [x for x in caplog.records if x.levelno >= logging.ERROR
               and x.getMessage().startswith(f"[user-report-{model}] ")]
     assert any(logged in x.getMessage() for x in errors), caplog.text
-    (access,) = [x.getMessage() for x in caplog.records if x.name == "gateway.access"
-                 and x.getMessage().startswith(f"user-report-{model} ")]
-    assert '" 500 ' in access
+    assert '" 500 ' in _access_line(caplog, f"user-report-{model}")
 
 
 def test_a_stream_failing_midway_names_the_request(client: httpx.Client,
