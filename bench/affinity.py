@@ -29,9 +29,6 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import os
-import subprocess
-import sys
 import tempfile
 import time
 from collections.abc import Iterator
@@ -42,7 +39,7 @@ from pathlib import Path
 import httpx
 
 from bench.common import add_model_arguments, machine_summary, markdown_table, shape_from_args
-from bench.serving import STARTUP_TIMEOUT, free_port
+from bench.serving import serve_process
 from bench.workload import EOS_ID, load_tokenizer, user_text, write_checkpoint
 
 logger = logging.getLogger("bench.affinity")
@@ -61,35 +58,15 @@ class Turn:
 @contextmanager
 def ray_gateway(folder: Path, replicas: int, cache_dir: Path) -> Iterator[str]:
     """``python -m gateway serve --ray`` on 127.0.0.1 until the block ends; yields its URL."""
-    port = free_port()
     config = cache_dir / "affinity.yaml"  # JSON is YAML
     # Half a CPU per replica: the four replicas fit on two cores (one request runs at a time).
     config.write_text(json.dumps({"models": [
         {"id": model, "path": str(folder), "dtype": "bfloat16", "device": "cpu",
          "num_cpus": 0.5, "kv_cache_memory": 0.25, "affinity": model == "affinity"}
         for model in MODELS]}))
-    repo = Path(__file__).resolve().parent.parent
-    cmd = [sys.executable, "-m", "gateway", "serve", "--ray", "--replicas", str(replicas),
-           "--config", str(config), "--port", str(port), "--log-level", "warning"]
-    proc = subprocess.Popen(cmd, cwd=repo, env=os.environ | {"PYTHONPATH": str(repo)})
-    url = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.monotonic() + STARTUP_TIMEOUT
-        while True:
-            if proc.poll() is not None:
-                raise RuntimeError(f"the gateway exited with {proc.returncode} during start-up")
-            try:
-                if httpx.get(f"{url}/ready", timeout=2).status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            if time.monotonic() > deadline:
-                raise TimeoutError("the gateway did not become ready")
-            time.sleep(1.0)
+    with serve_process(["--ray", "--replicas", str(replicas), "--config", str(config)],
+                       poll=1.0, stop_timeout=120) as url:
         yield url
-    finally:
-        proc.terminate()
-        proc.wait(timeout=120)
 
 
 def one_turn(client: httpx.Client, model: str, messages: list[dict], max_tokens: int) -> Turn:

@@ -61,17 +61,25 @@ def free_port() -> int:
 
 @contextmanager
 def gateway_process(folder: Path, quantize: str | None, max_running: int) -> Iterator[str]:
-    """``python -m gateway serve`` on 127.0.0.1 until the block ends; yields its base URL once
-    ``/ready`` answers (the model loads after the server starts)."""
-    port = free_port()
-    cmd = [sys.executable, "-m", "gateway", "serve", "--model", f"{MODEL_ID}={folder}",
-           "--dtype", "bfloat16", "--device", "cpu", "--port", str(port),
-           "--max-running", str(max_running), "--log-level", "warning"]
+    """``python -m gateway serve`` of ``folder`` on 127.0.0.1 until the block ends; yields its
+    base URL once ``/ready`` answers (the model loads after the server starts)."""
+    flags = ["--model", f"{MODEL_ID}={folder}", "--dtype", "bfloat16", "--device", "cpu",
+             "--max-running", str(max_running)]
     if quantize:
-        cmd += ["--quantize", quantize]
+        flags += ["--quantize", quantize]
+    with serve_process(flags) as url:
+        yield url
+
+
+@contextmanager
+def serve_process(flags: list[str], poll: float = 0.5, stop_timeout: float = 30) -> Iterator[str]:
+    """``python -m gateway serve --port PORT --log-level warning *flags`` until the block ends;
+    yields its base URL once ``/ready`` answers."""
+    port = free_port()
+    cmd = [sys.executable, "-m", "gateway", "serve", "--port", str(port),
+           "--log-level", "warning", *flags]
     repo = Path(__file__).resolve().parent.parent
-    env = os.environ | {"PYTHONPATH": str(repo)}
-    proc = subprocess.Popen(cmd, cwd=repo, env=env)
+    proc = subprocess.Popen(cmd, cwd=repo, env=os.environ | {"PYTHONPATH": str(repo)})
     url = f"http://127.0.0.1:{port}"
     try:
         deadline = time.monotonic() + STARTUP_TIMEOUT
@@ -85,11 +93,11 @@ def gateway_process(folder: Path, quantize: str | None, max_running: int) -> Ite
                 pass
             if time.monotonic() > deadline:
                 raise TimeoutError("the gateway did not become ready")
-            time.sleep(0.5)
+            time.sleep(poll)
         yield url
     finally:
         proc.terminate()
-        proc.wait(timeout=30)
+        proc.wait(timeout=stop_timeout)
 
 
 async def http_stream(client: AsyncOpenAI, prompt: str, max_tokens: int) -> StreamResult:

@@ -21,6 +21,17 @@ SKIP_REASON = (
 )
 
 
+def cpu_flags() -> set[str]:
+    """This CPU's feature flags (``/proc/cpuinfo``; empty elsewhere): which native kernels the
+    tests expect to be built."""
+    try:
+        text = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return set()
+    return {flag for line in text.splitlines() if line.startswith("flags")
+            for flag in line.split(":", 1)[1].split()}
+
+
 def reference_available() -> bool:
     return (REFERENCE / "oracle").is_dir() and (REFERENCE / "checkpoints").is_dir()
 

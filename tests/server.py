@@ -2,21 +2,69 @@
 
 The server runs in a background thread of the test process, so tests can inspect in-process
 objects (such as a fake model's counters) while real HTTP clients talk to it over TCP.
+:func:`gateway_process` runs the ``serve`` command itself in a subprocess instead.
 """
 
 from __future__ import annotations
 
+import signal
 import socket
+import subprocess
+import sys
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
+from pathlib import Path
 from typing import Any
 
 import httpx
 import uvicorn
 
 STARTUP_TIMEOUT = 10.0
+REPO = Path(__file__).resolve().parent.parent
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+@contextmanager
+def gateway_process(*flags: str, env: Mapping[str, str] | None = None,
+                    timeout: float = 120) -> Iterator[str]:
+    """``python -m gateway serve --port PORT *flags`` until the block ends; yields the base URL
+    once ``/ready`` says 200.  Stopped with SIGTERM; its output must hold no traceback."""
+    port = free_port()
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "gateway", "serve", "--port", str(port), *flags],
+        cwd=REPO, env=None if env is None else dict(env), stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT, text=True)
+    try:
+        base = f"http://127.0.0.1:{port}"
+        deadline = time.monotonic() + timeout
+        while True:
+            assert proc.poll() is None, proc.stdout.read() if proc.stdout else ""
+            try:
+                if httpx.get(base + "/ready").status_code == 200:
+                    break
+            except httpx.TransportError:
+                pass
+            assert time.monotonic() < deadline, "the server did not become ready"
+            time.sleep(0.1)
+        yield base
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            raise
+    assert proc.stdout is not None
+    with proc.stdout:
+        log = proc.stdout.read()
+    assert "Traceback" not in log, log
 
 
 @contextmanager

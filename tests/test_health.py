@@ -7,7 +7,6 @@ import json
 import logging
 import os
 import signal
-import socket
 import subprocess
 import sys
 import textwrap
@@ -24,9 +23,8 @@ import pytest
 from gateway.app import create_app
 from gateway.settings import ModelEntry, ServerSettings
 from tests.fake import FakeChatModel
-from tests.server import running_server
+from tests.server import REPO, free_port, running_server
 
-REPO = Path(__file__).resolve().parent.parent
 CHAT = {"messages": [{"role": "user", "content": "hi"}]}
 
 
@@ -143,18 +141,12 @@ SERVER_SCRIPT = textwrap.dedent("""
 """)
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 @pytest.fixture()
 def server_process(tmp_path: Path) -> Iterator[Callable[[float], tuple[subprocess.Popen[str], str]]]:
     started: list[subprocess.Popen[str]] = []
 
     def start(grace: float) -> tuple[subprocess.Popen[str], str]:
-        port = _free_port()
+        port = free_port()
         script = tmp_path / "serve.py"
         script.write_text(SERVER_SCRIPT, encoding="utf-8")
         env = {**os.environ, "PYTHONPATH": str(REPO)}

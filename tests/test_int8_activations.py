@@ -10,13 +10,7 @@ import logging
 import os
 import platform
 import shutil
-import signal
-import socket
-import subprocess
 import sys
-import time
-from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
 
 import httpx
@@ -38,25 +32,13 @@ from bench.int8_quality import compare, oracle_sequences
 from gateway import cli
 from gateway.app import create_app
 from gateway.settings import ModelEntry, ServerSettings, load_settings
-from tests.conftest import checkpoint_dir, requires_reference
-from tests.server import running_server
-
-REPO = Path(__file__).resolve().parent.parent
-
-
-def _cpu_flags() -> set[str]:
-    try:
-        text = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return set()
-    return {flag for line in text.splitlines() if line.startswith("flags")
-            for flag in line.split(":", 1)[1].split()}
-
+from tests.conftest import checkpoint_dir, cpu_flags, requires_reference
+from tests.server import gateway_process, running_server
 
 SUPPORTED = (
     sys.platform.startswith("linux")
     and platform.machine() == "x86_64"
-    and {"avx512f", "avx512bw", "avx512_vnni", "avx512_bf16"} <= _cpu_flags()
+    and {"avx512f", "avx512bw", "avx512_vnni", "avx512_bf16"} <= cpu_flags()
     and shutil.which(os.environ.get("CC") or "cc") is not None
     and os.environ.get(native.ENV_SWITCH) != "0"
 )
@@ -268,44 +250,6 @@ def test_cli_flag_and_config_file(tmp_path: Path) -> None:
     assert [m.int8_activations for m in cli.settings_from_args(args).models] == [True, True]
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-@contextmanager
-def _serve(env: dict[str, str], *flags: str) -> Iterator[str]:
-    port = _free_port()
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "gateway", "serve", "--port", str(port), *flags],
-        cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    try:
-        base = f"http://127.0.0.1:{port}"
-        deadline = time.monotonic() + 120
-        while True:
-            assert proc.poll() is None, proc.stdout.read() if proc.stdout else ""
-            try:
-                if httpx.get(base + "/ready").status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            assert time.monotonic() < deadline, "the server did not become ready"
-            time.sleep(0.1)
-        yield base
-    finally:
-        proc.send_signal(signal.SIGTERM)
-        try:
-            proc.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            raise
-    assert proc.stdout is not None
-    with proc.stdout:
-        log = proc.stdout.read()
-    assert "Traceback" not in log, log
-
-
 LONG_PROMPT = ("Summarise the following notes in one sentence. The meeting began at nine; the "
                "budget was approved; the new office opens in May; everyone agreed to meet again "
                "next Tuesday to review the hiring plan and the quarterly figures. Two new "
@@ -331,7 +275,7 @@ def test_serve_with_the_flag_answers() -> None:
     /v1/models how many layers take int8 activations (0 where the kernels cannot run)."""
     flags = ("--dtype", "bfloat16", "--int8-activations",
              "--model", f"glm={checkpoint_dir('chatglm2-6b-int8-tiny')}")
-    with _serve(dict(os.environ), *flags) as base:
+    with gateway_process(*flags) as base:
         info = _ask(base)
     expected = 8 if int8_act.library() is not None and native.library() is not None else 0
     assert info["int8_activations_layers"] == expected, json.dumps(info)

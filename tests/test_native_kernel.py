@@ -23,21 +23,12 @@ import torch
 from adapters.weights import native
 from adapters.weights.format import quantize_rowwise
 from adapters.weights.layers import Int4Linear, quantize_weight
-
-
-def _cpu_flags() -> set[str]:
-    try:
-        text = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return set()
-    return {flag for line in text.splitlines() if line.startswith("flags")
-            for flag in line.split(":", 1)[1].split()}
-
+from tests.conftest import cpu_flags
 
 SUPPORTED = (
     sys.platform.startswith("linux")
     and platform.machine() == "x86_64"
-    and {"avx512f", "avx512bw", "avx512_bf16"} <= _cpu_flags()
+    and {"avx512f", "avx512bw", "avx512_bf16"} <= cpu_flags()
     and shutil.which(os.environ.get("CC") or "cc") is not None
 )
 SWITCHED_OFF = os.environ.get(native.ENV_SWITCH) == "0"

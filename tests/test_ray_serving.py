@@ -25,7 +25,7 @@ import openai
 import pytest
 
 from tests.conftest import checkpoint_dir, oracle
-from tests.test_cli_acceptance import REPO, _free_port
+from tests.server import REPO, free_port
 
 MODEL = "glm2"
 START_TIMEOUT = 240.0
@@ -105,7 +105,7 @@ def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RayServer]:
     config.write_text(json.dumps({"models": [{
         "id": MODEL, "path": str(path), "dtype": "float32", "num_cpus": 0.5,
         "max_running": 4, "max_waiting": 16}]}))
-    port = _free_port()
+    port = free_port()
     proc = subprocess.Popen(
         [sys.executable, "-m", "gateway", "serve", "--ray", "--replicas", "2", "--port",
          str(port), "--config", str(config), "--shutdown-grace", "5"],

@@ -152,26 +152,34 @@ def _load() -> ctypes.CDLL:
     return lib
 
 
+def checked_library(what: str, fallback: str, load: Callable[[], ctypes.CDLL],
+                    self_test: Callable[[ctypes.CDLL], bool]) -> ctypes.CDLL | None:
+    """``load()``'s library where it can be used: not switched off (``ENV_SWITCH=0``), on x86-64
+    Linux, built, and agreeing with its float64 ``self_test``; else ``None``, with the reason
+    logged (``what``: the kernels' name in the log; ``fallback``: what runs instead)."""
+    if os.environ.get(ENV_SWITCH, "1") == "0":
+        logger.info("%s=0: no %s; %s", ENV_SWITCH, what, fallback)
+        return None
+    if not sys.platform.startswith("linux") or platform.machine() not in ("x86_64", "AMD64"):
+        logger.info("%s are x86-64 Linux only; %s", what, fallback)
+        return None
+    try:
+        lib = load()
+    except (OSError, subprocess.CalledProcessError) as exc:
+        detail = getattr(exc, "stderr", None) or exc
+        logger.info("%s unavailable (%s); %s", what, detail, fallback)
+        return None
+    if not self_test(lib):
+        logger.warning("%s disagree with the reference; %s", what, fallback)
+        return None
+    logger.info("%s in use (%s)", what, lib._name)
+    return lib
+
+
 @functools.cache
 def library() -> ctypes.CDLL | None:
     """The loaded kernel library, or ``None`` where it cannot be used (reason logged once)."""
-    if os.environ.get(ENV_SWITCH, "1") == "0":
-        logger.info("%s=0: int4 layers use torch's kernel", ENV_SWITCH)
-        return None
-    if not sys.platform.startswith("linux") or platform.machine() not in ("x86_64", "AMD64"):
-        logger.info("native CPU kernels are x86-64 Linux only; using torch's kernels")
-        return None
-    try:
-        lib = _load()
-    except (OSError, subprocess.CalledProcessError) as exc:
-        detail = getattr(exc, "stderr", None) or exc
-        logger.info("native CPU kernels unavailable (%s); using torch's kernels", detail)
-        return None
-    if not _self_test(lib):
-        logger.warning("native CPU kernels disagree with the reference; using torch's kernels")
-        return None
-    logger.info("native CPU kernels in use (%s)", lib._name)
-    return lib
+    return checked_library("native CPU kernels", "using torch's kernels", _load, _self_test)
 
 
 def _check_padding(shape: tuple[int, ...], n_pad: int, k_pad: int, k_multiple: int) -> None:

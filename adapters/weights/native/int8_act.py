@@ -16,10 +16,7 @@ import ctypes
 import functools
 import logging
 import os
-import platform
 import shutil
-import subprocess
-import sys
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -62,23 +59,8 @@ def _load() -> ctypes.CDLL:
 @functools.cache
 def library() -> ctypes.CDLL | None:
     """The loaded int8-activation library, or ``None`` where it cannot be used (reason logged)."""
-    if os.environ.get(native.ENV_SWITCH, "1") == "0":
-        logger.info("%s=0: no int8-activation kernels", native.ENV_SWITCH)
-        return None
-    if not sys.platform.startswith("linux") or platform.machine() not in ("x86_64", "AMD64"):
-        logger.info("int8-activation kernels are x86-64 Linux only")
-        return None
-    try:
-        lib = _load()
-    except (OSError, subprocess.CalledProcessError) as exc:
-        detail = getattr(exc, "stderr", None) or exc
-        logger.info("int8-activation kernels unavailable (%s)", detail)
-        return None
-    if not _self_test(lib):
-        logger.warning("int8-activation kernels disagree with the reference; not used")
-        return None
-    logger.info("int8-activation kernels available (%s)", lib._name)
-    return lib
+    return native.checked_library("int8-activation kernels", "computing exactly", _load,
+                                  _self_test)
 
 
 @dataclass(frozen=True)
