@@ -21,6 +21,13 @@ the crossover row count can be read off.  ``bf16`` weights: ``native`` is the na
 ``enable_gqa`` and a padding mask vs :func:`adapters.chatglm2.model.decode_attention` (torch, on a
 padded batch) vs ``adapters.weights.native.decode_attention`` (each sequence's cache read in place; the
 model's path in bf16 on a CPU with the kernels).  Asserts nothing.
+
+``--prefill-attention`` times one layer's attention for a prefill chunk of ``T`` new positions
+after ``L`` cached ones (a chat's next turn: ``208 @ 1950`` is turn 10 of ``bench.affinity``):
+``adapters.weights.native.prefill_attention`` (the model's path) vs SDPA with the causal mask, and,
+with ``--baseline-source FILE`` (e.g. ``git show REV:adapters/weights/native/wq_gemm.c > old.c``),
+the same call on a library built from that older source, alternating with the new one; also
+the largest difference between the two outputs.
 """
 
 from __future__ import annotations
@@ -29,6 +36,7 @@ import argparse
 import functools
 import logging
 from collections.abc import Callable
+from pathlib import Path
 
 import torch
 
@@ -82,6 +90,48 @@ def attention_table(preset: str, repeats: int) -> None:
                           "native (in place)"], table))
 
 
+def prefill_attention_table(preset: str, repeats: int, baseline: Path | None) -> None:
+    c = PRESETS[preset]
+    heads, groups, hd = c.num_attention_heads, c.multi_query_group_num, c.kv_channels
+    lib = native.library()
+    if lib is None:
+        raise SystemExit("the native kernels are not available on this machine")
+    old = native.library_from(baseline) if baseline is not None else None
+    gen = torch.Generator().manual_seed(0)
+    table = []
+    for new, cached in ((161, 12), (208, 1950), (512, 0), (512, 3584)):
+        total = cached + new
+        storage = torch.randn(1, 2, groups, total, hd, generator=gen).to(torch.bfloat16)
+        q = torch.randn(new, heads, hd, generator=gen).to(torch.bfloat16)
+        lens = torch.arange(cached + 1, total + 1, dtype=torch.int64)
+        scores = new * heads * (cached + (new + 1) / 2)  # query-key pairs attended
+        mask = torch.arange(total)[None, :] < lens[:, None]
+        sdpa = best(torch.nn.functional.scaled_dot_product_attention, q.transpose(0, 1)[None],
+                    storage[:, 0], storage[:, 1], mask, repeats=repeats, enable_gqa=True)
+        mine, before = [], []
+        for _ in range(repeats):  # alternating, so both see the same host
+            mine.append(best(native.prefill_attention, lib, storage, 0, q, lens, repeats=1))
+            if old is not None:
+                before.append(best(native.prefill_attention, old, storage, 0, q, lens,
+                                   repeats=1))
+        row = [str(new), str(cached), f"{sdpa * 1e3:.1f}", f"{min(mine) * 1e3:.1f}",
+               f"{min(mine) / scores * 1e9:.2f}"]
+        if old is not None:
+            diff = (native.prefill_attention(lib, storage, 0, q, lens).float()
+                    - native.prefill_attention(old, storage, 0, q, lens).float()).abs().max()
+            row += [f"{min(before) * 1e3:.1f}", f"{min(before) / min(mine):.2f}x",
+                    f"{float(diff):.2g}"]
+        table.append(row)
+    print(f"\nprefill attention, one {preset} layer ({heads} heads, {groups} KV groups, "
+          f"head size {hd}), bf16, ms, best of {repeats}, {torch.get_num_threads()} threads; "
+          f"{machine_summary()}\n")
+    head = ["new positions", "cached positions", "SDPA (causal mask)", "native",
+            "native ns per query-key"]
+    if old is not None:
+        head += [f"native built from {baseline.name}", "speed-up", "max |difference|"]
+    print(markdown_table(head, table))
+
+
 def bf16_rows(shapes: list[tuple[int, int]], rows_list: list[int], repeats: int,
               gen: torch.Generator, has_native: bool) -> list[list[str]]:
     """The bf16 rows of the table: the native bf16 linear vs oneDNN's, per layer."""
@@ -115,10 +165,17 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--attention", action="store_true",
                         help="time decode attention instead of the linears")
+    parser.add_argument("--prefill-attention", action="store_true",
+                        help="time prefill attention over cached positions instead")
+    parser.add_argument("--baseline-source", type=Path,
+                        help="with --prefill-attention: an older wq_gemm.c to time alongside")
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
     if args.attention:
         attention_table(args.shapes, args.repeats)
+        return
+    if args.prefill_attention:
+        prefill_attention_table(args.shapes, args.repeats, args.baseline_source)
         return
     rows_list = [int(r) for r in args.rows.split(",")]
     shapes = linear_shapes(args.shapes)

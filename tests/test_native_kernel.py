@@ -323,8 +323,50 @@ def test_decode_attention_equals_torch_over_caches_of_different_lengths(heads: i
         assert torch.equal(kv[layer, 1, :, n - 1], v[i, 0])
         expected = torch_decode_attention(q[i:i + 1], kv[layer, 0, :, :n].unsqueeze(0),
                                           kv[layer, 1, :, :n].unsqueeze(0), None)
-        # both fp32 inside, rounded to bf16 once: at most an ulp apart
+        # fp32 inside (the native kernel hands its value products the softmax numerators in
+        # bf16, as torch's bf16 flash attention does), rounded to bf16 once: about an ulp apart
         assert torch.allclose(got[i].float(), expected[0].float(), rtol=2**-7, atol=2**-7)
+
+
+@needs_kernel
+def test_attention_bits_do_not_depend_on_head_blocks_threads_or_chunks() -> None:
+    """The kernel attends the heads of a KV group together (8 at a time, fewer when a step has
+    too few blocks for the threads) and 16 keys at a time: an odd number of heads per group, a
+    head size of 16 mod 32 and lengths around the blocks give every query the same bits whether
+    it is a decode step with 1 or 32 threads or one query of a prefill chunk, and stay close to
+    float64 attention."""
+    gen = torch.Generator().manual_seed(7)
+    heads, groups, hd, cap = 22, 2, 80, 40
+    lengths = [1, 2, 15, 16, 17, 33, 40]
+    storage = torch.randn(1, 2, groups, cap, hd, generator=gen).to(torch.bfloat16)
+    q = torch.randn(len(lengths), 1, heads, hd, generator=gen).to(torch.bfloat16)
+    lib = native.library()
+    assert lib is not None
+    threads = torch.get_num_threads()
+
+    def decode(n_threads: int) -> torch.Tensor:
+        torch.set_num_threads(n_threads)
+        try:
+            storages = [storage.clone() for _ in lengths]
+            k = torch.stack([s[0, 0, :, n - 1] for s, n in zip(storages, lengths, strict=True)])
+            v = torch.stack([s[0, 1, :, n - 1] for s, n in zip(storages, lengths, strict=True)])
+            return native.decode_attention(lib, native.DecodeBatch(storages, lengths), 0, q,
+                                           k.unsqueeze(1), v.unsqueeze(1))[:, :, 0]
+        finally:
+            torch.set_num_threads(threads)
+
+    one, many = decode(1), decode(32)
+    assert torch.equal(one, many)
+    chunk = native.prefill_attention(lib, storage, 0, q[:, 0], torch.tensor(lengths))
+    assert torch.equal(chunk, one)
+    keys, values = storage[0, 0].double(), storage[0, 1].double()
+    for i, n in enumerate(lengths):
+        per_group = heads // groups
+        for h in range(heads):
+            g = h // per_group
+            weights = torch.softmax(q[i, 0, h].double() @ keys[g, :n].T / hd**0.5, -1)
+            expected = weights @ values[g, :n]
+            assert torch.allclose(one[i, h].double(), expected, rtol=2**-6, atol=2**-7), (n, h)
 
 
 @needs_kernel

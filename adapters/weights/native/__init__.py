@@ -111,11 +111,11 @@ def _compile(compiler: str, source: Path = SOURCE, flags: tuple[str, ...] = FLAG
     return target
 
 
-def _load() -> ctypes.CDLL:
+def _load(source: Path = SOURCE) -> ctypes.CDLL:
     compiler = shutil.which(os.environ.get("CC") or "cc")
     if compiler is None:
         raise OSError("no C compiler (cc or $CC) on PATH")
-    lib = ctypes.CDLL(str(_compile(compiler)))
+    lib = ctypes.CDLL(str(_compile(compiler, source)))
     lib.wq_cpu_supported.restype = ctypes.c_int
     if not lib.wq_cpu_supported():
         raise OSError("this CPU lacks AVX512-BF16")
@@ -174,6 +174,13 @@ def checked_library(what: str, fallback: str, load: Callable[[], ctypes.CDLL],
         return None
     logger.info("%s in use (%s)", what, lib._name)
     return lib
+
+
+def library_from(source: Path) -> ctypes.CDLL:
+    """A library built from another copy of ``wq_gemm.c`` (an earlier revision), with the same
+    entry points: the benchmarks time it side by side with :func:`library`.  Raises ``OSError``
+    where it cannot be built or loaded."""
+    return _load(source)
 
 
 @functools.cache

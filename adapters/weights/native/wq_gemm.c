@@ -23,7 +23,7 @@
  *
  * Batch invariance: every output (any number of activation rows, any weight format) is one fp32
  * vector accumulated over K in the same order and finished by store_output; every attention query
- * goes through attend_query.  A row's bits never depend on the rows computed with it.
+ * goes through attend_heads.  A row's bits never depend on the rows computed with it.
  *
  * Threads: OpenMP with the thread count the caller passes (torch.get_num_threads()); the library
  * links libgomp.so.1, the soname torch's own OpenMP runtime is loaded under, so both share it.
@@ -403,10 +403,11 @@ static inline __m512 round_bf16x16(__m512 v) {
  *          [2 (keys, values), groups, cap[b], hd]; positions 0 .. len[b] - 1 are attended
  *   k_new, v_new  bf16 [B, groups, hd]: this step's key/value, first written at position len[b] - 1
  *   out    bf16 [B, heads, hd]
- * Scores and the softmax in fp32, scale 1 / sqrt(hd), probabilities times values accumulated in
- * fp32, rounded to bf16 once: what torch's fp32 matmul/softmax path computes, up to summation order
- * (ChatGLM-6B: see attend_query).  hd must be a multiple of 16.  `scratch` holds B * heads *
- * max_len floats.
+ * Scores and the softmax in fp32, scale 1 / sqrt(hd); the softmax numerators rounded to bf16 and
+ * multiplied with the values with fp32 accumulation, divided by their fp32 sum, rounded to bf16
+ * once: what torch's CPU flash attention (aten/src/ATen/native/cpu/FlashAttentionKernel.cpp)
+ * computes for bf16 inputs, which also hands its bf16 GEMM the numerators in bf16 (ChatGLM-6B: see
+ * attend_heads).  hd must be a multiple of 16.  `scratch` holds B * heads * max_len floats.
  */
 static inline float bf16_to_f32(bf16_t v) {
     uint32_t bits = (uint32_t)v << 16;
@@ -415,36 +416,94 @@ static inline float bf16_to_f32(bf16_t v) {
     return f;
 }
 
-/* One query head over positions 0 .. L - 1 of `keys` / `values` ([L, hd] each, rows of hd):
- * the arithmetic every attention path shares (decode steps, prefill chunks, solo or batched), so a
- * query's output depends only on its own query, keys and values, never on what was computed with
- * it.  `p` has room for L rounded up to 16 floats.
- *   glm_coeff == 0 (ChatGLM2/3, torch's fp32 path): score = (q . k) * scale, softmax in fp32,
- *     out = bf16((sum e_t v_t) / sum e_t).
+/* Where a block of 16 positions' dot products are reduced: position i of the block in
+ * accumulator SLOT(i), so that reduce16 returns them in order (see reduce16). */
+#define SLOT(i) (4 * ((i) % 4) + (i) / 4)
+/* Query heads of one KV group attended together: each block of 16 keys is read into L1 once
+ * for all of them, each pair of value rows loaded and interleaved once (2 accumulators per head
+ * and 32 dimensions: 8 heads keep 16 in registers).  Without it every head streamed the group's
+ * keys and values from L2/L3 on its own (1 MB per group at 2k positions). */
+#define HEAD_BLOCK 8
+
+/* The horizontal sums of a[SLOT(0)] .. a[SLOT(15)] as one vector, in order: a transposed
+ * reduction (15 shuffle pairs for 16 sums instead of a reduce per sum).  Every sum adds the same
+ * lane pairs in the same order as _mm512_reduce_add_ps (GCC's avx512fintrin.h: lane i + lane
+ * i + 8, then i + 4, then i + 2, then i + 1), so each score has the bits of a reduce of its own. */
+static inline __attribute__((always_inline)) __m512 reduce16(const __m512 *a) {
+    __m512 b[8], d[4], f[2];
+#pragma GCC unroll 8
+    for (int k = 0; k < 8; k++) /* lanes i and i + 8 of a[2k] (low half), of a[2k + 1] (high) */
+        b[k] = _mm512_add_ps(_mm512_shuffle_f32x4(a[2 * k], a[2 * k + 1], _MM_SHUFFLE(1, 0, 1, 0)),
+                             _mm512_shuffle_f32x4(a[2 * k], a[2 * k + 1], _MM_SHUFFLE(3, 2, 3, 2)));
+#pragma GCC unroll 4
+    for (int k = 0; k < 4; k++) /* i and i + 4: each 128-bit lane now one source's 4 partials */
+        d[k] = _mm512_add_ps(_mm512_shuffle_f32x4(b[2 * k], b[2 * k + 1], _MM_SHUFFLE(2, 0, 2, 0)),
+                             _mm512_shuffle_f32x4(b[2 * k], b[2 * k + 1], _MM_SHUFFLE(3, 1, 3, 1)));
+#pragma GCC unroll 2
+    for (int k = 0; k < 2; k++) /* i and i + 2 within each 128-bit lane */
+        f[k] = _mm512_add_ps(_mm512_shuffle_ps(d[2 * k], d[2 * k + 1], _MM_SHUFFLE(1, 0, 1, 0)),
+                             _mm512_shuffle_ps(d[2 * k], d[2 * k + 1], _MM_SHUFFLE(3, 2, 3, 2)));
+    /* i and i + 1: lane 4L + j holds source 4j + L, hence SLOT */
+    return _mm512_add_ps(_mm512_shuffle_ps(f[0], f[1], _MM_SHUFFLE(2, 0, 2, 0)),
+                         _mm512_shuffle_ps(f[0], f[1], _MM_SHUFFLE(3, 1, 3, 1)));
+}
+
+/* Scores of nh query heads (rows qstride apart) over positions 0 .. L - 1 into p + h * pstride
+ * [0 .. L16 - 1] (L16 = L rounded up to 16; the padding gets -inf), 16 positions at a time (each
+ * block of keys read once for all the heads); their maxima into mx[h].  Each score is the query's
+ * dot product with the key accumulated over hd in order (one VDPBF16PS per 32 dimensions) and
+ * reduced as reduce16 does, then scaled:
+ *   glm_coeff == 0 (ChatGLM2/3, torch's fp32 path): score = (q . k) * scale;
  *   glm_coeff > 0 (ChatGLM-6B's attention_fn in bf16; q already divided by sqrt(hd) * coeff as
- *     torch does): score = bf16(q . k) * coeff in fp32, softmax in fp32, probabilities rounded to
- *     bf16, out = bf16(sum p_t v_t). */
-static inline void attend_query(const bf16_t *qh, const bf16_t *keys, const bf16_t *values,
-                                int64_t L, int64_t hd, float scale, float glm_coeff, float *p,
-                                bf16_t *out) {
-    float mx = -__builtin_inff();
-    for (int64_t t = 0; t < L; t++) {
-        __m512 acc = _mm512_setzero_ps();
-        int64_t d = 0;
-        for (; d + 32 <= hd; d += 32)
-            acc = _mm512_dpbf16_ps(acc, (__m512bh)_mm512_loadu_si512((const void *)(qh + d)),
-                                   (__m512bh)_mm512_loadu_si512((const void *)(keys + t * hd + d)));
-        if (d < hd) /* a last half vector (hd = 16 mod 32), the rest zeros: exact */
-            acc = _mm512_dpbf16_ps(acc, (__m512bh)_mm512_maskz_loadu_epi16(0xFFFF, qh + d),
-                                   (__m512bh)_mm512_maskz_loadu_epi16(0xFFFF, keys + t * hd + d));
-        const float dot = _mm512_reduce_add_ps(acc);
-        p[t] = glm_coeff > 0 ? bf16_to_f32(f32_to_bf16(dot)) * glm_coeff : dot * scale;
-        if (p[t] > mx) mx = p[t];
+ *     torch does): score = bf16(q . k) * coeff. */
+static inline void attention_scores(const bf16_t *q, int64_t qstride, int nh, const bf16_t *keys,
+                                    int64_t L, int64_t hd, float scale, float glm_coeff, float *p,
+                                    int64_t pstride, float *mx) {
+    __m512 vmx[HEAD_BLOCK];
+    for (int h = 0; h < nh; h++) vmx[h] = _mm512_set1_ps(-__builtin_inff());
+    for (int64_t t0 = 0; t0 < L; t0 += 16) {
+        const bf16_t *row[16];
+#pragma GCC unroll 16
+        for (int i = 0; i < 16; i++) /* past L: any row in bounds; its lane is masked below */
+            row[i] = keys + (t0 + i < L ? t0 + i : L - 1) * hd;
+        const __mmask16 live = (__mmask16)(L - t0 >= 16 ? 0xFFFF : (1u << (L - t0)) - 1);
+        for (int h = 0; h < nh; h++) {
+            const bf16_t *qh = q + h * qstride;
+            __m512 a[16];
+#pragma GCC unroll 16
+            for (int i = 0; i < 16; i++) a[i] = _mm512_setzero_ps();
+            int64_t d = 0;
+            for (; d + 32 <= hd; d += 32) {
+                const __m512bh qv = (__m512bh)_mm512_loadu_si512((const void *)(qh + d));
+#pragma GCC unroll 16
+                for (int i = 0; i < 16; i++)
+                    a[SLOT(i)] = _mm512_dpbf16_ps(
+                        a[SLOT(i)], qv, (__m512bh)_mm512_loadu_si512((const void *)(row[i] + d)));
+            }
+            if (d < hd) { /* a last half vector (hd = 16 mod 32), the rest zeros: exact */
+                const __m512bh qv = (__m512bh)_mm512_maskz_loadu_epi16(0xFFFF, qh + d);
+#pragma GCC unroll 16
+                for (int i = 0; i < 16; i++)
+                    a[SLOT(i)] = _mm512_dpbf16_ps(
+                        a[SLOT(i)], qv, (__m512bh)_mm512_maskz_loadu_epi16(0xFFFF, row[i] + d));
+            }
+            __m512 sc = reduce16(a);
+            sc = glm_coeff > 0 ? _mm512_mul_ps(round_bf16x16(sc), _mm512_set1_ps(glm_coeff))
+                               : _mm512_mul_ps(sc, _mm512_set1_ps(scale));
+            sc = _mm512_mask_mov_ps(_mm512_set1_ps(-__builtin_inff()), live, sc);
+            _mm512_storeu_ps(p + h * pstride + t0, sc);
+            vmx[h] = _mm512_max_ps(sc, vmx[h]); /* a NaN score is passed over, as `>` would */
+        }
     }
-    /* softmax numerator, 16 positions at a time (p has room: padded to 16) */
+    for (int h = 0; h < nh; h++) mx[h] = _mm512_reduce_max_ps(vmx[h]);
+}
+
+/* Scores -> softmax numerators in place (the padding becomes 0); returns 1 / their sum.  With
+ * glm_coeff > 0 the probabilities themselves are stored, rounded to bf16 (torch: softmax(...)
+ * .to(bf16), then a bf16 matmul). */
+static inline float attention_softmax(float *p, int64_t L, float mx, float glm_coeff) {
     __m512 vsum = _mm512_setzero_ps();
     const int64_t L16 = (L + 15) / 16 * 16;
-    for (int64_t t = L; t < L16; t++) p[t] = -__builtin_inff();
     for (int64_t t = 0; t < L16; t += 16) {
         __m512 e = exp512(_mm512_sub_ps(_mm512_loadu_ps(p + t), _mm512_set1_ps(mx)));
         e = _mm512_mask_mov_ps(_mm512_setzero_ps(),
@@ -453,26 +512,99 @@ static inline void attend_query(const bf16_t *qh, const bf16_t *keys, const bf16
         vsum = _mm512_add_ps(vsum, e);
     }
     const float inv = 1.0f / _mm512_reduce_add_ps(vsum);
-    if (glm_coeff > 0) /* torch: softmax(...).to(bf16), then a bf16 matmul */
+    if (glm_coeff > 0)
         for (int64_t t = 0; t < L16; t += 16)
             _mm512_storeu_ps(p + t, round_bf16x16(_mm512_mul_ps(_mm512_loadu_ps(p + t),
                                                                 _mm512_set1_ps(inv))));
-    /* probabilities times values: four position streams in flight per 16 dimensions */
-    for (int64_t d = 0; d < hd; d += 16) {
-        __m512 o0 = _mm512_setzero_ps(), o1 = o0, o2 = o0, o3 = o0;
-        int64_t t = 0;
-        for (; t + 4 <= L; t += 4) {
-            o0 = _mm512_fmadd_ps(_mm512_set1_ps(p[t]), load_bf16x16(values + t * hd + d), o0);
-            o1 = _mm512_fmadd_ps(_mm512_set1_ps(p[t + 1]), load_bf16x16(values + (t + 1) * hd + d), o1);
-            o2 = _mm512_fmadd_ps(_mm512_set1_ps(p[t + 2]), load_bf16x16(values + (t + 2) * hd + d), o2);
-            o3 = _mm512_fmadd_ps(_mm512_set1_ps(p[t + 3]), load_bf16x16(values + (t + 3) * hd + d), o3);
+    return inv;
+}
+
+/* out_h = sum_t p_h[t] v_t for NH heads (p_h at p + h * pstride, already bf16: two per float
+ * slot, see attend_heads), 32 dimensions at a time with VDPBF16PS: two positions' values
+ * interleaved (t, t + 1) once for all NH heads, each head's probability pair broadcast.  Position
+ * pairs are accumulated in order, one accumulator per 16 dimensions (lanes in the interleaved
+ * order, put back before the store).  glm_coeff <= 0: times inv[h] (the softmax's 1 / sum). */
+static inline __attribute__((always_inline)) void attention_values(
+    const int NH, const float *p, int64_t pstride, const bf16_t *values, int64_t L, int64_t hd,
+    const float *inv, float glm_coeff, bf16_t *out, int64_t ostride) {
+    /* dims of the low / high interleaved accumulators back in order (permutex2var indices) */
+    const __m512i first = _mm512_set_epi32(23, 22, 21, 20, 7, 6, 5, 4, 19, 18, 17, 16, 3, 2, 1, 0);
+    const __m512i second = _mm512_set_epi32(31, 30, 29, 28, 15, 14, 13, 12, 27, 26, 25, 24, 11, 10,
+                                            9, 8);
+    for (int64_t d = 0; d < hd; d += 32) {
+        const __mmask32 dims = d + 32 <= hd ? 0xFFFFFFFFu : 0xFFFFu; /* hd = 16 mod 32 */
+        __m512 lo[HEAD_BLOCK], hi[HEAD_BLOCK];
+#pragma GCC unroll 8
+        for (int h = 0; h < NH; h++) lo[h] = hi[h] = _mm512_setzero_ps();
+        for (int64_t t = 0; t < L; t += 2) {
+            const __m512i a = _mm512_maskz_loadu_epi16(dims, values + t * hd + d);
+            /* an odd L's last position pairs with zeros (its probability's partner is 0 too) */
+            const __m512i b = t + 1 < L ? _mm512_maskz_loadu_epi16(dims, values + (t + 1) * hd + d)
+                                        : _mm512_setzero_si512();
+            const __m512bh il = (__m512bh)_mm512_unpacklo_epi16(a, b);
+            const __m512bh ih = (__m512bh)_mm512_unpackhi_epi16(a, b);
+#pragma GCC unroll 8
+            for (int h = 0; h < NH; h++) {
+                int32_t pair;
+                __builtin_memcpy(&pair, (const bf16_t *)(p + h * pstride) + t, 4);
+                const __m512bh pp = (__m512bh)_mm512_set1_epi32(pair);
+                lo[h] = _mm512_dpbf16_ps(lo[h], il, pp);
+                hi[h] = _mm512_dpbf16_ps(hi[h], ih, pp);
+            }
         }
-        for (; t < L; t++)
-            o0 = _mm512_fmadd_ps(_mm512_set1_ps(p[t]), load_bf16x16(values + t * hd + d), o0);
-        __m512 o = _mm512_add_ps(_mm512_add_ps(o0, o1), _mm512_add_ps(o2, o3));
-        if (glm_coeff <= 0) o = _mm512_mul_ps(o, _mm512_set1_ps(inv));
-        store_bf16x16(out + d, o);
+#pragma GCC unroll 8
+        for (int h = 0; h < NH; h++) {
+            const __m512 scale = _mm512_set1_ps(glm_coeff <= 0 ? inv[h] : 1.0f);
+            store_bf16x16(out + h * ostride + d,
+                          _mm512_mul_ps(_mm512_permutex2var_ps(lo[h], first, hi[h]), scale));
+            if (d + 32 <= hd)
+                store_bf16x16(out + h * ostride + d + 16,
+                              _mm512_mul_ps(_mm512_permutex2var_ps(lo[h], second, hi[h]), scale));
+        }
     }
+}
+
+/* nh (1 .. HEAD_BLOCK) query heads that share one KV group (rows qstride apart) over positions
+ * 0 .. L - 1 of `keys` / `values` ([L, hd] each): the arithmetic every attention path shares
+ * (decode steps, prefill chunks, solo or batched), so a query's output depends only on its own
+ * query, keys and values, never on what was computed with it (the heads in a block share loads,
+ * not sums).  `p` has room for nh rows of pstride >= L rounded up to 16 floats.  Scores and the
+ * softmax in fp32; out = bf16((sum e_t v_t) / sum e_t) (ChatGLM-6B: bf16(sum p_t v_t) with the
+ * probabilities p_t rounded to bf16).  Output rows ostride apart. */
+static inline void attend_heads(const bf16_t *q, int64_t qstride, int nh, const bf16_t *keys,
+                                const bf16_t *values, int64_t L, int64_t hd, float scale,
+                                float glm_coeff, float *p, int64_t pstride, bf16_t *out,
+                                int64_t ostride) {
+    float inv[HEAD_BLOCK], mx[HEAD_BLOCK];
+    attention_scores(q, qstride, nh, keys, L, hd, scale, glm_coeff, p, pstride, mx);
+    for (int h = 0; h < nh; h++) {
+        float *ph = p + h * pstride;
+        inv[h] = attention_softmax(ph, L, mx[h], glm_coeff);
+        /* the numerators (ChatGLM-6B: the probabilities) as bf16, in place: bf16 t lands at
+         * bytes 2t, before float t's; the padding (zeros) pairs with an odd L's last one */
+        for (int64_t t = 0; t < L; t += 16)
+            _mm256_storeu_si256((__m256i *)((bf16_t *)ph + t),
+                                (__m256i)_mm512_cvtneps_pbh(_mm512_loadu_ps(ph + t)));
+    }
+    switch (nh) { /* constant head counts: the accumulators stay in registers */
+    case 8: attention_values(8, p, pstride, values, L, hd, inv, glm_coeff, out, ostride); break;
+    case 7: attention_values(7, p, pstride, values, L, hd, inv, glm_coeff, out, ostride); break;
+    case 6: attention_values(6, p, pstride, values, L, hd, inv, glm_coeff, out, ostride); break;
+    case 5: attention_values(5, p, pstride, values, L, hd, inv, glm_coeff, out, ostride); break;
+    case 4: attention_values(4, p, pstride, values, L, hd, inv, glm_coeff, out, ostride); break;
+    case 3: attention_values(3, p, pstride, values, L, hd, inv, glm_coeff, out, ostride); break;
+    case 2: attention_values(2, p, pstride, values, L, hd, inv, glm_coeff, out, ostride); break;
+    default: attention_values(1, p, pstride, values, L, hd, inv, glm_coeff, out, ostride); break;
+    }
+}
+
+/* Heads per attend_heads call: HEAD_BLOCK (or the group's), halved while `items` (sequences or
+ * queries, times groups) would give some of the threads no block (a one-sequence decode step on a
+ * many-core CPU).  The results do not depend on it: heads in a block share loads, not sums. */
+static int64_t head_block(int64_t items, int64_t per_group, int nthreads) {
+    int64_t hb = HEAD_BLOCK < per_group ? HEAD_BLOCK : per_group;
+    while (hb > 1 && items * ((per_group + hb - 1) / hb) < nthreads) hb = (hb + 1) / 2;
+    return hb;
 }
 
 void wq_decode_attention(const bf16_t *q, const bf16_t *k_new, const bf16_t *v_new, int64_t B,
@@ -490,15 +622,18 @@ void wq_decode_attention(const bf16_t *q, const bf16_t *k_new, const bf16_t *v_n
                              hd * sizeof(bf16_t));
         }
     }
+    const int64_t hb = head_block(B * groups, per_group, nthreads);
+    const int64_t blocks = (per_group + hb - 1) / hb; /* per group */
 #pragma omp parallel for num_threads(threads_for(B * heads * max_len * hd, nthreads)) \
     schedule(dynamic, 1) collapse(2)
     for (int64_t b = 0; b < B; b++) {
-        for (int64_t h = 0; h < heads; h++) {
-            const int64_t g = h / per_group, C = cap[b];
-            const bf16_t *kv = (const bf16_t *)base[b] + layer * 2 * groups * C * hd;
-            attend_query(q + (b * heads + h) * hd, kv + g * C * hd, kv + (groups + g) * C * hd,
-                         len[b], hd, scale, glm_coeff, scratch + (b * heads + h) * max_len,
-                         out + (b * heads + h) * hd);
+        for (int64_t gb = 0; gb < groups * blocks; gb++) {
+            const int64_t g = gb / blocks, first = gb % blocks * hb, h = g * per_group + first;
+            const bf16_t *kv = (const bf16_t *)base[b] + layer * 2 * groups * cap[b] * hd;
+            attend_heads(q + (b * heads + h) * hd, hd, (int)(per_group - first < hb ? per_group - first : hb),
+                         kv + g * cap[b] * hd, kv + (groups + g) * cap[b] * hd, len[b], hd, scale,
+                         glm_coeff, scratch + (b * heads + h) * max_len, max_len,
+                         out + (b * heads + h) * hd, hd);
         }
     }
 }
@@ -506,8 +641,8 @@ void wq_decode_attention(const bf16_t *q, const bf16_t *k_new, const bf16_t *v_n
 /* Attention of T queries of ONE sequence (a prefill chunk, or several new positions) over that
  * sequence's cache, whose keys/values for these positions are already stored: query t (heads at
  * q + t * ldq + h * hd) attends positions 0 .. lens[t] - 1 of `kv` (this layer's
- * [2, groups, cap, hd]).  Each (t, h) is attend_query, exactly what a decode step of that
- * position computes, so a prompt's results do not depend on how it was split into chunks.
+ * [2, groups, cap, hd]).  Each (t, h) is computed by attend_heads, exactly as a decode step of
+ * that position computes it, so a prompt's results do not depend on how it was split into chunks.
  * out: [T, heads, hd]. */
 void wq_prefill_attention(const bf16_t *q, int64_t ldq, int64_t T, int64_t heads, int64_t groups,
                           int64_t hd, const bf16_t *kv, int64_t cap, const int64_t *lens,
@@ -517,15 +652,19 @@ void wq_prefill_attention(const bf16_t *q, int64_t ldq, int64_t T, int64_t heads
     int64_t max_len = 0;
     for (int64_t t = 0; t < T; t++) max_len = lens[t] > max_len ? lens[t] : max_len;
     max_len = (max_len + 15) / 16 * 16;
+    const int64_t hb = head_block(T * groups, per_group, nthreads);
+    const int64_t blocks = (per_group + hb - 1) / hb; /* per group */
 #pragma omp parallel num_threads(threads_for(T * heads * max_len * hd, nthreads))
     {
-        float *p = (float *)malloc((size_t)max_len * sizeof(float));
-#pragma omp for schedule(dynamic, 4) collapse(2)
+        float *p = (float *)malloc((size_t)(hb * max_len) * sizeof(float));
+#pragma omp for schedule(dynamic, 1) collapse(2)
         for (int64_t t = 0; t < T; t++) {
-            for (int64_t h = 0; h < heads; h++) {
-                const int64_t g = h / per_group;
-                attend_query(q + t * ldq + h * hd, kv + g * cap * hd, kv + (groups + g) * cap * hd,
-                             lens[t], hd, scale, glm_coeff, p, out + (t * heads + h) * hd);
+            for (int64_t gb = 0; gb < groups * blocks; gb++) {
+                const int64_t g = gb / blocks, first = gb % blocks * hb, h = g * per_group + first;
+                attend_heads(q + t * ldq + h * hd, hd,
+                             (int)(per_group - first < hb ? per_group - first : hb),
+                             kv + g * cap * hd, kv + (groups + g) * cap * hd, lens[t], hd, scale,
+                             glm_coeff, p, max_len, out + (t * heads + h) * hd, hd);
             }
         }
         free(p);
