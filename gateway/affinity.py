@@ -9,6 +9,9 @@ conversations routes them explicitly, by the first of:
 2. ``prompt_cache_key``, OpenAI's hint for exactly this (requests that share one share a cache);
 3. ``user``, which OpenAI used for it before ``prompt_cache_key`` existed.
 
+(``safety_identifier``, the other half of what ``user`` was, names an end user for abuse
+detection, not a cache: it stays ignored.)
+
 The key crosses to the model side as a digest (:attr:`adapters.base.Prompt.affinity`): a fixed
 size whatever the client sends, and no user name in the cluster's logs.  A header that is not
 1-128 visible ASCII characters (no spaces, no controls) is ignored, as if it had not been sent,
