@@ -248,6 +248,11 @@ class Prompt:
     #: with ``params.prompt_logprobs``: the ``[start, end)`` of ``token_ids`` that are scored,
     #: the tokens of the user's text inside the chat format (the template's are not reported)
     scored: tuple[int, int] | None = None
+    #: the conversation's routing key, set by the gateway from the client's own name for it
+    #: (an ``X-Session-Id`` header, ``prompt_cache_key``, ``user``; a digest, never the name):
+    #: with Ray Serve, prompts with the same key go to the same replica, which holds the
+    #: conversation's prefix cache.  Empty: routed by ``token_ids`` alone.  Generation ignores it.
+    affinity: str = ""
 
     @property
     def max_tokens(self) -> int:

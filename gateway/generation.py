@@ -13,7 +13,7 @@ import hashlib
 import logging
 import time
 from collections.abc import AsyncIterable, AsyncIterator, Awaitable, Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any, TypeVar
 
 import anyio
@@ -32,6 +32,7 @@ from adapters.base import (
     Usage,
 )
 from gateway import sse
+from gateway.affinity import affinity
 from gateway.catalog import ModelCatalog, ServedModel
 from gateway.choices import ChoiceStream
 from gateway.errors import CLIENT_CLOSED, InternalError, ServiceUnavailable
@@ -105,11 +106,18 @@ def resolve_model(request: Request, name: str | None) -> ServedModel:
     return served
 
 
-async def start(request: Request, served: ServedModel, prompts: Sequence[Prompt]) -> ChoiceStream:
+async def start(request: Request, served: ServedModel, prompts: Sequence[Prompt],
+                body: SamplingRequest | None = None) -> ChoiceStream:
     """Start one generation per prompt (one per choice) and wait for the first Delta; a failure
-    there raises (and closes everything) while a status can still be sent."""
+    there raises (and closes everything) while a status can still be sent.  The prompts carry
+    the request's routing key (``gateway/affinity.py``: its ``X-Session-Id`` header, else the
+    ``body``'s ``prompt_cache_key`` or ``user``)."""
     metrics: GatewayMetrics = request.app.state.metrics
     model = served.model
+    key = affinity(request.headers, body.prompt_cache_key if body else None,
+                   body.user if body else None)
+    if key:
+        prompts = [replace(prompt, affinity=key) for prompt in prompts]
     started = time.monotonic()
     stream = ChoiceStream([
         metrics.measure(model.info.id, model.generate(prompt), started)

@@ -15,6 +15,7 @@ from fastapi import FastAPI
 from fastapi.openapi.utils import get_openapi
 from pydantic import BaseModel
 
+from gateway import affinity
 from gateway import protocol as p
 from gateway import responses_protocol as responses
 
@@ -28,6 +29,15 @@ _BODIES: tuple[tuple[str, type[BaseModel], type[BaseModel], bool], ...] = (
     ("/", p.ChatGLMRequest, p.ChatGLMResponse, False),
 )
 
+#: The routes that generate, which read a routing key from the header (``gateway/affinity.py``)
+_GENERATING = ("/v1/chat/completions", "/v1/completions", "/v1/responses", "/")
+_SESSION_HEADER = {
+    "name": affinity.HEADER, "in": "header", "required": False,
+    "description": "The conversation's name: with several replicas (--ray), requests with the "
+                   "same one go to the same replica. Takes precedence over prompt_cache_key and "
+                   "user; a value that is not 1-128 visible ASCII characters is ignored.",
+    "schema": {"type": "string", "minLength": 1, "maxLength": 128, "pattern": "^[!-~]+$"},
+}
 #: What every request can be answered besides its success (guards, auth, limits).
 _COMMON_ERRORS = {
     "401": "No or a wrong API key (only when keys are configured).",
@@ -88,6 +98,8 @@ def build(app: FastAPI) -> dict[str, Any]:
         operation["responses"] = {"200": {"description": "The answer.", "content": content}}
         operation["responses"].update({
             code: _error(text, error) for code, text in _MODEL_ERRORS.items()})
+        if path in _GENERATING:
+            operation.setdefault("parameters", []).append(_SESSION_HEADER)
     for path, methods in schema["paths"].items():
         for operation in methods.values():
             operation["responses"].pop("422", None)

@@ -65,7 +65,6 @@ IGNORED_FIELDS: tuple[str, ...] = (
     "function_call",
     "web_search_options",
     "verbosity",
-    "prompt_cache_key",
     "safety_identifier",
 )
 
@@ -296,6 +295,9 @@ class SamplingRequest(BaseModel):
     temperature: float | None = Field(default=None, ge=0.0, le=2.0)
     top_p: float | None = Field(default=None, gt=0.0, le=1.0)
     user: str | None = None
+    #: OpenAI's cache-routing hint (it took that role over from ``user``); with ``--ray`` it
+    #: keeps a conversation on one replica (``gateway/affinity.py``)
+    prompt_cache_key: str | None = None
     response_format: ResponseFormat | None = None
     # extensions (vLLM / THUDM demo names)
     top_k: int | None = Field(default=None, ge=0)
@@ -421,7 +423,6 @@ class ChatCompletionRequest(SamplingRequest, _ChatInput):
     modalities: Any | None = None
     parallel_tool_calls: bool | None = None
     prediction: Any | None = None
-    prompt_cache_key: Any | None = None
     reasoning_effort: Any | None = None
     safety_identifier: Any | None = None
     service_tier: Any | None = None

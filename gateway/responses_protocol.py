@@ -236,7 +236,6 @@ class ResponsesRequest(SamplingRequest, _ResponsesInput):
     parallel_tool_calls: bool | None = None
     previous_response_id: str | None = None
     prompt: Any | None = None
-    prompt_cache_key: Any | None = None
     reasoning: Any | None = None
     safety_identifier: Any | None = None
     service_tier: Any | None = None

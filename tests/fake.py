@@ -110,6 +110,8 @@ class FakeChatModel:
         self.counters = FakeCounters()
         #: every SamplingParams passed to generate, in call order (tests check seed+i for n>1)
         self.calls: list[SamplingParams] = []
+        #: every Prompt passed to generate, in call order
+        self.prompts: list[Prompt] = []
 
     # ------------------------------------------------------------------ ChatModel
 
@@ -162,6 +164,7 @@ class FakeChatModel:
         """Yield one Delta per piece; the last one carries finish_reason and usage."""
         params = prompt.params
         self.calls.append(params)
+        self.prompts.append(prompt)
         if prompt.tools and prompt.token_ids in self._calls and self._tool_call is not None:
             yield Delta(finish_reason="tool_calls", tool_calls=(self._tool_call,),
                         usage=Usage(len(prompt.token_ids), 1))

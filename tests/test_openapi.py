@@ -33,6 +33,10 @@ def test_the_schema_is_valid_and_complete() -> None:
             assert "422" not in operation["responses"]
     assert "text/event-stream" in \
         schema["paths"]["/v1/chat/completions"]["post"]["responses"]["200"]["content"]
+    for path in ("/v1/chat/completions", "/v1/completions", "/v1/responses", "/"):
+        headers = schema["paths"][path]["post"]["parameters"]
+        assert [(h["name"], h["in"]) for h in headers] == [("X-Session-Id", "header")]
+    assert "prompt_cache_key" in request
 
 
 @pytest.fixture(scope="module")

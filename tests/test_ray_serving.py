@@ -290,6 +290,25 @@ def test_each_conversation_stays_on_one_replica(server: RayServer) -> None:
     assert len({replicas[0] for replicas in placed}) == 2, placed
 
 
+def test_a_named_conversation_stays_on_one_replica_whatever_its_prompts(
+        server: RayServer) -> None:
+    # Prompts that share no prefix: by tokens alone each is a new conversation, and new
+    # conversations take turns over the replicas.  Named (a header, or the body's user), the
+    # four prompts of a name go to one replica, and a second name to the other one.
+    names = {"header": ({"X-Session-Id": "ray-session-1"}, {}),
+             "user": ({}, {"user": "ray-user-2"})}
+    placed: dict[str, list[str]] = {how: [] for how in names}
+    for how, (headers, fields) in names.items():
+        for i in range(4):
+            r = httpx.post(f"{server.base}/v1/chat/completions", timeout=60, headers=headers,
+                           json={"model": MODEL, "temperature": 0, "max_tokens": 2, **fields,
+                                 "messages": [{"role": "user", "content": f"{how} {i} " * 6}]})
+            assert r.status_code == 200
+            placed[how].append(r.headers["X-Replica"])
+    assert all(len(set(where)) == 1 for where in placed.values()), placed
+    assert placed["header"][0] != placed["user"][0], placed
+
+
 def test_a_killed_replica_fails_only_its_requests_and_comes_back(server: RayServer) -> None:
     before = {r["id"] for r in server.replicas()}
     results: list[httpx.Response] = []

@@ -11,6 +11,14 @@ in flight): then, and for a conversation no replica knows, the least-loaded repl
 (among equally loaded ones, the one given a new conversation longest ago, so that conversations
 spread).
 
+A prompt may also carry the client's own name for its conversation (``Prompt.affinity``: the
+gateway's ``X-Session-Id`` header, ``prompt_cache_key`` or ``user``, see ``gateway/affinity.py``).
+Then the name decides, not the token ids: every prompt with that key goes to the replica that
+served the key last (unless saturated, as above), even when the prompts share no prefix (a
+client that trims or rewrites its history, or several conversations of one user).  A key no
+replica has served yet (or whose replica is gone) is a new conversation, whatever its tokens:
+different keys may well start with the same text.
+
 Other calls (``prepare``, ``info``) go to the least-loaded replica.
 """
 
@@ -40,6 +48,8 @@ MIN_AFFINITY_TOKENS = 16
 SLACK = 4
 #: prompts remembered per replica (a conversation counts once: a turn replaces the one before)
 HISTORY = 256
+#: routing keys remembered (the least recently routed is forgotten first)
+KEYS = 4096
 
 
 class AffinityRouter(RequestRouter):
@@ -47,6 +57,8 @@ class AffinityRouter(RequestRouter):
         #: a replica with this many requests in flight is saturated: affinity yields to load
         self.max_running = max_running
         self.history: dict[ReplicaID, collections.deque[tuple[int, ...]]] = {}
+        #: the replica that served each routing key last (least recently routed first)
+        self.keys: collections.OrderedDict[str, ReplicaID] = collections.OrderedDict()
         #: when (a count of placements) each replica was last given a new conversation, and
         #: the requests being placed as new ones
         self.placements = 0
@@ -62,7 +74,10 @@ class AffinityRouter(RequestRouter):
         prompt = _prompt(pending_request)
         if pending_request is None or prompt is None or not candidate_replicas:
             return [candidate_replicas]  # Ray Serve takes the least loaded of them
-        affine = self._affine(prompt.token_ids, candidate_replicas)
+        # A key names the conversation: an unknown key is a new one, even if its tokens
+        # continue another (several users' first turns may well be the same text).
+        affine = (self._keyed(prompt.affinity, candidate_replicas) if prompt.affinity
+                  else self._affine(prompt.token_ids, candidate_replicas))
         if affine is not None and self._queue(affine) < self.max_running:
             return [[affine], sorted((r for r in candidate_replicas if r is not affine),
                                      key=self._queue)]
@@ -96,10 +111,24 @@ class AffinityRouter(RequestRouter):
         for earlier in [h for h in held if len(h) <= len(ids) and ids[: len(h)] == h]:
             held.remove(earlier)
         held.append(ids)
-        for gone in self.history.keys() - self.curr_replicas.keys():
-            del self.history[gone]
-            self.placed.pop(gone, None)
-            self.generating.pop(gone, None)
+        if prompt.affinity:
+            self.keys[prompt.affinity] = replica_id
+            self.keys.move_to_end(prompt.affinity)
+            if len(self.keys) > KEYS:
+                self.keys.popitem(last=False)
+        gone = self.history.keys() - self.curr_replicas.keys()
+        for replica in gone:
+            del self.history[replica]
+            self.placed.pop(replica, None)
+            self.generating.pop(replica, None)
+        if gone:  # every key's replica has a history, so keys only point at a gone one now
+            self.keys = collections.OrderedDict(
+                (key, replica) for key, replica in self.keys.items() if replica not in gone)
+
+    def _keyed(self, key: str, candidates: list[RunningReplica]) -> RunningReplica | None:
+        """The replica that served routing key ``key`` last, if it is a candidate."""
+        home = self.keys.get(key)
+        return next((r for r in candidates if r.replica_id == home), None)
 
     def _affine(self, ids: tuple[int, ...],
                 candidates: list[RunningReplica]) -> RunningReplica | None:

@@ -20,7 +20,7 @@ async def create_chat_completion(request: Request) -> Response:
         tools=body.to_tools(), tool_choice=body.to_tool_choice(), grammar=body.to_grammar(),
         generations=body.choices))
     n = body.choices
-    stream = await start(request, served, prompt.choices(n))
+    stream = await start(request, served, prompt.choices(n), body)
     return await respond(
         request, stream, meta.id, streaming=bool(body.stream),
         chunks=lambda deltas: chat_stream.chunks(deltas, meta, n, body.include_usage),

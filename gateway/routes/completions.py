@@ -35,7 +35,8 @@ async def create_completion(request: Request) -> Response:
         logprobs=body.logprobs is not None,
         prompt_logprobs=params.prompt_logprobs,
     )
-    stream = await start(request, served, [job for prompt in prompts for job in prompt.choices(n)])
+    stream = await start(request, served, [job for prompt in prompts for job in prompt.choices(n)],
+                         body)
     return await respond(
         request, stream, meta.id, streaming=bool(body.stream),
         chunks=lambda deltas: completion_stream.chunks(deltas, plan, body.include_usage),

@@ -22,7 +22,7 @@ async def create_response(request: Request) -> Response:
         tools=body.to_tools(), tool_choice=body.to_tool_choice(), grammar=body.to_grammar()))
     plan = ResponsePlan(meta=meta, request=body, temperature=prompt.params.temperature,
                         top_p=prompt.params.top_p)
-    stream = await start(request, served, [prompt])
+    stream = await start(request, served, [prompt], body)
     return await respond(
         request, stream, meta.id, streaming=bool(body.stream), wire=sse.RESPONSES,
         chunks=lambda deltas: responses_stream.events(deltas, plan),
