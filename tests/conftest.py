@@ -45,6 +45,20 @@ def checkpoint_dir(name: str) -> Path:
     return REFERENCE / "checkpoints" / name
 
 
+def chatglm2_tiny_checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A tiny ChatGLM2 checkpoint folder for tests that need any real one (not THUDM's numbers):
+    THUDM's ``chatglm2-6b-tiny`` from the reference material, or where that is absent the
+    project's own tiny ChatGLM2 folder (THUDM's layout, random weights and a SentencePiece
+    tokenizer trained on the project's text; :mod:`adapters.demo`), with the reference one's
+    512-token context, written under ``tmp_path_factory``."""
+    if reference_available():
+        return REFERENCE / "checkpoints" / "chatglm2-6b-tiny"
+    from adapters.demo import DemoRecipe, ensure_demo_checkpoint
+
+    return ensure_demo_checkpoint(tmp_path_factory.mktemp("chatglm2-tiny"),
+                                  DemoRecipe(seq_length=512))
+
+
 def oracle(name: str) -> dict:
     if not reference_available():
         pytest.skip(SKIP_REASON)

@@ -9,6 +9,7 @@ import os
 import time
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 
 import httpx
 import pytest
@@ -18,10 +19,15 @@ from ray.cluster_utils import Cluster
 
 from gateway.app import create_app
 from gateway.settings import ModelEntry, ServerSettings
-from tests.conftest import checkpoint_dir
+from tests.conftest import chatglm2_tiny_checkpoint
 from tests.server import running_server
 
 SLOT = "gateway_slot"  # a custom resource: one per node
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return chatglm2_tiny_checkpoint(tmp_path_factory)
 
 
 @pytest.fixture(scope="module")
@@ -39,10 +45,10 @@ def cluster() -> Iterator[Cluster]:
         nodes.shutdown()
 
 
-def test_replicas_on_two_nodes_both_serve(cluster: Cluster) -> None:
+def test_replicas_on_two_nodes_both_serve(cluster: Cluster, checkpoint: Path) -> None:
     settings = ServerSettings(
         ray=True, ray_address=cluster.address, replicas=2,
-        models=(ModelEntry(id="glm2", path=checkpoint_dir("chatglm2-6b-tiny"), dtype="float32",
+        models=(ModelEntry(id="glm2", path=checkpoint, dtype="float32",
                            num_cpus=0.5, resources={SLOT: 1}),))
     with running_server(create_app(settings), timeout=300, wait_ready=True) as url:
         deadline = time.monotonic() + 30  # /ready needs one replica; both report shortly
@@ -65,16 +71,16 @@ def test_replicas_on_two_nodes_both_serve(cluster: Cluster) -> None:
     assert ray.is_initialized() and "glm2" not in serve.status().applications
 
 
-def test_the_gateway_uses_an_application_deployed_before_it(cluster: Cluster) -> None:
+def test_the_gateway_uses_an_application_deployed_before_it(cluster: Cluster,
+                                                           checkpoint: Path) -> None:
     """What ``serve deploy deploy/ray-serve.yaml`` does, then a gateway joining: it serves the
     running application and leaves it running when it stops."""
     from adapters.distributed.app import build
 
-    path = checkpoint_dir("chatglm2-6b-tiny")
-    serve.run(build({"id": "glm2", "path": str(path), "dtype": "float32", "replicas": 1,
+    serve.run(build({"id": "glm2", "path": str(checkpoint), "dtype": "float32", "replicas": 1,
                      "num_cpus": 0.5}), name="glm2", route_prefix=None)
     settings = ServerSettings(ray=True, ray_address=cluster.address, models=(
-        ModelEntry(id="glm2", path=path, dtype="float32", replicas=2),))
+        ModelEntry(id="glm2", path=checkpoint, dtype="float32", replicas=2),))
     with running_server(create_app(settings), timeout=300, wait_ready=True) as url:
         r = httpx.post(f"{url}/v1/chat/completions", timeout=60, json={
             "model": "glm2", "temperature": 0, "max_tokens": 4,

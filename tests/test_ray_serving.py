@@ -2,7 +2,9 @@
 cluster it starts, two Ray Serve replicas of a tiny ChatGLM2 checkpoint, queried over HTTP.
 
 One server serves the whole module (Ray starts slowly on two cores); the tests run in file
-order and the last one stops it with SIGTERM and checks that no Ray process is left.
+order and the last one stops it with SIGTERM and checks that no Ray process is left.  It serves
+THUDM's tiny ChatGLM2 checkpoint from the reference material or, where that is absent, the
+project's own tiny ChatGLM2 folder: only the comparison with THUDM's outputs needs the former.
 """
 
 from __future__ import annotations
@@ -24,13 +26,24 @@ import httpx
 import openai
 import pytest
 
-from tests.conftest import checkpoint_dir, oracle
-from tests.server import REPO, free_port
+from gateway.app import create_app
+from gateway.settings import ModelEntry, ServerSettings
+from tests.conftest import chatglm2_tiny_checkpoint, oracle
+from tests.server import REPO, free_port, running_server
 
 MODEL = "glm2"
 START_TIMEOUT = 240.0
 #: ids fed after the prompt never include eos: answers run to max_tokens (chatglm2's eos is 2)
 NO_EOS = {"2": -100}
+#: the model's settings, with or without Ray
+ENTRY = {"id": MODEL, "dtype": "float32", "max_running": 4, "max_waiting": 16}
+#: two single turns and one with history, Chinese and English
+CONVERSATIONS = [
+    [{"role": "user", "content": "Good morning! What can you do?"}],
+    [{"role": "user", "content": "请介绍一下长城的历史。"}],
+    [{"role": "user", "content": "你好"}, {"role": "assistant", "content": "你好！有什么可以帮你？"},
+     {"role": "user", "content": "How many days are in a leap year?"}],
+]
 
 
 @dataclass
@@ -38,6 +51,7 @@ class RayServer:
     proc: subprocess.Popen[str]
     base: str
     log: list[str]
+    checkpoint: Path
 
     def client(self) -> openai.OpenAI:
         return openai.OpenAI(base_url=self.base + "/v1", api_key="unused", max_retries=0)
@@ -99,12 +113,10 @@ def _wait_for(condition, timeout: float, what: str) -> float:  # type: ignore[no
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RayServer]:
-    path = checkpoint_dir("chatglm2-6b-tiny")
+    path = chatglm2_tiny_checkpoint(tmp_path_factory)
     config = tmp_path_factory.mktemp("ray") / "gateway.yaml"
     # num_cpus 0.5: both replicas fit on a 2-core machine beside the gateway.
-    config.write_text(json.dumps({"models": [{
-        "id": MODEL, "path": str(path), "dtype": "float32", "num_cpus": 0.5,
-        "max_running": 4, "max_waiting": 16}]}))
+    config.write_text(json.dumps({"models": [{**ENTRY, "path": str(path), "num_cpus": 0.5}]}))
     port = free_port()
     proc = subprocess.Popen(
         [sys.executable, "-m", "gateway", "serve", "--ray", "--replicas", "2", "--port",
@@ -114,7 +126,7 @@ def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RayServer]:
     log: list[str] = []
     reader = threading.Thread(target=_read_log, args=(proc, log), daemon=True)
     reader.start()
-    ray_server = RayServer(proc, f"http://127.0.0.1:{port}", log)
+    ray_server = RayServer(proc, f"http://127.0.0.1:{port}", log, path)
     try:
         def ready() -> bool:
             assert proc.poll() is None, "".join(log)
@@ -143,22 +155,44 @@ def _answer(server: RayServer, content: str, **kwargs: object) -> httpx.Response
 
 
 def test_answers_exactly_like_the_single_process_server(server: RayServer) -> None:
+    """The same checkpoint and model settings served without Ray, in this process: the greedy
+    answers through Ray, whole and streamed, are the same text and token counts."""
+    alone = create_app(ServerSettings(models=(ModelEntry(**ENTRY, path=server.checkpoint),)))
+    with running_server(alone, wait_ready=True) as url, \
+            openai.OpenAI(base_url=f"{url}/v1", api_key="unused", max_retries=0) as local:
+        expected = [local.chat.completions.create(model=MODEL, messages=messages,
+                                                  temperature=0, max_tokens=16)
+                    for messages in CONVERSATIONS]
+    # random weights never pick eos within 16 greedy tokens here: all 16 are compared
+    assert [want.usage.completion_tokens for want in expected] == [16] * len(CONVERSATIONS)
     client = server.client()
-    for case in oracle("chatglm2-6b-tiny")["cases"][:3]:  # two single turns, one with history
-        messages = [{"role": role, "content": text} for q, a in case["history"]
-                    for role, text in (("user", q), ("assistant", a))]
-        messages.append({"role": "user", "content": case["query"]})
+    for messages, want in zip(CONVERSATIONS, expected, strict=True):
         raw = client.chat.completions.with_raw_response.create(
             model=MODEL, messages=messages, temperature=0, max_tokens=16)
         answer = raw.parse()
-        assert answer.choices[0].message.content == case["chat_response"]
-        assert answer.usage.prompt_tokens == len(case["inputs"]["input_ids"][0])
+        assert answer.choices[0].message.content == want.choices[0].message.content
+        assert answer.usage.prompt_tokens == want.usage.prompt_tokens
+        assert answer.usage.completion_tokens == want.usage.completion_tokens
         assert raw.headers["X-Replica"] in {r["id"] for r in server.replicas()}
         streamed = client.chat.completions.create(
             model=MODEL, messages=messages, temperature=0, max_tokens=16, stream=True)
         text = "".join(chunk.choices[0].delta.content or "" for chunk in streamed
                        if chunk.choices)
-        assert text == case["chat_response"]
+        assert text == want.choices[0].message.content
+
+
+def test_answers_match_thudms_reference_code(server: RayServer) -> None:
+    """THUDM's ``model.chat`` on its tiny checkpoint (reference material only): the same answer
+    and prompt length through Ray."""
+    client = server.client()
+    for case in oracle("chatglm2-6b-tiny")["cases"][:3]:  # two single turns, one with history
+        messages = [{"role": role, "content": text} for q, a in case["history"]
+                    for role, text in (("user", q), ("assistant", a))]
+        messages.append({"role": "user", "content": case["query"]})
+        answer = client.chat.completions.create(model=MODEL, messages=messages, temperature=0,
+                                                max_tokens=16)
+        assert answer.choices[0].message.content == case["chat_response"]
+        assert answer.usage.prompt_tokens == len(case["inputs"]["input_ids"][0])
 
 
 def test_sixteen_concurrent_requests_spread_over_both_replicas(server: RayServer) -> None:
