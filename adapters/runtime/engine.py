@@ -487,7 +487,7 @@ class Engine:
             # may hold drafted ids past them when a verification step ended the request.
             held = list(seq.prompt.token_ids) + seq.generated[:-1]
             seq.cache.truncate(len(held))
-            self.prefix.put(held, seq.cache)
+            self.prefix.put(held, seq.cache, len(seq.prompt.token_ids))
         seq.cache = None  # the request's reference goes; the memory too unless kept for reuse
         if reason == "cancelled":
             return
