@@ -14,7 +14,6 @@ from adapters.chatglm2.config import read_config
 from adapters.chatglm2.model import load_model as load_v2
 from adapters.runtime.engine import Engine
 from adapters.runtime.kv_cache import INITIAL_CAPACITY
-from adapters.runtime.prefix_cache import CONTINUE_SLACK
 from tests.test_chatglm2_model import BASE_CONFIG, random_state_dict
 from tests.test_chatglm2_model import write_checkpoint as write_v2
 from tests.test_chatglm_model import prompt as v1_prompt
@@ -93,8 +92,7 @@ def test_chatglm6b_copies_keep_its_context_and_refuse_to_cut_inside_it(
     assert cache.length == len(ids) + 4
 
 
-#: answers longer than the ids a continuing turn may part from its entry by
-ANSWER = 2 * CONTINUE_SLACK
+ANSWER = 12
 
 
 def _hash_engine(**kw: object) -> Engine:
@@ -148,3 +146,31 @@ def test_a_repeated_request_replaces_the_entry_it_repeats() -> None:
         assert engine.prefix.copies == 1
     finally:
         engine.close()
+
+
+def test_only_a_later_turn_of_its_conversation_takes_an_entry() -> None:
+    """Per request: whether the entry is taken (cut to the shared ids) or its shared ids copied
+    (the entry stays whole).  The entry: a 20-id prompt and a 20-id answer."""
+    from adapters.runtime.prefix_cache import JOIN_SLACK, PrefixCache
+    from tests.toys import ToyCache
+
+    held = list(range(100, 140))
+    other = list(range(500, 600))
+    cases = [  # request, ids reused, entry taken
+        (held[:12] + other, 12, False),  # another chat: the template's first ids only
+        (held[:20], 19, False),  # the answer regenerated (one id is always left to feed)
+        (held + other, 40, True),  # the next turn
+        (held[:25] + other, 25, True),  # the next turn, its answer encoded differently
+        (held[:20 - JOIN_SLACK] + other, 20 - JOIN_SLACK, True),  # ... and the join too
+        (held[:19 - JOIN_SLACK] + other, 19 - JOIN_SLACK, False),  # the last question edited
+    ]
+    for ids, reused, taken in cases:
+        store = PrefixCache(10**6)
+        store.put(held, ToyCache(list(held)), prompt_len=20)
+        found = store.take(ids)
+        assert found is not None and found[1] == reused
+        assert found[0].ids == held[:reused]  # type: ignore[attr-defined]
+        assert (len(store) == 0) == taken, ids
+        if not taken:
+            [entry] = store._entries.values()
+            assert entry.cache.ids == held  # type: ignore[attr-defined]

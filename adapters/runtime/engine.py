@@ -10,7 +10,8 @@ they are verified in the same batched forward and the step can advance it by sev
 (``adapters/runtime/speculative.py``).
 
 Memory: a finished request's cache is kept in the :class:`PrefixCache` for the next turn of the same
-conversation; that store is shrunk first when running requests need memory.  When the running
+conversation (a request sharing only part of it gets a copy, a running cache like any other);
+that store is shrunk first when running requests need memory.  When the running
 caches alone outgrow the budget, the most recently admitted request is preempted: its cache is
 dropped and it waits again at the head of the queue, to be recomputed (prompt + what it generated
 so far) when memory allows — vLLM's recompute preemption.  Its output is unaffected.

@@ -28,11 +28,12 @@ from adapters.family import KVCache
 #: A shorter shared prefix is not worth the bookkeeping (it is the chat template's first tokens).
 MIN_REUSE = 8
 
-#: Ids near a join that may differ in a continuing request: the template re-encodes the answer's
-#: text, and a generated id sequence need not be how the tokenizer would write that text (nor the
-#: prompt's last id how it joins the answer's first), so a next turn can part from the entry a
-#: few ids before its end.  Losing that many positions of an entry costs little to recompute.
-CONTINUE_SLACK = 16
+#: Ids at the join of a prompt and its answer that the next turn may encode differently (the
+#: template re-encodes the answer's text, and a tokenizer may merge the prompt's last piece with
+#: the answer's first): a request still continues an entry when it parts from it that many ids
+#: before the end of the entry's prompt.  (The answer's own ids often differ further on: a
+#: generated id sequence need not be how the tokenizer would write its text.)
+JOIN_SLACK = 2
 
 
 def common_prefix(a: Sequence[int], b: Sequence[int]) -> int:
@@ -56,11 +57,10 @@ class Entry:
 
     def continued_by(self, ids: Sequence[int], shared: int) -> bool:
         """Whether ``ids`` (sharing ``shared`` ids with this entry) is a later turn of its
-        conversation: it shares the entry's prompt and goes on past the entry's end (a regenerated
-        answer shares the prompt but stops there).  Sharing all but a few ids counts too."""
-        if len(self.ids) - shared <= CONTINUE_SLACK:
-            return True
-        return shared >= self.prompt_len - CONTINUE_SLACK and len(ids) > len(self.ids)
+        conversation: it shares the entry's prompt and goes on past the entry's end.  A request
+        that stops within the entry (a regenerated answer, a repeated request) or parts from it
+        earlier (another conversation, an edited message) is not."""
+        return shared >= self.prompt_len - JOIN_SLACK and len(ids) > len(self.ids)
 
 
 class PrefixCache:
