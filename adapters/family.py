@@ -58,6 +58,11 @@ class KVCache(Protocol):
         """Keep only the first ``n`` positions (families with ``prefix_reuse`` only)."""
         ...
 
+    def copy_prefix(self, n: int, room: int = 0) -> KVCache:
+        """A new cache with a copy of the first ``n`` positions (room allocated for ``room``
+        more), leaving this one unchanged (prefix reuse: families with ``causal_prompt``)."""
+        ...
+
 
 class CausalLM(Protocol):
     """A decoder in torch.  ``forward`` appends ``ids`` to ``cache`` and returns float32 logits of

@@ -60,3 +60,24 @@ def test_a_client_that_leaves_is_counted_as_cancelled(base_url: str) -> None:
         assert time.monotonic() < deadline
         time.sleep(0.05)
     assert _metric(base_url, "chatglm_gateway_requests_running") == 0
+
+
+def test_interleaved_chats_each_keep_their_history_in_the_cache(base_url: str) -> None:
+    """Two chats alternating turn by turn on one server (what conversation affinity sends one
+    replica): from the second turn on, each takes its whole previous prompt from the cache."""
+    import openai
+
+    client = openai.OpenAI(base_url=f"{base_url}/v1", api_key="unused", max_retries=0)
+    chats: list[list[dict[str, str]]] = [[], []]
+    previous = [0, 0]
+    for turn in range(3):
+        for c, messages in enumerate(chats):
+            messages.append({"role": "user", "content": f"Chat {c}, turn {turn}: and rivers?"})
+            r = client.chat.completions.create(model="glm2", messages=messages, max_tokens=8,
+                                               temperature=0)  # type: ignore[arg-type]
+            assert r.usage is not None and r.usage.prompt_tokens_details is not None
+            cached = r.usage.prompt_tokens_details.cached_tokens or 0
+            if turn:
+                assert previous[c] <= cached < r.usage.prompt_tokens
+            previous[c] = r.usage.prompt_tokens
+            messages.append({"role": "assistant", "content": r.choices[0].message.content or ""})

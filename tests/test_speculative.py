@@ -198,8 +198,9 @@ def test_caches_hold_exactly_the_accepted_ids() -> None:
         c = run(engine, prompt=PROMPT, max_tokens=50, temperature=0.9, seed=5)
         assert c.final.finish_reason in ("length", "stop")
         assert engine.drafted_tokens > engine.accepted_tokens > 0
-        [(held, cache)] = list(engine.prefix._entries.values())
-        assert list(cache.ids) == list(held)  # type: ignore[attr-defined]
+        [entry] = list(engine.prefix._entries.values())
+        held = entry.ids
+        assert list(entry.cache.ids) == list(held)  # type: ignore[attr-defined]
         assert len(held) == len(PROMPT) + c.final.usage.completion_tokens - 1
     finally:
         engine.close()

@@ -41,6 +41,9 @@ class ToyCache:
     def truncate(self, n: int) -> None:
         del self.ids[n:]
 
+    def copy_prefix(self, n: int, room: int = 0) -> ToyCache:
+        return ToyCache(self.ids[:n], self.prompt_len)
+
 
 class ScriptedLM:
     """Logits that make greedy decoding follow ``script`` (then eos); the padded vocab is wider

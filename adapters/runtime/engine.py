@@ -10,7 +10,8 @@ they are verified in the same batched forward and the step can advance it by sev
 (``adapters/runtime/speculative.py``).
 
 Memory: a finished request's cache is kept in the :class:`PrefixCache` for the next turn of the same
-conversation; that store is shrunk first when running requests need memory.  When the running
+conversation (a request sharing only part of it gets a copy, a running cache like any other);
+that store is shrunk first when running requests need memory.  When the running
 caches alone outgrow the budget, the most recently admitted request is preempted: its cache is
 dropped and it waits again at the head of the queue, to be recomputed (prompt + what it generated
 so far) when memory allows — vLLM's recompute preemption.  Its output is unaffected.
@@ -487,7 +488,7 @@ class Engine:
             # may hold drafted ids past them when a verification step ended the request.
             held = list(seq.prompt.token_ids) + seq.generated[:-1]
             seq.cache.truncate(len(held))
-            self.prefix.put(held, seq.cache)
+            self.prefix.put(held, seq.cache, len(seq.prompt.token_ids))
         seq.cache = None  # the request's reference goes; the memory too unless kept for reuse
         if reason == "cancelled":
             return

@@ -9,6 +9,7 @@ positions).
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Sequence
 from typing import TypeVar
 
@@ -76,6 +77,21 @@ class KVCacheBase:
         """Forget every position from ``n`` on (prefix reuse: keep the shared prefix only).
         With causal attention the first ``n`` positions do not depend on what followed them."""
         self._length = min(self._length, max(n, 0))
+
+    def copy_prefix(self: C, n: int, room: int = 0) -> C:
+        """A new cache holding a copy of the first ``n`` positions, with capacity for ``room``
+        more; this one is left as it is (prefix reuse that must not cut a kept entry short).
+        One strided tensor copy for every layer at once."""
+        clone = copy.copy(self)  # the family's own facts (ChatGLM-6B's context, mask) come along
+        clone.truncate(n)  # the family's rules of where a cache may be cut (shares _kv still)
+        n = clone._length
+        capacity = min(INITIAL_CAPACITY, self._max_length)
+        while capacity < min(n + room, self._max_length):
+            capacity = min(2 * capacity, self._max_length)
+        clone._kv = self._alloc(capacity)
+        with torch.inference_mode():
+            clone._kv[:, :, :, :n] = self._kv[:, :, :, :n]
+        return clone
 
     @property
     def storage(self) -> torch.Tensor:
