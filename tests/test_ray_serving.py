@@ -300,8 +300,10 @@ def test_models_and_metrics_show_the_replicas(server: RayServer) -> None:
     assert f'chatglm_gateway_replicas{{model="{MODEL}"}} 2.0' in metrics
     assert f'chatglm_gateway_requests_running{{model="{MODEL}"}}' in metrics
     assert f'chatglm_gateway_kv_cache_usage_ratio{{model="{MODEL}"}}' in metrics
-    # the earlier identical questions (streamed after their JSON twin) hit the prefix cache
-    assert _metric(server, "chatglm_gateway_prefix_cache_hit_rate") > 0
+    # the earlier identical questions (streamed after their JSON twin) hit the prefix cache;
+    # replicas report their counters every 0.5 s, so the last hit may not have arrived yet
+    _wait_for(lambda: _metric(server, "chatglm_gateway_prefix_cache_hit_rate") > 0, 10,
+              "a prefix-cache hit reported by a replica")
 
 
 def test_each_conversation_stays_on_one_replica(server: RayServer) -> None:
