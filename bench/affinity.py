@@ -40,7 +40,7 @@ import httpx
 
 from bench.common import add_model_arguments, machine_summary, markdown_table, shape_from_args
 from bench.serving import serve_process
-from bench.workload import EOS_ID, load_tokenizer, user_text, write_checkpoint
+from bench.workload import NO_EOS, load_tokenizer, round_trip_answers, user_text, write_checkpoint
 
 logger = logging.getLogger("bench.affinity")
 MODELS = ("affinity", "default")  # the same checkpoint, routed with and without affinity
@@ -69,9 +69,10 @@ def ray_gateway(folder: Path, replicas: int, cache_dir: Path) -> Iterator[str]:
         yield url
 
 
-def one_turn(client: httpx.Client, model: str, messages: list[dict], max_tokens: int) -> Turn:
+def one_turn(client: httpx.Client, model: str, messages: list[dict], max_tokens: int,
+             bias: tuple[tuple[int, float], ...] = NO_EOS) -> Turn:
     body = {"model": model, "messages": messages, "stream": True, "temperature": 0,
-            "max_tokens": max_tokens, "logit_bias": {str(EOS_ID): -100},
+            "max_tokens": max_tokens, "logit_bias": {str(i): b for i, b in bias},
             "stream_options": {"include_usage": True}}
     start = time.perf_counter()
     ttft = None
@@ -103,6 +104,10 @@ def main() -> None:
     parser.add_argument("--turns", type=int, default=10)
     parser.add_argument("--user-tokens", type=int, default=150)
     parser.add_argument("--answer-tokens", type=int, default=32)
+    parser.add_argument("--answers", choices=("round-trip", "raw"), default="round-trip",
+                        help="round-trip (default): answers in text that tokenizes back to the "
+                        "generated ids, as a trained model's do (bench.workload."
+                        "round_trip_answers); raw: the random model's arbitrary ids")
     parser.add_argument("--cache-dir", type=Path,
                         default=Path(tempfile.gettempdir()) / "chatglm-gateway-bench")
     args = parser.parse_args()
@@ -112,6 +117,7 @@ def main() -> None:
     folder = write_checkpoint(args.cache_dir / f"{shape.preset}-{shape.config.num_layers}",
                               shape, args.cache_dir)
     tokenizer = load_tokenizer(args.cache_dir)
+    bias = round_trip_answers(tokenizer) if args.answers == "round-trip" else NO_EOS
     chats: dict[str, list[list[dict]]] = {model: [[], []] for model in MODELS}
     turns: dict[str, list[list[Turn]]] = {model: [[], []] for model in MODELS}
     with ray_gateway(folder, args.replicas, args.cache_dir) as url, \
@@ -125,7 +131,7 @@ def main() -> None:
                 for model in MODELS:
                     history = chats[model][c]
                     history.append({"role": "user", "content": text})
-                    turn = one_turn(client, model, history, args.answer_tokens)
+                    turn = one_turn(client, model, history, args.answer_tokens, bias)
                     history.append({"role": "assistant", "content": turn.answer})
                     turns[model][c].append(turn)
                     logger.info("%s chat %d turn %d: %d prompt tokens (%d cached) on %s, "
@@ -133,7 +139,7 @@ def main() -> None:
                                 turn.cached_tokens, turn.replica, turn.ttft)
     print(f"\n{shape.describe()}; bf16; {args.replicas} Ray Serve replicas per model (half a "
           f"CPU each); {machine_summary()}; user turns of ~{args.user_tokens} tokens, answers "
-          f"of {args.answer_tokens} tokens; a second chat alternates with this one\n")
+          f"of {args.answer_tokens} tokens ({args.answers}); a second chat alternates with this one\n")
     rows = []
     for i, (on, off) in enumerate(zip(turns["affinity"][0], turns["default"][0], strict=True)):
         rows.append([str(i + 1), str(on.prompt_tokens), f"{on.cached_tokens} / {on.replica}",
@@ -141,10 +147,11 @@ def main() -> None:
     print(markdown_table(["turn", "prompt tokens", "affinity: cached / replica", "TTFT s",
                           "default router: cached / replica", "TTFT s"], rows))
     for model in MODELS:
-        first = turns[model][0]
-        print(f"\n{model}: TTFT turn {len(first)} / turn 1 = {first[-1].ttft / first[0].ttft:.2f}; "
-              f"chat 1 on {len({t.replica for t in first})} replica(s), chat 2 on "
-              f"{len({t.replica for t in turns[model][1]})}")
+        first, second = turns[model]
+        print(f"\n{model}: TTFT turn {len(first)} / turn 1 = {first[-1].ttft / first[0].ttft:.2f} "
+              f"(chat 2: {second[-1].ttft / second[0].ttft:.2f}); chat 1 on "
+              f"{len({t.replica for t in first})} replica(s), chat 2 on "
+              f"{len({t.replica for t in second})}")
 
 
 if __name__ == "__main__":

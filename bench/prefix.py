@@ -35,7 +35,7 @@ from bench.common import (
     markdown_table,
     shape_from_args,
 )
-from bench.workload import NO_EOS, load_tokenizer, served, user_text
+from bench.workload import NO_EOS, load_tokenizer, round_trip_answers, served, user_text
 
 logger = logging.getLogger("bench.prefix")
 
@@ -48,8 +48,9 @@ class Turn:
     answer: str
 
 
-async def one_turn(chat: TorchChatModel, messages: list[Message], max_tokens: int) -> Turn:
-    params = SamplingParams(max_tokens=max_tokens, temperature=0.0, logit_bias=NO_EOS)
+async def one_turn(chat: TorchChatModel, messages: list[Message], max_tokens: int,
+                   bias: tuple[tuple[int, float], ...] = NO_EOS) -> Turn:
+    params = SamplingParams(max_tokens=max_tokens, temperature=0.0, logit_bias=bias)
     start = time.perf_counter()
     prompt = chat.prepare(ChatRequest(tuple(messages), params))
     ttft = None
@@ -65,8 +66,8 @@ async def one_turn(chat: TorchChatModel, messages: list[Message], max_tokens: in
                 ttft if ttft is not None else time.perf_counter() - start, "".join(parts))
 
 
-def conversations(chat: TorchChatModel, user_turns: list[list[str]],
-                  max_tokens: int) -> list[list[Turn]]:
+def conversations(chat: TorchChatModel, user_turns: list[list[str]], max_tokens: int,
+                  bias: tuple[tuple[int, float], ...] = NO_EOS) -> list[list[Turn]]:
     """One conversation per list of user turns, alternating turn by turn: each one's turns."""
     histories: list[list[Message]] = [[] for _ in user_turns]
     turns: list[list[Turn]] = [[] for _ in user_turns]
@@ -75,7 +76,7 @@ def conversations(chat: TorchChatModel, user_turns: list[list[str]],
             if i >= len(user_turns[c]):
                 continue
             messages.append(Message(role="user", content=user_turns[c][i]))
-            turn = asyncio.run(one_turn(chat, messages, max_tokens))
+            turn = asyncio.run(one_turn(chat, messages, max_tokens, bias))
             messages.append(Message(role="assistant", content=turn.answer))
             turns[c].append(turn)
             logger.info("chat %d turn %d: %d prompt tokens, %d cached, TTFT %.2f s", c + 1, i + 1,
@@ -95,6 +96,10 @@ def main() -> None:
     parser.add_argument("--reuse-only", action="store_true",
                         help="skip the run without prefix reuse (it re-prefills every turn: "
                         "minutes per turn with the 6b preset)")
+    parser.add_argument("--answers", choices=("round-trip", "raw"), default="round-trip",
+                        help="round-trip (default): answers in text that tokenizes back to the "
+                        "generated ids, as a trained model's do (bench.workload."
+                        "round_trip_answers); raw: the random model's arbitrary ids")
     parser.add_argument("--cache-dir", type=Path,
                         default=Path(tempfile.gettempdir()) / "chatglm-gateway-bench")
     args = parser.parse_args()
@@ -102,6 +107,7 @@ def main() -> None:
     shape = shape_from_args(args)
     tokenizer = load_tokenizer(args.cache_dir)
     model = build_model(shape, args.mode)
+    bias = round_trip_answers(tokenizer) if args.answers == "round-trip" else NO_EOS
     user_turns = [[user_text(tokenizer, args.user_tokens, 11 * i + 5 * c)
                    for i in range(args.turns)] for c in range(args.chats)]
     results: dict[bool, list[list[Turn]]] = {}
@@ -110,7 +116,7 @@ def main() -> None:
         try:
             asyncio.run(one_turn(chat, [Message(role="user", content="warm up")], 2))
             logger.info("prefix_cache=%s", reuse)
-            results[reuse] = conversations(chat, user_turns, args.answer_tokens)
+            results[reuse] = conversations(chat, user_turns, args.answer_tokens, bias)
         finally:
             chat.close()
 
@@ -121,7 +127,7 @@ def main() -> None:
             row = [str(i), str(on.prompt_tokens), str(on.cached_tokens), off, f"{on.ttft:.2f}"]
             rows.append(([str(c + 1)] if args.chats > 1 else []) + row)
     print(f"\n{shape.describe()}; weights {args.mode}; {machine_summary()}; user turns of "
-          f"~{args.user_tokens} tokens, answers of {args.answer_tokens} tokens"
+          f"~{args.user_tokens} tokens, answers of {args.answer_tokens} tokens ({args.answers})"
           + (f"; {args.chats} chats alternating" if args.chats > 1 else "") + "\n")
     print(markdown_table(
         (["chat"] if args.chats > 1 else [])

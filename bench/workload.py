@@ -10,6 +10,8 @@ layer costs what it costs in ChatGLM2-6B.
 from __future__ import annotations
 
 import asyncio
+import collections
+import itertools
 import json
 import shutil
 import statistics
@@ -33,6 +35,36 @@ from bench.common import ModelShape
 EOS_ID = 2
 NO_EOS: tuple[tuple[int, float], ...] = ((EOS_ID, -100.0),)
 _TOKENIZER_FILES = ("tokenizer.model", "tokenizer_config.json")
+
+
+#: logit_bias entries a request may carry (gateway.protocol.MAX_LOGIT_BIAS), one of them NO_EOS's
+_MAX_BIAS = 300
+
+
+def round_trip_answers(tokenizer: Tokenizer) -> tuple[tuple[int, float], ...]:
+    """A logit bias that makes a random model answer in text that tokenizes back to the ids it
+    generated, as a trained model's answers do: +100 on up to 299 single-CJK-character ids that
+    no merge of the tokenizer can join (no piece holds two of them side by side, or one after
+    ``：`` or before a newline, ChatGLM2's template around an answer), ``</s>`` banned.
+
+    Why: a chat client sends the answer's text back next turn and the prompt tokenizes it again.
+    A trained model's answer comes back as the ids it generated, so the prefix cache serves it; a
+    random model's arbitrary ids do not (on the demo tokenizer 4 of 32 random ids survive a
+    decode/encode round trip, and byte pieces come back as U+FFFD), so every turn would prefill
+    the previous answer again, which no real conversation does.  (Whole English words are no way
+    out: ChatGLM2 strips the answer, so its first ``▁word`` comes back without the space.)"""
+    pieces = [tokenizer.piece(i) for i in range(tokenizer.vocab_size)]
+    chars = {p: i for i, p in enumerate(pieces) if len(p) == 1 and "\u4e00" <= p <= "\u9fff"}
+    # character pairs some piece holds side by side: BPE could merge them
+    pairs = {(a, b) for p in pieces for a, b in itertools.pairwise(p.replace("\u2581", ""))}
+    allowed = set(chars) - {b for a, b in pairs if a == "："} - {a for a, b in pairs if b == "\n"}
+    while True:  # drop the character in most mergeable pairs until none is left
+        clashes = collections.Counter(c for pair in pairs if set(pair) <= allowed for c in pair)
+        if not clashes:
+            break
+        allowed.discard(clashes.most_common(1)[0][0])
+    ids = sorted(chars[c] for c in allowed)[: _MAX_BIAS - len(NO_EOS)]
+    return NO_EOS + tuple((token_id, 100.0) for token_id in ids)
 
 
 def demo_tokenizer_folder(cache_dir: Path) -> Path:
