@@ -19,7 +19,12 @@ a turn that lands on the other replica prefills the whole history again.
    tokens with eos banned, each answer appended to the history as the client would.  Prints, per
    turn of each model's first chat: prompt tokens, tokens served from the prefix cache
    (``usage.prompt_tokens_details.cached_tokens``), the replica (``X-Replica``) and the time to
-   first token; then TTFT turn N / turn 1 per model.
+   first token; then TTFT turn N / turn 1 and slowest turn / turn 1 per model and chat.
+
+The answers are text that tokenizes back to the ids the model generated (``--answers
+round-trip``, see ``bench.workload.round_trip_answers``), as a trained model's answers do, so the
+prefix cache can serve them next turn; ``--answers raw`` keeps the random model's arbitrary ids,
+whose text comes back as other ids, so every turn also prefills the previous answer again.
 
 Asserts nothing.
 """
@@ -149,7 +154,9 @@ def main() -> None:
     for model in MODELS:
         first, second = turns[model]
         print(f"\n{model}: TTFT turn {len(first)} / turn 1 = {first[-1].ttft / first[0].ttft:.2f} "
-              f"(chat 2: {second[-1].ttft / second[0].ttft:.2f}); chat 1 on "
+              f"(chat 2: {second[-1].ttft / second[0].ttft:.2f}), slowest turn / turn 1 = "
+              f"{max(t.ttft for t in first) / first[0].ttft:.2f} (chat 2: "
+              f"{max(t.ttft for t in second) / second[0].ttft:.2f}); chat 1 on "
               f"{len({t.replica for t in first})} replica(s), chat 2 on "
               f"{len({t.replica for t in second})}")
 
