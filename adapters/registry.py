@@ -67,11 +67,13 @@ def load_chat_model(
     prefill_chunk: int = 512,
     speculative: Mapping[str, Any] | None = None,
     description: str = "",
+    machine_share: float = 1.0,
 ) -> TorchChatModel:
     """Load the checkpoint folder ``path`` and start its engine thread.
 
     ``kv_cache_bytes`` bounds the KV memory of running requests plus the prefix-reuse store
-    (default: a quarter of the machine's RAM on CPU, capped at 8 GiB).  ``int8_activations``:
+    (default: a quarter of the machine's RAM on CPU, capped at 8 GiB, times ``machine_share``:
+    see :func:`default_kv_bytes`).  ``int8_activations``:
     the opt-in int8-activation path (:mod:`adapters.weights.activations`).  ``speculative``: the
     options of :class:`~adapters.runtime.speculative.SpeculativeConfig` (None: no speculation).
     """
@@ -109,18 +111,23 @@ def load_chat_model(
     return TorchChatModel(
         info, spec, tokenizer, model,
         system_policy=system_policy, max_running=max_running, max_waiting=max_waiting,
-        kv_cache_bytes=kv_cache_bytes if kv_cache_bytes is not None else default_kv_bytes(dev),
+        kv_cache_bytes=kv_cache_bytes if kv_cache_bytes is not None
+        else default_kv_bytes(dev, machine_share),
         prefix_cache=prefix_cache, prefill_chunk=prefill_chunk,
         speculative=None if speculative is None else SpeculativeConfig(**speculative),
     )
 
 
-def default_kv_bytes(device: torch.device) -> int:
+def default_kv_bytes(device: torch.device, machine_share: float = 1.0) -> int:
+    """The KV-cache budget when none is set: half the free memory of a GPU; on the CPU a quarter
+    of the machine's RAM (at most 8 GiB), times ``machine_share``, the part of the machine this
+    process is given (a Ray replica's CPUs over its node's: replicas placed on one node then
+    share one quarter instead of taking a quarter each and running the node out of memory)."""
     if device.type == "cuda":
         free, _ = torch.cuda.mem_get_info(device)
         return int(free * 0.5)
     try:
         total = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
     except (ValueError, OSError):  # not every platform reports it
-        return 4 * 1024**3
-    return min(total // 4, 8 * 1024**3)
+        total = 16 * 1024**3
+    return int(min(total // 4, 8 * 1024**3) * min(max(machine_share, 0.0), 1.0))

@@ -25,7 +25,9 @@ from pathlib import Path
 import httpx
 import openai
 import pytest
+import torch
 
+from adapters.registry import default_kv_bytes
 from gateway.app import create_app
 from gateway.settings import ModelEntry, ServerSettings
 from tests.conftest import chatglm2_tiny_checkpoint, oracle
@@ -294,8 +296,13 @@ def test_models_and_metrics_show_the_replicas(server: RayServer) -> None:
     replicas = server.replicas()
     assert len(replicas) == 2
     for replica in replicas:
-        assert set(replica) == {"id", "node", "pid", "running", "waiting"} and replica["node"]
+        assert set(replica) == {"id", "node", "pid", "running", "waiting", "kv_cache_bytes"}
+        assert replica["node"]
         assert _cmdline(replica["pid"]).startswith(f"ray::ServeReplica:{MODEL}")
+    # No kv_cache_memory set: each replica's default budget is its share (0.5 CPU) of what one
+    # process would take on this machine, so the replicas together stay within that.
+    assert all(r["kv_cache_bytes"] > 0 for r in replicas)
+    assert sum(r["kv_cache_bytes"] for r in replicas) <= default_kv_bytes(torch.device("cpu"))
     metrics = httpx.get(f"{server.base}/metrics", timeout=10).text
     assert f'chatglm_gateway_replicas{{model="{MODEL}"}} 2.0' in metrics
     assert f'chatglm_gateway_requests_running{{model="{MODEL}"}}' in metrics

@@ -30,6 +30,16 @@ from adapters.distributed.replicas import ReplicaStatus
 logger = logging.getLogger(__name__)
 
 
+def _cpu_share(node_id: str) -> float:
+    """This replica's CPUs over its node's (1.0 where Ray does not say): a CPU replica's default
+    KV budget is that share of what a single process would take, so however many replicas Ray
+    packs onto a node, their default budgets add up to one process's."""
+    mine = ray.get_runtime_context().get_assigned_resources().get("CPU", 0.0)
+    node = next((n.get("Resources", {}).get("CPU", 0.0) for n in ray.nodes()
+                 if n.get("NodeID") == node_id), 0.0)
+    return mine / node if mine > 0 and node > 0 else 1.0
+
+
 class ModelReplica:
     """The deployment's class (``serve.deployment(ModelReplica)``); ``load`` holds the keyword
     arguments of ``load_chat_model`` (plain values)."""
@@ -38,10 +48,10 @@ class ModelReplica:
         # Imported here: the registry pulls in torch, which the gateway process never needs.
         from adapters.registry import load_chat_model
 
-        self.model = load_chat_model(model_id, path, **load)
+        self.node_id = ray.get_runtime_context().get_node_id()
+        self.model = load_chat_model(model_id, path, **load, machine_share=_cpu_share(self.node_id))
         self.model_id = model_id
         self.replica_id = serve.get_replica_context().replica_id.unique_id
-        self.node_id = ray.get_runtime_context().get_node_id()
         self._stop = threading.Event()
         self._reporter = threading.Thread(target=self._report, name="status-report", daemon=True)
         self._reporter.start()

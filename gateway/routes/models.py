@@ -49,12 +49,12 @@ async def list_models(request: Request) -> ModelList:
 @router.head("/v1/models/{model_id:path}", include_in_schema=False)
 async def retrieve_model(model_id: str, request: Request) -> ModelCard:
     """The model's card; a model served by Ray Serve replicas (``--ray``) also lists them:
-    ``replicas: [{id, node, pid, running, waiting}]``."""
+    ``replicas: [{id, node, pid, running, waiting, kv_cache_bytes}]``."""
     served = _catalog(request).resolve(model_id)
     found = card(served)
     if isinstance(served.model, Replicated):
         found = found.model_copy(update={"replicas": [
             {"id": r.id, "node": r.node, "pid": r.pid, "running": r.running,
-             "waiting": r.waiting}
+             "waiting": r.waiting, "kv_cache_bytes": r.counts.get("kv_cache_bytes", 0)}
             for r in served.model.replicas()]})
     return found
