@@ -622,9 +622,10 @@ void wq_decode_attention(const bf16_t *q, const bf16_t *k_new, const bf16_t *v_n
                              hd * sizeof(bf16_t));
         }
     }
-    const int64_t hb = head_block(B * groups, per_group, nthreads);
+    const int threads = threads_for(B * heads * max_len * hd, nthreads);
+    const int64_t hb = head_block(B * groups, per_group, threads);
     const int64_t blocks = (per_group + hb - 1) / hb; /* per group */
-#pragma omp parallel for num_threads(threads_for(B * heads * max_len * hd, nthreads)) \
+#pragma omp parallel for num_threads(threads) \
     schedule(dynamic, 1) collapse(2)
     for (int64_t b = 0; b < B; b++) {
         for (int64_t gb = 0; gb < groups * blocks; gb++) {
@@ -652,9 +653,10 @@ void wq_prefill_attention(const bf16_t *q, int64_t ldq, int64_t T, int64_t heads
     int64_t max_len = 0;
     for (int64_t t = 0; t < T; t++) max_len = lens[t] > max_len ? lens[t] : max_len;
     max_len = (max_len + 15) / 16 * 16;
-    const int64_t hb = head_block(T * groups, per_group, nthreads);
+    const int threads = threads_for(T * heads * max_len * hd, nthreads);
+    const int64_t hb = head_block(T * groups, per_group, threads);
     const int64_t blocks = (per_group + hb - 1) / hb; /* per group */
-#pragma omp parallel num_threads(threads_for(T * heads * max_len * hd, nthreads))
+#pragma omp parallel num_threads(threads)
     {
         float *p = (float *)malloc((size_t)(hb * max_len) * sizeof(float));
 #pragma omp for schedule(dynamic, 1) collapse(2)
