@@ -31,10 +31,16 @@ off per sequence when too few drafted tokens are accepted (free text has few rep
 number of steps that doubles each time, so a sequence that does not repeat itself pays almost
 nothing.  Every decision depends on the sequence's own tokens only,
 so a request's output does not depend on what it is batched with.
+
+Predicted outputs (OpenAI's ``prediction`` field): a client that expects most of the answer
+(an editor asking for a file back with one change) sends that text; its ids are a second draft
+source for that request alone (:class:`PredictionLookup`), with or without ``--speculative``.
+The same verification keeps it lossless: a wrong prediction costs verified rows, never a token.
 """
 
 from __future__ import annotations
 
+import bisect
 import collections
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -116,6 +122,91 @@ class PromptLookup:
         return []
 
 
+#: the longest draft verified for a request with a prediction: the client vouches for the text,
+#: so longer drafts pay (each verified row costs far less than a decode step's weight pass)
+PREDICTION_DRAFT_TOKENS = 8
+#: ids in a row that continue the prediction where expected before a pause ends early: the
+#: answer is back on the prediction after an edit the prediction did not foresee
+PREDICTION_RESYNC = 3
+
+
+class PredictionLookup:
+    """The client's predicted answer as a draft source, and the bookkeeping of how much of it
+    the answer followed (OpenAI's ``accepted_prediction_tokens``).
+
+    A cursor marks the prediction's id expected next.  Each generated id that equals it
+    *continues* the prediction (counted once per prediction position: :attr:`accepted`) and
+    moves the cursor on.  Any other id re-anchors the cursor: the longest suffix n-gram of the
+    answer (``n_max`` down to 1) that occurs in the prediction, at the occurrence nearest the
+    cursor (an edit usually replaces, inserts or drops a little text near where the answer
+    was), and the cursor goes just past it; when none occurs the cursor stays (the answer may
+    come back to the prediction there after an insertion).  Drafts are the ids from the cursor.
+    """
+
+    def __init__(self, prediction: Sequence[int], n_max: int):
+        self.ids = list(prediction)
+        self._sizes = range(1, n_max + 1)
+        # n-gram -> the positions where it ends in the prediction, ascending
+        self._ends: dict[tuple[int, ...], list[int]] = {}
+        for n in self._sizes:
+            for e in range(n - 1, len(self.ids)):
+                self._ends.setdefault(tuple(self.ids[e + 1 - n:e + 1]), []).append(e)
+        self.cursor = 0
+        #: the last generated id was found in the prediction (continued it, or re-anchored)
+        self.synced = True
+        #: the last generated ids that continued the prediction at the cursor, in a row
+        self.streak = 0
+        #: prediction positions the answer continued (each counted once)
+        self.accepted = 0
+        self._counted = bytearray(len(self.ids))
+        self._seen = 0  # generated ids observed
+
+    @property
+    def rejected(self) -> int:
+        """Prediction ids the answer did not continue."""
+        return len(self.ids) - self.accepted
+
+    def observe(self, generated: Sequence[int]) -> None:
+        """Follow the generated ids not observed yet."""
+        ids = self.ids
+        for i in range(self._seen, len(generated)):
+            token = generated[i]
+            if self.cursor < len(ids) and ids[self.cursor] == token:
+                if not self._counted[self.cursor]:
+                    self._counted[self.cursor] = 1
+                    self.accepted += 1
+                self.cursor += 1
+                self.synced = True
+                self.streak += 1
+                continue
+            self.streak = 0
+            self.synced = self._reanchor(generated, i)
+        self._seen = max(self._seen, len(generated))
+
+    def _reanchor(self, generated: Sequence[int], last: int) -> bool:
+        for n in reversed(self._sizes):
+            if last + 1 < n:
+                continue
+            ends = self._ends.get(tuple(generated[last + 1 - n:last + 1]))
+            if not ends:
+                continue
+            k = bisect.bisect_left(ends, self.cursor)
+            after = ends[k] if k < len(ends) else None
+            before = ends[k - 1] if k > 0 else None
+            if after is None or (before is not None
+                                 and self.cursor - before < after - self.cursor):
+                end = before
+            else:
+                end = after
+            assert end is not None
+            self.cursor = end + 1
+            return True
+        return False
+
+    def propose(self, k: int) -> list[int]:
+        return self.ids[self.cursor:self.cursor + k] if k > 0 else []
+
+
 class Drafter:
     """One sequence's drafting: its lookup index, its draft length and its switch-off state.
 
@@ -123,13 +214,24 @@ class Drafter:
     own success: the first is half ``num_speculative_tokens`` long, a draft accepted whole
     doubles the next one's length (up to ``num_speculative_tokens``), a rejection cuts it to the
     ids accepted plus one; and when the
-    last few verifications kept less than ``min_acceptance`` of their ids, drafting pauses."""
+    last few verifications kept less than ``min_acceptance`` of their ids, drafting pauses.
 
-    def __init__(self, config: SpeculativeConfig, prompt: Sequence[int]):
+    With a ``prediction`` (ids), it drafts from the prediction while the answer follows it and
+    from the sequence itself (``prompt_lookup``, the ``--speculative`` method) otherwise; drafts
+    may then be :data:`PREDICTION_DRAFT_TOKENS` long, and a pause ends early once the answer
+    continues the prediction again (:data:`PREDICTION_RESYNC` ids in a row)."""
+
+    def __init__(self, config: SpeculativeConfig, prompt: Sequence[int],
+                 prediction: Sequence[int] | None = None, *, prompt_lookup: bool = True):
         self.config = config
-        self.lookup = PromptLookup(prompt, config.prompt_lookup_min, config.prompt_lookup_max)
+        self.lookup = PromptLookup(prompt, config.prompt_lookup_min, config.prompt_lookup_max) \
+            if prompt_lookup else None
+        self.prediction = None if prediction is None \
+            else PredictionLookup(prediction, config.prompt_lookup_max)
+        self.longest = config.num_speculative_tokens if prediction is None \
+            else max(config.num_speculative_tokens, PREDICTION_DRAFT_TOKENS)
         # of the next draft: half the longest at first (a first guess costs less when wrong)
-        self.length = max(1, config.num_speculative_tokens // 2)
+        self.length = max(1, self.longest // 2)
         self._paused = 0  # decode steps left without drafting
         self._next_pause = config.pause
         self._recent: collections.deque[tuple[int, int]] = collections.deque(maxlen=4)
@@ -137,20 +239,36 @@ class Drafter:
     def propose(self, generated: Sequence[int], limit: int) -> list[int]:
         """Up to ``min(limit, length)`` draft ids to follow ``generated`` (called once per
         decode step)."""
-        self.lookup.sync(generated)
+        prediction, lookup = self.prediction, self.lookup
+        if prediction is not None:
+            prediction.observe(generated)
+            if self._paused > 0 and prediction.streak >= PREDICTION_RESYNC:
+                self._paused = 0
+        if lookup is not None:
+            lookup.sync(generated)
         if self._paused > 0:
             self._paused -= 1
-            # keep the index current (cheap) so a later lookup needs no catching up
-            self.lookup.propose(0)
+            if lookup is not None:
+                # keep the index current (cheap) so a later lookup needs no catching up
+                lookup.propose(0)
             return []
-        return self.lookup.propose(min(limit, self.length))
+        k = min(limit, self.length)
+        draft: list[int] = []
+        if prediction is not None and prediction.synced:
+            draft = prediction.propose(k)
+        if lookup is not None:
+            found = lookup.propose(0 if draft else k)  # (indexes the ids either way)
+            draft = draft or found
+        if not draft and prediction is not None:
+            draft = prediction.propose(k)  # off the prediction: it may come back to it here
+        return draft
 
     def record(self, drafted: int, accepted: int) -> None:
         """The outcome of one verification of ``drafted`` ids, ``accepted`` of them kept."""
         if drafted <= 0:
             return
         whole = accepted == drafted
-        self.length = min(2 * self.length, self.config.num_speculative_tokens) if whole \
+        self.length = min(2 * self.length, self.longest) if whole \
             else accepted + 1
         self._recent.append((drafted, accepted))
         total = sum(d for d, _ in self._recent)
