@@ -48,17 +48,24 @@ def test_prediction_continues_and_counts_each_position_once() -> None:
     assert lookup.propose(4) == []
 
 
-def test_prediction_reanchors_at_the_match_nearest_the_cursor() -> None:
+def test_prediction_reanchors_forward_of_the_cursor() -> None:
     # "a b X c d a b Y c d": after a deletion the answer's "c d" occurs twice in the prediction
     pred = [1, 2, 7, 3, 4, 1, 2, 8, 3, 4, 5]
     lookup = PredictionLookup(pred, n_max=2)
     lookup.observe([1, 2, 7, 3, 4, 1, 2])  # cursor 7 (on the 8)
     lookup.observe([1, 2, 7, 3, 4, 1, 2, 3])  # the 8 dropped: "2 3" is not in it; "3" is, twice
-    assert lookup.cursor == 9  # the "3" at 8 (nearer than the one at 3)
+    assert lookup.cursor == 9  # the "3" at 8 (the one after the cursor, not the one at 3)
     assert lookup.propose(3) == [4, 5]
     lookup.observe([1, 2, 7, 3, 4, 1, 2, 3, 4, 5])
     # continued: 1 2 7 3 4 1 2, then 4 5 (the re-anchored 3 was found, not continued)
     assert (lookup.accepted, lookup.rejected) == (9, 2)
+    # an earlier occurrence nearer the cursor loses to the first one after it (an identical
+    # line earlier in a file is not where an edited answer resumes) ...
+    forward = PredictionLookup([7, 3, 0, 0, 0, 0, 0, 0, 0, 3, 1], n_max=2)
+    forward.observe([7, 3, 0, 0, 3])
+    assert forward.cursor == 10 and forward.propose(2) == [1]
+    forward.observe([7, 3, 0, 0, 3, 1, 7])  # ... unless none follows
+    assert forward.cursor == 1
     again = PredictionLookup([5, 5, 5], n_max=2)
     again.observe([5, 5, 5, 5, 5])  # a loop over the same positions counts them once
     assert (again.accepted, again.rejected) == (3, 0)

@@ -137,10 +137,12 @@ class PredictionLookup:
     A cursor marks the prediction's id expected next.  Each generated id that equals it
     *continues* the prediction (counted once per prediction position: :attr:`accepted`) and
     moves the cursor on.  Any other id re-anchors the cursor: the longest suffix n-gram of the
-    answer (``n_max`` down to 1) that occurs in the prediction, at the occurrence nearest the
-    cursor (an edit usually replaces, inserts or drops a little text near where the answer
-    was), and the cursor goes just past it; when none occurs the cursor stays (the answer may
-    come back to the prediction there after an insertion).  Drafts are the ids from the cursor.
+    answer (``n_max`` down to 1) that occurs in the prediction, at its first occurrence at or
+    after the cursor (the answer moves forward through the prediction: after a replaced or
+    dropped line it resumes a little further on, and an identical line earlier in the file,
+    which may be nearer, is not where it is), else at its last occurrence before; the cursor
+    goes just past it.  When none occurs the cursor stays (the answer may come back to the
+    prediction there after an insertion).  Drafts are the ids from the cursor.
     """
 
     def __init__(self, prediction: Sequence[int], n_max: int):
@@ -191,15 +193,7 @@ class PredictionLookup:
             if not ends:
                 continue
             k = bisect.bisect_left(ends, self.cursor)
-            after = ends[k] if k < len(ends) else None
-            before = ends[k - 1] if k > 0 else None
-            if after is None or (before is not None
-                                 and self.cursor - before < after - self.cursor):
-                end = before
-            else:
-                end = after
-            assert end is not None
-            self.cursor = end + 1
+            self.cursor = (ends[k] if k < len(ends) else ends[-1]) + 1
             return True
         return False
 
