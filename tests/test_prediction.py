@@ -71,6 +71,19 @@ def test_prediction_reanchors_forward_of_the_cursor() -> None:
     assert (again.accepted, again.rejected) == (3, 0)
 
 
+def test_a_replaced_line_is_rejected_and_the_rest_accepted() -> None:
+    """An answer that differs from its prediction by one replaced "line" of 12 ids: all of
+    the prediction is accepted but those 12 and the id where the answer found it again."""
+    answer = list(range(1000, 1300))
+    prediction = answer[:150] + list(range(5000, 5012)) + answer[162:]
+    lookup = PredictionLookup(prediction, n_max=4)
+    lookup.observe(answer)
+    assert (lookup.accepted, lookup.rejected) == (300 - 12 - 1, 12 + 1)
+    dropped = PredictionLookup(answer[:150] + list(range(5000, 5012)) + answer[150:], n_max=4)
+    dropped.observe(answer)  # the answer leaves a predicted line out
+    assert (dropped.accepted, dropped.rejected) == (300 - 1, 12 + 1)
+
+
 def test_drafter_prefers_the_prediction_and_resyncs_after_a_pause() -> None:
     config = SpeculativeConfig(num_speculative_tokens=2, prompt_lookup_min=1, pause=50,
                                min_acceptance=0.4)
