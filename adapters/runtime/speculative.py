@@ -148,11 +148,9 @@ class PredictionLookup:
     def __init__(self, prediction: Sequence[int], n_max: int):
         self.ids = list(prediction)
         self._sizes = range(1, n_max + 1)
-        # n-gram -> the positions where it ends in the prediction, ascending
-        self._ends: dict[tuple[int, ...], list[int]] = {}
-        for n in self._sizes:
-            for e in range(n - 1, len(self.ids)):
-                self._ends.setdefault(tuple(self.ids[e + 1 - n:e + 1]), []).append(e)
+        # n-gram -> the positions where it ends in the prediction, ascending; built on the first
+        # re-anchoring (on the engine thread, and never for an answer that follows its prediction)
+        self._index: dict[tuple[int, ...], list[int]] | None = None
         self.cursor = 0
         #: the last generated id was found in the prediction (continued it, or re-anchored)
         self.synced = True
@@ -185,11 +183,20 @@ class PredictionLookup:
             self.synced = self._reanchor(generated, i)
         self._seen = max(self._seen, len(generated))
 
+    def _ends(self) -> dict[tuple[int, ...], list[int]]:
+        if self._index is None:
+            self._index = {}
+            for n in self._sizes:
+                for e in range(n - 1, len(self.ids)):
+                    self._index.setdefault(tuple(self.ids[e + 1 - n:e + 1]), []).append(e)
+        return self._index
+
     def _reanchor(self, generated: Sequence[int], last: int) -> bool:
+        index = self._ends()
         for n in reversed(self._sizes):
             if last + 1 < n:
                 continue
-            ends = self._ends.get(tuple(generated[last + 1 - n:last + 1]))
+            ends = index.get(tuple(generated[last + 1 - n:last + 1]))
             if not ends:
                 continue
             k = bisect.bisect_left(ends, self.cursor)
