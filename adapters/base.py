@@ -317,8 +317,8 @@ class PromptTokensDetails:
 @dataclass(frozen=True)
 class CompletionTokensDetails:
     """OpenAI's ``usage.completion_tokens_details``, reported when a request gave a
-    prediction.  ``accepted_prediction_tokens``: prediction tokens the answer continued where
-    the prediction put them (see ``adapters/runtime/speculative.py``, ``PredictionLookup``);
+    prediction.  ``accepted_prediction_tokens``: prediction tokens that appear in the answer,
+    in order (``adapters/runtime/speculative.py``, ``prediction_usage``);
     ``rejected_prediction_tokens``: the prediction's other tokens.  No reasoning or audio."""
 
     accepted_prediction_tokens: int = 0

@@ -127,17 +127,6 @@ def run_once(engine: Engine, counter: Counting, prompt: Prompt) -> Run:
                len(seq.generated) - 1, counter.calls - calls, usage)
 
 
-def period(ids: tuple[int, ...]) -> int | None:
-    """The period of ``ids``' second half when it repeats itself (a random bigram model's greedy
-    answer ends in a loop), else None: the accepted count is a greedy alignment, which in a
-    loop may follow a later repetition than the edit's (README, predicted outputs)."""
-    half = len(ids) // 2
-    for p in range(1, half + 1):
-        if ids[half:] == ids[half - p:len(ids) - p]:
-            return p
-    return None
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     add_model_arguments(parser, default_preset="mid")
@@ -197,7 +186,6 @@ def main() -> None:
     print(f"\n{shape.describe()}; weights {args.mode}; {machine_summary()}; prompt of "
           f"{len(ids)} tokens (~{args.code_tokens} of code), answer of {len(answer)} tokens, "
           f"prediction of {len(prediction)} ({args.edit_tokens} ids replaced in the middle); "
-          f"the answer repeats with period {period(answer)}; "
           f"best of {args.repeats} alternating runs\n")
     print(markdown_table(
         ["without: tok/s", "with prediction: tok/s", "speed-up best/best", "median of paired",

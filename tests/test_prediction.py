@@ -22,6 +22,7 @@ from adapters.runtime.speculative import (
     Drafter,
     PredictionLookup,
     SpeculativeConfig,
+    prediction_usage,
 )
 from gateway.app import create_app
 from gateway.settings import ModelEntry, ServerSettings
@@ -35,16 +36,17 @@ from tests.toys import ByteTokenizer, CopyLM
 # ------------------------------------------------------------------ the lookup
 
 
-def test_prediction_continues_and_counts_each_position_once() -> None:
+def test_prediction_drafts_from_its_cursor() -> None:
     lookup = PredictionLookup([1, 2, 3, 4, 5, 6], n_max=3)
     assert lookup.propose(3) == [1, 2, 3]  # nothing generated yet: the prediction's start
     lookup.observe([1, 2])
-    assert (lookup.cursor, lookup.accepted, lookup.streak) == (2, 2, 2)
+    assert (lookup.cursor, lookup.synced, lookup.streak) == (2, True, 2)
     assert lookup.propose(8) == [3, 4, 5, 6]
     lookup.observe([1, 2, 9])  # an id the prediction lacks: the cursor waits there
     assert (lookup.cursor, lookup.synced, lookup.streak) == (2, False, 0)
-    lookup.observe([1, 2, 9, 3, 4, 5, 6, 7])  # back on it (an insertion), then past its end
-    assert (lookup.accepted, lookup.rejected) == (6, 0)
+    lookup.observe([1, 2, 9, 3, 4])  # back on it (an insertion)
+    assert (lookup.cursor, lookup.synced, lookup.streak) == (4, True, 2)
+    lookup.observe([1, 2, 9, 3, 4, 5, 6, 7])  # past its end
     assert lookup.propose(4) == []
 
 
@@ -56,9 +58,6 @@ def test_prediction_reanchors_forward_of_the_cursor() -> None:
     lookup.observe([1, 2, 7, 3, 4, 1, 2, 3])  # the 8 dropped: "2 3" is not in it; "3" is, twice
     assert lookup.cursor == 9  # the "3" at 8 (the one after the cursor, not the one at 3)
     assert lookup.propose(3) == [4, 5]
-    lookup.observe([1, 2, 7, 3, 4, 1, 2, 3, 4, 5])
-    # continued: 1 2 7 3 4 1 2, then 4 5 (the re-anchored 3 was found, not continued)
-    assert (lookup.accepted, lookup.rejected) == (9, 2)
     # an earlier occurrence nearer the cursor loses to the first one after it (an identical
     # line earlier in a file is not where an edited answer resumes) ...
     forward = PredictionLookup([7, 3, 0, 0, 0, 0, 0, 0, 0, 3, 1], n_max=2)
@@ -66,22 +65,21 @@ def test_prediction_reanchors_forward_of_the_cursor() -> None:
     assert forward.cursor == 10 and forward.propose(2) == [1]
     forward.observe([7, 3, 0, 0, 3, 1, 7])  # ... unless none follows
     assert forward.cursor == 1
-    again = PredictionLookup([5, 5, 5], n_max=2)
-    again.observe([5, 5, 5, 5, 5])  # a loop over the same positions counts them once
-    assert (again.accepted, again.rejected) == (3, 0)
 
 
-def test_a_replaced_line_is_rejected_and_the_rest_accepted() -> None:
-    """An answer that differs from its prediction by one replaced "line" of 12 ids: all of
-    the prediction is accepted but those 12 and the id where the answer found it again."""
+def test_usage_counts_the_prediction_ids_the_answer_has_in_order() -> None:
+    """OpenAI's accepted / rejected prediction tokens: an answer that replaced one "line" of 12
+    ids, one that left a predicted line out, one that repeats itself, a wrong one."""
     answer = list(range(1000, 1300))
-    prediction = answer[:150] + list(range(5000, 5012)) + answer[162:]
-    lookup = PredictionLookup(prediction, n_max=4)
-    lookup.observe(answer)
-    assert (lookup.accepted, lookup.rejected) == (300 - 12 - 1, 12 + 1)
-    dropped = PredictionLookup(answer[:150] + list(range(5000, 5012)) + answer[150:], n_max=4)
-    dropped.observe(answer)  # the answer leaves a predicted line out
-    assert (dropped.accepted, dropped.rejected) == (300 - 1, 12 + 1)
+    replaced = answer[:150] + list(range(5000, 5012)) + answer[162:]
+    assert prediction_usage(replaced, answer) == (288, 12)
+    longer = answer[:150] + list(range(5000, 5012)) + answer[150:]
+    assert prediction_usage(longer, answer) == (300, 12)
+    loop = [i % 62 for i in range(300)]  # a loop: the edit is still found where it is
+    assert prediction_usage(loop[:150] + list(range(500, 512)) + loop[162:], loop) == (288, 12)
+    assert prediction_usage([5, 5, 5], [5, 5, 5, 5, 5]) == (3, 0)
+    assert prediction_usage(list(range(100)), list(range(200, 300))) == (0, 100)
+    assert prediction_usage([], answer) == (0, 0)
 
 
 def test_drafter_prefers_the_prediction_and_resyncs_after_a_pause() -> None:

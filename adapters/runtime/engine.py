@@ -58,7 +58,7 @@ from adapters.runtime.grammar import GrammarMatcher, GrammarViolation, TokenGram
 from adapters.runtime.prefix_cache import PrefixCache
 from adapters.runtime.prompt_logprobs import PromptScorer
 from adapters.runtime.sampler import SamplerState, choose, logprob_entries
-from adapters.runtime.speculative import Drafter, SpeculativeConfig
+from adapters.runtime.speculative import Drafter, SpeculativeConfig, prediction_usage
 
 logger = logging.getLogger(__name__)
 
@@ -540,13 +540,12 @@ class Engine:
 
 
 def _prediction_details(seq: Sequence) -> CompletionTokensDetails | None:
-    """How much of the request's prediction the answer followed (None: no prediction)."""
-    prediction = seq.drafter.prediction if seq.drafter is not None else None
-    if prediction is None:
+    """How much of the request's prediction the answer took (None: no prediction)."""
+    if seq.prompt.prediction_ids is None:
         return None
-    prediction.observe(seq.generated)  # the last step's ids were not drafted after
-    return CompletionTokensDetails(accepted_prediction_tokens=prediction.accepted,
-                                   rejected_prediction_tokens=prediction.rejected)
+    accepted, rejected = prediction_usage(seq.prompt.prediction_ids, seq.generated)
+    return CompletionTokensDetails(accepted_prediction_tokens=accepted,
+                                   rejected_prediction_tokens=rejected)
 
 
 def _parts(post: StreamPostprocessor) -> tuple[ToolCallPart, ...]:
