@@ -6,6 +6,7 @@ reports ``accepted_prediction_tokens`` / ``rejected_prediction_tokens``."""
 
 from __future__ import annotations
 
+import random
 from dataclasses import replace
 from pathlib import Path
 
@@ -80,6 +81,40 @@ def test_usage_counts_the_prediction_ids_the_answer_has_in_order() -> None:
     assert prediction_usage([5, 5, 5], [5, 5, 5, 5, 5]) == (3, 0)
     assert prediction_usage(list(range(100)), list(range(200, 300))) == (0, 100)
     assert prediction_usage([], answer) == (0, 0)
+
+
+def test_usage_of_a_long_prediction_is_counted_in_linear_time(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """Past the alignment budget (a client picks the prediction and can steer the answer into
+    difflib's slow cases) the count is a greedy in-order match: the same on a replaced or a
+    left-out line, a common subsequence (never more than difflib's) on a loop, each prediction
+    id counted once."""
+    import adapters.runtime.speculative as speculative
+
+    answer = list(range(1000, 1300))
+    replaced = answer[:150] + list(range(5000, 5012)) + answer[162:]
+    longer = answer[:150] + list(range(5000, 5012)) + answer[150:]
+    loop = [i % 62 for i in range(300)]
+    edited_loop = loop[:150] + list(range(500, 512)) + loop[162:]
+    monkeypatch.setattr(speculative, "ALIGN_BUDGET", 0)
+    assert prediction_usage(replaced, answer) == (288, 12)
+    assert prediction_usage(longer, answer) == (300, 12)
+    assert 150 <= prediction_usage(edited_loop, loop)[0] <= 288
+    assert prediction_usage([5, 5, 5], [5, 5, 5, 5, 5]) == (3, 0)
+    assert prediction_usage(list(range(100)), list(range(200, 300))) == (0, 100)
+    # a sparse copy (difflib's slow case: seconds) of a 32k-id prediction, with the real
+    # budget: difflib is not asked, and the count follows the copy
+    monkeypatch.undo()
+
+    def no_difflib(*args: object, **kwargs: object) -> None:
+        raise AssertionError("difflib aligned a prediction past the budget")
+
+    monkeypatch.setattr(speculative.difflib, "SequenceMatcher", no_difflib)
+    gen = random.Random(0)
+    prediction = [gen.randrange(1000) for _ in range(32_000)]
+    copy = [t for start in range(0, 32_000, 8) for t in prediction[start:start + 3]]
+    accepted, rejected = prediction_usage(prediction, copy)
+    assert accepted >= len(copy) * 0.9 and accepted + rejected == len(prediction)
 
 
 def test_drafter_prefers_the_prediction_and_resyncs_after_a_pause() -> None:
