@@ -207,6 +207,9 @@ class ChatRequest:
     #: generations the whole HTTP request will start (prompts x ``n``): admitted together or
     #: refused together (429 when the model is full, 400 when they could never fit)
     generations: int = 1
+    #: OpenAI's Predicted Outputs: the answer the client expects (an edited file, say); a draft
+    #: for speculative decoding, it never changes what is generated.  None: no prediction
+    prediction: str | None = None
 
     def completion_budget(self, prompt_tokens: int, context_length: int) -> int:
         """How many tokens may follow a prompt of ``prompt_tokens``: what was asked (None: up
@@ -253,6 +256,9 @@ class Prompt:
     #: with Ray Serve, prompts with the same key go to the same replica, which holds the
     #: conversation's prefix cache.  Empty: routed by ``token_ids`` alone.  Generation ignores it.
     affinity: str = ""
+    #: the ids of the request's predicted answer (``ChatRequest.prediction``): the engine
+    #: drafts from them and reports how much of them the answer followed
+    prediction_ids: tuple[int, ...] | None = None
 
     @property
     def max_tokens(self) -> int:
@@ -309,6 +315,19 @@ class PromptTokensDetails:
 
 
 @dataclass(frozen=True)
+class CompletionTokensDetails:
+    """OpenAI's ``usage.completion_tokens_details``, reported when a request gave a
+    prediction.  ``accepted_prediction_tokens``: prediction tokens that appear in the answer,
+    in order (``adapters/runtime/speculative.py``, ``prediction_usage``);
+    ``rejected_prediction_tokens``: the prediction's other tokens.  No reasoning or audio."""
+
+    accepted_prediction_tokens: int = 0
+    rejected_prediction_tokens: int = 0
+    reasoning_tokens: int = 0
+    audio_tokens: int = 0
+
+
+@dataclass(frozen=True)
 class Usage:
     """Token counts in OpenAI's shape (the wire schema serialises this class as it is).
     ``total_tokens`` is always the sum of the other two, whatever is passed."""
@@ -317,6 +336,8 @@ class Usage:
     completion_tokens: int
     total_tokens: int = 0
     prompt_tokens_details: PromptTokensDetails = field(default_factory=PromptTokensDetails)
+    #: only with a prediction (left out of the wire format when None)
+    completion_tokens_details: CompletionTokensDetails | None = None
 
     def __post_init__(self) -> None:
         # a plain field (not a property) so that it is part of the serialised shape

@@ -94,7 +94,19 @@ class TorchChatModel:
                                      param="logprobs")
             scored = self.spec.query_span(self.tokenizer, conv, ids)
         return Prompt(token_ids=tuple(ids), params=replace(params, max_tokens=max_new),
-                      text=text, tools=bool(tools), grammar=grammar, scored=scored)
+                      text=text, tools=bool(tools), grammar=grammar, scored=scored,
+                      prediction_ids=self._prediction(request.prediction))
+
+    def _prediction(self, text: str | None) -> tuple[int, ...] | None:
+        """The predicted answer's ids: plain text as the answer's ids would spell it (no
+        control ids).  One longer than any answer could be is refused before tokenizing."""
+        if text is None:
+            return None
+        if len(text) > self.context_length * max(self._longest_token, 1):
+            raise InvalidRequest(
+                f"The prediction is longer than any answer of this model could be (its context "
+                f"holds {self.context_length} tokens).", param="prediction")
+        return tuple(self.tokenizer.encode(text))
 
     def _prompt(self, request: ChatRequest) -> tuple[Conversation, list[int], str]:
         """The family's conversation (system policy, tools), and the prompt's ids and text in

@@ -23,6 +23,7 @@ from pydantic import BaseModel
 
 from adapters.base import (
     ChatRequest,
+    CompletionTokensDetails,
     Delta,
     FinishReason,
     ModelInfo,
@@ -182,6 +183,7 @@ class UsageSum:
         self._prompt_of = prompt_of
         self._prompts: dict[int, tuple[int, int]] = {}  # prompt -> (tokens, cached)
         self._completion = 0
+        self._details: CompletionTokensDetails | None = None  # summed, when any came
 
     def add(self, index: int, usage: Usage | None) -> None:
         if usage is None:
@@ -191,13 +193,22 @@ class UsageSum:
         self._prompts[key] = (max(tokens, usage.prompt_tokens),
                               max(cached, usage.prompt_tokens_details.cached_tokens))
         self._completion += usage.completion_tokens
+        more = usage.completion_tokens_details
+        if more is not None:
+            have = self._details or CompletionTokensDetails()
+            self._details = CompletionTokensDetails(
+                accepted_prediction_tokens=have.accepted_prediction_tokens
+                + more.accepted_prediction_tokens,
+                rejected_prediction_tokens=have.rejected_prediction_tokens
+                + more.rejected_prediction_tokens)
 
     def wire(self) -> Usage:
         return Usage(
             prompt_tokens=sum(t for t, _ in self._prompts.values()),
             completion_tokens=self._completion,
             prompt_tokens_details=PromptTokensDetails(
-                cached_tokens=sum(c for _, c in self._prompts.values())))
+                cached_tokens=sum(c for _, c in self._prompts.values())),
+            completion_tokens_details=self._details)
 
 
 def finish_reason(outcome: Outcome) -> FinishReason:

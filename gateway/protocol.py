@@ -12,6 +12,9 @@ Documented choices:
   replaces the deprecated ``max_tokens`` in OpenAI's API).
 * ``content`` may be a string or an array of ``{"type": "text", "text": ...}`` parts; the parts
   are joined with ``"\\n"``.  Any other part type (images, audio, files) is a 400.
+* ``prediction`` (Predicted Outputs): its text parts are concatenated as they are; as OpenAI
+  does, it cannot be combined with ``n`` > 1, ``logprobs`` or tools the model may call (here
+  the limits are kept for compatibility: the drafts are verified losslessly either way).
 * ``top_k``, ``repetition_penalty`` and ``structured_outputs`` are extensions (vLLM's names;
   THUDM's demo has the first two too).
 * Per-request caps (``MAX_N``, ``MAX_PROMPTS``, ``MAX_STOP``, ``MAX_LOGIT_BIAS``, ``MAX_SEED``)
@@ -59,7 +62,6 @@ IGNORED_FIELDS: tuple[str, ...] = (
     "metadata",
     "modalities",
     "audio",
-    "prediction",
     "reasoning_effort",
     "functions",
     "function_call",
@@ -114,6 +116,21 @@ class TextContentPart(BaseModel):
         if self.text is None:
             raise ValueError("A 'text' content part needs a 'text' string.")
         return self
+
+
+class Prediction(BaseModel):
+    """OpenAI's Predicted Outputs: ``{"type": "content", "content": text or text parts}``, the
+    answer the client expects (drafts for speculative decoding; never changes the answer)."""
+
+    model_config = _REQUEST_CONFIG
+
+    type: Literal["content"]
+    content: str | list[TextContentPart]
+
+    def text(self) -> str:
+        if isinstance(self.content, str):
+            return self.content
+        return "".join(part.text or "" for part in self.content)
 
 
 class FunctionCall(BaseModel):
@@ -422,7 +439,7 @@ class ChatCompletionRequest(SamplingRequest, _ChatInput):
     metadata: Any | None = None
     modalities: Any | None = None
     parallel_tool_calls: bool | None = None
-    prediction: Any | None = None
+    prediction: Prediction | None = None
     reasoning_effort: Any | None = None
     safety_identifier: Any | None = None
     service_tier: Any | None = None
@@ -448,6 +465,18 @@ class ChatCompletionRequest(SamplingRequest, _ChatInput):
         if self.tools and choice not in (None, "none") and self.to_grammar() is not None:
             raise FieldError("response_format", "A response format cannot be combined with "
                              "tools the model may call; send tool_choice 'none' or no tools.")
+        if self.prediction is not None:
+            self._check_prediction(bool(self.tools) and choice != "none")
+
+    def _check_prediction(self, callable_tools: bool) -> None:
+        """OpenAI's limits on Predicted Outputs (its guide's list), where they apply here."""
+        if self.choices > 1:
+            raise FieldError("n", "'n' greater than 1 is not supported with 'prediction'.")
+        if self.logprobs:
+            raise FieldError("logprobs", "'logprobs' is not supported with 'prediction'.")
+        if callable_tools:
+            raise FieldError("tools", "Tools the model may call are not supported with "
+                             "'prediction'; send tool_choice 'none' or no tools.")
 
     # ---------------------------------------------------------------- translation
 
@@ -463,6 +492,9 @@ class ChatCompletionRequest(SamplingRequest, _ChatInput):
     def to_tools(self) -> tuple[Tool, ...]:
         """Offered tools; none when ``tool_choice`` is ``"none"``."""
         return to_tools(self.tools, self.tool_choice)
+
+    def to_prediction(self) -> str | None:
+        return self.prediction.text() if self.prediction is not None else None
 
     def to_tool_choice(self) -> ToolChoice:
         parallel = self.parallel_tool_calls is not False  # OpenAI's default: true
@@ -602,6 +634,11 @@ class _OmitsNulls(BaseModel):
         for key in self.omitted_if_null:
             if data.get(key) is None:
                 data.pop(key, None)
+        usage = data.get("usage")
+        # OpenAI's usage has completion_tokens_details only where there is something to detail
+        # (here: a prediction was given)
+        if isinstance(usage, dict) and usage.get("completion_tokens_details", 0) is None:
+            del usage["completion_tokens_details"]
         return data
 
 
@@ -742,9 +779,7 @@ class Choice(BaseModel):
     finish_reason: FinishReason
 
 
-class ChatCompletion(BaseModel):
-    model_config = _RESPONSE_CONFIG
-
+class ChatCompletion(_OmitsNulls):
     id: str
     object: Literal["chat.completion"] = "chat.completion"
     created: int

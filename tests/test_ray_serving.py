@@ -183,6 +183,29 @@ def test_answers_exactly_like_the_single_process_server(server: RayServer) -> No
         assert text == want.choices[0].message.content
 
 
+def test_a_prediction_crosses_to_the_replicas(server: RayServer) -> None:
+    """``prediction`` reaches the replica's engine: the same answer as without, most of the
+    prediction accepted (usage details come back through Ray), the drafts on /metrics."""
+    client = server.client()
+    messages = CONVERSATIONS[0]
+    plain = client.chat.completions.create(model=MODEL, messages=messages, temperature=0,
+                                           max_tokens=16)
+    text = plain.choices[0].message.content
+    predicted = client.chat.completions.create(
+        model=MODEL, messages=messages, temperature=0, max_tokens=16,
+        prediction={"type": "content", "content": text})
+    assert predicted.choices[0].message.content == text
+    details = predicted.usage.completion_tokens_details
+    assert details is not None
+    assert details.accepted_prediction_tokens >= predicted.usage.completion_tokens - 2
+    name = "chatglm_gateway_speculative_accepted_tokens_total"
+    # the replicas' counts reach the gateway with their next status report
+    _wait_for(lambda: f'{name}{{model="{MODEL}"}}' in httpx.get(f"{server.base}/metrics",
+                                                                 timeout=10).text,
+              30, "the drafts on /metrics")
+    assert _metric(server, name) > 0
+
+
 def test_answers_match_thudms_reference_code(server: RayServer) -> None:
     """THUDM's ``model.chat`` on its tiny checkpoint (reference material only): the same answer
     and prompt length through Ray."""

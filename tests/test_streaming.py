@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import dataclasses
 import json
 from collections.abc import Iterator
 from typing import Any
@@ -143,7 +142,8 @@ def test_collect_aggregates_like_the_stream() -> None:
     completion = asyncio.run(run())
     assert [c.message.content for c in completion.choices] == ["xy", "z"]
     assert [c.finish_reason for c in completion.choices] == ["length", "stop"]
-    assert dataclasses.asdict(completion.usage) == {
+    # no prediction: no completion_tokens_details on the wire
+    assert completion.model_dump(mode="json")["usage"] == {
         "prompt_tokens": 5, "completion_tokens": 3, "total_tokens": 8,
         "prompt_tokens_details": {"cached_tokens": 0}}
     assert completion.choices[0].logprobs is None

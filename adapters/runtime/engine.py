@@ -32,6 +32,7 @@ from dataclasses import dataclass, field
 import torch
 
 from adapters.base import (
+    CompletionTokensDetails,
     Delta,
     InvalidRequest,
     Outcome,
@@ -57,7 +58,7 @@ from adapters.runtime.grammar import GrammarMatcher, GrammarViolation, TokenGram
 from adapters.runtime.prefix_cache import PrefixCache
 from adapters.runtime.prompt_logprobs import PromptScorer
 from adapters.runtime.sampler import SamplerState, choose, logprob_entries
-from adapters.runtime.speculative import Drafter, SpeculativeConfig
+from adapters.runtime.speculative import Drafter, SpeculativeConfig, prediction_usage
 
 logger = logging.getLogger(__name__)
 
@@ -168,8 +169,7 @@ class Engine:
             post=self._postprocessor(prompt),
             stop=StopMatcher(prompt.params.stop),
             matcher=matcher,
-            drafter=None if self.speculative is None
-            else Drafter(self.speculative, prompt.token_ids),
+            drafter=self._drafter(prompt),
         )
         with self._cv:
             if self._closed:
@@ -179,6 +179,14 @@ class Engine:
             self._waiting.append(seq)
             self._cv.notify()
         return seq
+
+    def _drafter(self, prompt: Prompt) -> Drafter | None:
+        """Speculation for ``prompt``: prompt lookup when the engine speculates, and drafts from
+        the request's prediction (OpenAI's Predicted Outputs) whether it does or not."""
+        if self.speculative is None and prompt.prediction_ids is None:
+            return None
+        return Drafter(self.speculative or SpeculativeConfig(), prompt.token_ids,
+                       prompt.prediction_ids, prompt_lookup=self.speculative is not None)
 
     def _postprocessor(self, prompt: Prompt) -> StreamPostprocessor:
         """The family's post-processing, except for an answer held to a response format: the
@@ -197,13 +205,13 @@ class Engine:
 
     def counts(self) -> dict[str, int]:
         """Generations running, and waiting for a running slot (those the next step admits into
-        free slots are not waiting for one); with speculative decoding, the draft ids verified
-        and accepted so far."""
+        free slots are not waiting for one); with speculative decoding (or once a request's
+        prediction was drafted from), the draft ids verified and accepted so far."""
         with self._cv:
             running = len(self._running)
             free = max(self.max_running - running, 0)
             counts = {"running": running, "waiting": max(len(self._waiting) - free, 0)}
-        if self.speculative is not None:
+        if self.speculative is not None or self.drafted_tokens:
             counts["speculative_drafted"] = self.drafted_tokens
             counts["speculative_accepted"] = self.accepted_tokens
         return counts
@@ -500,7 +508,8 @@ class Engine:
             else:
                 rest += seq.stop.flush()
         usage = Usage(prompt_tokens=len(seq.prompt.token_ids), completion_tokens=len(seq.generated),
-                      prompt_tokens_details=PromptTokensDetails(cached_tokens=seq.cached))
+                      prompt_tokens_details=PromptTokensDetails(cached_tokens=seq.cached),
+                      completion_tokens_details=_prediction_details(seq))
         calls = seq.post.tool_calls if reason != "error" else ()
         if calls:
             reason = "tool_calls"
@@ -528,6 +537,15 @@ class Engine:
         except UnicodeDecodeError:
             text = "bytes:" + "".join(f"\\x{b:02x}" for b in raw)
         return text, tuple(raw)
+
+
+def _prediction_details(seq: Sequence) -> CompletionTokensDetails | None:
+    """How much of the request's prediction the answer took (None: no prediction)."""
+    if seq.prompt.prediction_ids is None:
+        return None
+    accepted, rejected = prediction_usage(seq.prompt.prediction_ids, seq.generated)
+    return CompletionTokensDetails(accepted_prediction_tokens=accepted,
+                                   rejected_prediction_tokens=rejected)
 
 
 def _parts(post: StreamPostprocessor) -> tuple[ToolCallPart, ...]:

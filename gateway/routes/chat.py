@@ -18,7 +18,7 @@ async def create_chat_completion(request: Request) -> Response:
     prompt = await prepare(served, ChatRequest(
         messages=body.to_messages(), params=body.to_sampling_params(served.defaults),
         tools=body.to_tools(), tool_choice=body.to_tool_choice(), grammar=body.to_grammar(),
-        generations=body.choices))
+        generations=body.choices, prediction=body.to_prediction()))
     n = body.choices
     stream = await start(request, served, prompt.choices(n), body)
     return await respond(
