@@ -51,8 +51,9 @@ def round_trip_answers(tokenizer: Tokenizer) -> tuple[tuple[int, float], ...]:
     A trained model's answer comes back as the ids it generated, so the prefix cache serves it; a
     random model's arbitrary ids do not (on the demo tokenizer 4 of 32 random ids survive a
     decode/encode round trip, and byte pieces come back as U+FFFD), so every turn would prefill
-    the previous answer again, which no real conversation does.  (Whole English words are no way
-    out: ChatGLM2 strips the answer, so its first ``▁word`` comes back without the space.)"""
+    the previous answer again, which no real conversation does.  (Biasing it onto whole English
+    words ``▁word`` is no way out: its first word follows "答：" in the next prompt and comes back
+    without the ``▁``; a trained ChatGLM2 generates the word as its template tokenizes it.)"""
     pieces = [tokenizer.piece(i) for i in range(tokenizer.vocab_size)]
     chars = {p: i for i, p in enumerate(pieces) if len(p) == 1 and "\u4e00" <= p <= "\u9fff"}
     # character pairs some piece holds side by side: BPE could merge them
