@@ -625,6 +625,26 @@ def test_the_conversation_survives_a_reload_until_a_new_chat(
     assert page.evaluate("window.chatPage.history()") == []
 
 
+def test_each_conversation_is_named_in_its_requests(
+    page: Any, chat_url: str, chat_models: dict[str, FakeChatModel],
+) -> None:
+    """The page names its conversation (``X-Session-Id``, what a gateway with replicas routes
+    by): every turn, after a reload too, carries the same name; New chat starts another."""
+    echo = chat_models["echo"]
+    open_chat(page, chat_url, "echo")
+    stream_reply(page, "one")
+    stream_reply(page, "two")
+    first, second = (p.affinity for p in echo.prompts[-2:])
+    assert first and first == second
+    page.reload()
+    page.wait_for_function("document.querySelector('#model').value === 'echo'")
+    stream_reply(page, "three")
+    assert echo.prompts[-1].affinity == first
+    page.get_by_role("button", name="New chat").click()
+    stream_reply(page, "four")
+    assert echo.prompts[-1].affinity not in ("", first)
+
+
 def test_new_chat_while_streaming_cancels_the_answer(
     page: Any, chat_url: str, chat_models: dict[str, FakeChatModel],
 ) -> None:

@@ -32,6 +32,7 @@ const state = {
   // The conversation: {role, content} plus, on answers, stats (token counts and speed) and
   // stopped (cut short by Stop, or still streaming).
   messages: store.loadConversation(),
+  session: store.loadSession(), // this conversation's X-Session-Id
   settings: store.loadSettings(),
   models: new Map(),
   controller: null, // the running answer's AbortController
@@ -257,7 +258,7 @@ async function answer(messages, userBox) {
   const epoch = state.epoch;
   state.controller = controller;
   setBusy(true);
-  store.saveConversation(state.messages);
+  store.saveConversation(state.messages, state.session);
   const started = performance.now();
   let first = null;
   let usage = null;
@@ -271,7 +272,7 @@ async function answer(messages, userBox) {
   try {
     const response = await fetch(api("v1/chat/completions"), {
       method: "POST",
-      headers: headers(),
+      headers: { ...headers(), "X-Session-Id": state.session },
       body: JSON.stringify(requestBody(ui.model.value, messages)),
       signal: controller.signal,
     });
@@ -316,7 +317,7 @@ async function answer(messages, userBox) {
       showFoot(box, reply);
     }
     if (state.controller === controller) state.controller = null;
-    if (epoch === state.epoch) store.saveConversation(state.messages);
+    if (epoch === state.epoch) store.saveConversation(state.messages, state.session);
     setBusy(false);
     if (follow) ui.log.scrollTop = ui.log.scrollHeight; // the counts and Regenerate in view too
     ui.prompt.focus();
@@ -344,7 +345,8 @@ function newChat() {
   state.epoch += 1;
   if (state.controller) state.controller.abort();
   state.messages = [];
-  store.saveConversation(state.messages);
+  state.session = store.newSession();
+  store.saveConversation(state.messages, state.session);
   ui.log.replaceChildren(ui.empty);
   ui.empty.hidden = false;
   showError(null);
@@ -440,7 +442,7 @@ ui.settingsToggle.addEventListener("click", () => {
 window.addEventListener("pagehide", () => {
   if (!state.controller) return;
   state.controller.abort();
-  store.saveConversation(state.messages);
+  store.saveConversation(state.messages, state.session);
 });
 
 // The log shrinks when a notice, an error or the settings panel appears: a reader at the bottom

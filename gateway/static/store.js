@@ -60,7 +60,25 @@ export function loadConversation() {
   }));
 }
 
-export function saveConversation(messages) {
-  if (messages.length) localStorage.setItem(CONVERSATION_KEY, JSON.stringify({ messages }));
-  else localStorage.removeItem(CONVERSATION_KEY);
+/** A new conversation's name: 32 random hex digits (getRandomValues, which unlike randomUUID
+ * also works on a page served over plain HTTP from another host). */
+export function newSession() {
+  const bytes = crypto.getRandomValues(new Uint8Array(16));
+  return Array.from(bytes, (b) => b.toString(16).padStart(2, "0")).join("");
+}
+
+/** The stored conversation's name (sent as X-Session-Id: with replicas, every turn of it goes
+ * to the replica holding its cache, even after an edited or regenerated turn), or a new one. */
+export function loadSession() {
+  const stored = read(CONVERSATION_KEY);
+  const session = stored && stored.session;
+  return typeof session === "string" && /^[0-9a-f]{32}$/.test(session) ? session : newSession();
+}
+
+export function saveConversation(messages, session) {
+  if (messages.length) {
+    localStorage.setItem(CONVERSATION_KEY, JSON.stringify({ messages, session }));
+  } else {
+    localStorage.removeItem(CONVERSATION_KEY);
+  }
 }
