@@ -242,6 +242,23 @@ def memory_bandwidth(gib: float = 1.0, repeats: int = 7) -> float:
     return best
 
 
+class DecodeRates:
+    """tok/s of a timed decode window, in wall and in CPU time (a mixin for run records with
+    ``tokens``, ``wall`` and ``cpu`` fields: the CPU rate is what a busy host cannot stretch)."""
+
+    tokens: int
+    wall: float
+    cpu: float
+
+    @property
+    def rate(self) -> float:
+        return self.tokens / self.wall
+
+    @property
+    def cpu_rate(self) -> float:
+        return self.tokens / self.cpu
+
+
 @dataclass(frozen=True)
 class Timing:
     """Durations (seconds) of repeated runs; other processes share the cores, so report both."""

@@ -39,6 +39,7 @@ from adapters.family import CausalLM
 from adapters.runtime.engine import Engine
 from bench.common import (
     MODES,
+    DecodeRates,
     add_model_arguments,
     build_model,
     machine_summary,
@@ -88,21 +89,13 @@ class Counting:
 
 
 @dataclass(frozen=True)
-class Run:
+class Run(DecodeRates):
     answer: tuple[int, ...]
     wall: float  # from the first token to the last
     cpu: float
     tokens: int  # generated after the first
     forwards: int
     usage: Usage
-
-    @property
-    def rate(self) -> float:
-        return self.tokens / self.wall
-
-    @property
-    def cpu_rate(self) -> float:
-        return self.tokens / self.cpu
 
 
 def run_once(engine: Engine, counter: Counting, prompt: Prompt) -> Run:

@@ -54,6 +54,7 @@ from adapters.runtime.engine import Engine, Sequence
 from adapters.runtime.speculative import SpeculativeConfig
 from bench.common import (
     MODES,
+    DecodeRates,
     add_model_arguments,
     build_model,
     machine_summary,
@@ -77,7 +78,7 @@ WORKLOADS: dict[str, dict[str, Any]] = {
 
 
 @dataclass(frozen=True)
-class Run:
+class Run(DecodeRates):
     """One run: its answers, and the decode window: from the moment every stream has its first
     token (prefill done) to the end, in wall and CPU time, and the tokens generated in it."""
 
@@ -87,14 +88,6 @@ class Run:
     tokens: int
     drafted: int
     accepted: int
-
-    @property
-    def rate(self) -> float:
-        return self.tokens / self.wall
-
-    @property
-    def cpu_rate(self) -> float:
-        return self.tokens / self.cpu
 
 
 def run_once(engine: Engine, prompts: list[tuple[int, ...]], workload: str,
