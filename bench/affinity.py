@@ -45,7 +45,14 @@ import httpx
 
 from bench.common import add_model_arguments, machine_summary, markdown_table, shape_from_args
 from bench.serving import serve_process
-from bench.workload import NO_EOS, load_tokenizer, round_trip_answers, user_text, write_checkpoint
+from bench.workload import (
+    ANSWERS,
+    NO_EOS,
+    add_answers_argument,
+    load_tokenizer,
+    user_text,
+    write_checkpoint,
+)
 
 logger = logging.getLogger("bench.affinity")
 MODELS = ("affinity", "default")  # the same checkpoint, routed with and without affinity
@@ -109,10 +116,7 @@ def main() -> None:
     parser.add_argument("--turns", type=int, default=10)
     parser.add_argument("--user-tokens", type=int, default=150)
     parser.add_argument("--answer-tokens", type=int, default=32)
-    parser.add_argument("--answers", choices=("round-trip", "raw"), default="round-trip",
-                        help="round-trip (default): answers in text that tokenizes back to the "
-                        "generated ids, as a trained model's do (bench.workload."
-                        "round_trip_answers); raw: the random model's arbitrary ids")
+    add_answers_argument(parser)
     parser.add_argument("--cache-dir", type=Path,
                         default=Path(tempfile.gettempdir()) / "chatglm-gateway-bench")
     args = parser.parse_args()
@@ -122,7 +126,7 @@ def main() -> None:
     folder = write_checkpoint(args.cache_dir / f"{shape.preset}-{shape.config.num_layers}",
                               shape, args.cache_dir)
     tokenizer = load_tokenizer(args.cache_dir)
-    bias = round_trip_answers(tokenizer) if args.answers == "round-trip" else NO_EOS
+    bias = ANSWERS[args.answers](tokenizer)
     chats: dict[str, list[list[dict]]] = {model: [[], []] for model in MODELS}
     turns: dict[str, list[list[Turn]]] = {model: [[], []] for model in MODELS}
     with ray_gateway(folder, args.replicas, args.cache_dir) as url, \

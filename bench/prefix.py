@@ -35,7 +35,14 @@ from bench.common import (
     markdown_table,
     shape_from_args,
 )
-from bench.workload import NO_EOS, load_tokenizer, round_trip_answers, served, user_text
+from bench.workload import (
+    ANSWERS,
+    NO_EOS,
+    add_answers_argument,
+    load_tokenizer,
+    served,
+    user_text,
+)
 
 logger = logging.getLogger("bench.prefix")
 
@@ -96,10 +103,7 @@ def main() -> None:
     parser.add_argument("--reuse-only", action="store_true",
                         help="skip the run without prefix reuse (it re-prefills every turn: "
                         "minutes per turn with the 6b preset)")
-    parser.add_argument("--answers", choices=("round-trip", "raw"), default="round-trip",
-                        help="round-trip (default): answers in text that tokenizes back to the "
-                        "generated ids, as a trained model's do (bench.workload."
-                        "round_trip_answers); raw: the random model's arbitrary ids")
+    add_answers_argument(parser)
     parser.add_argument("--cache-dir", type=Path,
                         default=Path(tempfile.gettempdir()) / "chatglm-gateway-bench")
     args = parser.parse_args()
@@ -107,7 +111,7 @@ def main() -> None:
     shape = shape_from_args(args)
     tokenizer = load_tokenizer(args.cache_dir)
     model = build_model(shape, args.mode)
-    bias = round_trip_answers(tokenizer) if args.answers == "round-trip" else NO_EOS
+    bias = ANSWERS[args.answers](tokenizer)
     user_turns = [[user_text(tokenizer, args.user_tokens, 11 * i + 5 * c)
                    for i in range(args.turns)] for c in range(args.chats)]
     results: dict[bool, list[list[Turn]]] = {}

@@ -9,6 +9,7 @@ layer costs what it costs in ChatGLM2-6B.
 
 from __future__ import annotations
 
+import argparse
 import asyncio
 import collections
 import itertools
@@ -16,6 +17,7 @@ import json
 import shutil
 import statistics
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -66,6 +68,20 @@ def round_trip_answers(tokenizer: Tokenizer) -> tuple[tuple[int, float], ...]:
         allowed.discard(clashes.most_common(1)[0][0])
     ids = sorted(chars[c] for c in allowed)[: _MAX_BIAS - len(NO_EOS)]
     return NO_EOS + tuple((token_id, 100.0) for token_id in ids)
+
+
+#: What the random model's answers are made of (``--answers``): a logit bias per choice.
+ANSWERS: dict[str, Callable[[Tokenizer], tuple[tuple[int, float], ...]]] = {
+    "round-trip": round_trip_answers,
+    "raw": lambda tokenizer: NO_EOS,
+}
+
+
+def add_answers_argument(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--answers", choices=sorted(ANSWERS), default="round-trip",
+                        help="round-trip (default): answers in text that tokenizes back to the "
+                        "generated ids, as a trained model's do (bench.workload."
+                        "round_trip_answers); raw: the random model's arbitrary ids")
 
 
 def demo_tokenizer_folder(cache_dir: Path) -> Path:
